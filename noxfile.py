@@ -1,0 +1,33 @@
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s slow`, `nox -s leaderboard`."""
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Fast CPU suite (what CI runs)."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Tests marked slow (bigger models, real data); set PRUNEBENCH_DATA for the data ones."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-q", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "prunebench", "criteria", "architectures", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def leaderboard(session: nox.Session) -> None:
+    """Regenerate leaderboard/ from leaderboard/records (add `-- --check` to fail when stale)."""
+    session.install("-e", ".[dev]")
+    session.run("prunebench", "leaderboard", "--records", "leaderboard/records", "--out", "leaderboard", *session.posargs)

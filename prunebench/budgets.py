@@ -1,0 +1,86 @@
+"""Named training budgets (PROTOCOL.md); every field can be overridden from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from prunebench.errors import ConfigError, suggest
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    baseline_epochs: float
+    finetune_epochs: float  # the post-baseline ledger, equal for every criterion
+    batch_size: int
+    lr: float  # baseline peak learning rate
+    finetune_lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str  # "step" (drops x0.1 at milestones) | "onecycle" | "cosine" | "constant"
+    milestones: tuple[float, ...]  # fractions of training, for "step"
+    train_subset: int | None  # None = full split
+    test_subset: int | None
+    calibration_size: int  # images of the training split shown to criteria
+    latency_repeats: int
+    label_smoothing: float = 0.0
+
+    def override(self, **changes: str | float | int | None) -> Budget:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        typed = {}
+        for key, value in changes.items():
+            if key not in fields or key == "name":
+                raise ConfigError(
+                    f"budget has no field {key!r}.{suggest(key, fields)} "
+                    f"Fields: {', '.join(k for k in fields if k != 'name')}"
+                )
+            typed[key] = _parse(key, value, getattr(self, key))
+        return dataclasses.replace(self, **typed) if typed else self
+
+    def resolved(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse(key: str, value, current):
+    if not isinstance(value, str):
+        return value
+    try:
+        if value.lower() in ("none", "full", "all"):
+            return None
+        if isinstance(current, tuple):
+            return tuple(float(v) for v in value.split(",") if v)
+        if isinstance(current, bool):
+            return value.lower() in ("1", "true", "yes")
+        if isinstance(current, int) or key in ("train_subset", "test_subset"):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"budget field {key!r}: cannot parse {value!r}") from None
+    return value
+
+
+BUDGETS: dict[str, Budget] = {
+    "smoke": Budget(
+        name="smoke", baseline_epochs=3, finetune_epochs=1, batch_size=64, lr=0.02, finetune_lr=0.01,
+        momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
+        train_subset=512, test_subset=256, calibration_size=128, latency_repeats=5,
+    ),
+    "fast": Budget(
+        name="fast", baseline_epochs=30, finetune_epochs=15, batch_size=256, lr=0.2, finetune_lr=0.02,
+        momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
+        train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=50,
+    ),
+    "standard": Budget(
+        name="standard", baseline_epochs=200, finetune_epochs=100, batch_size=128, lr=0.1, finetune_lr=0.01,
+        momentum=0.9, weight_decay=5e-4, schedule="step", milestones=(0.5, 0.75),
+        train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=100,
+    ),
+}
+
+
+def get_budget(name: str, overrides: dict[str, str] | None = None) -> Budget:
+    if name not in BUDGETS:
+        raise ConfigError(f"unknown budget {name!r}.{suggest(name, BUDGETS)} Available: {', '.join(BUDGETS)}")
+    return BUDGETS[name].override(**(overrides or {}))

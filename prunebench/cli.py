@@ -1,0 +1,226 @@
+"""The ``prunebench`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prunebench.errors import ConfigError, PrunebenchError
+
+app = typer.Typer(
+    pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True,
+    help="Benchmark neural-network pruning criteria under one protocol.",
+)
+out = Console()
+err = Console(stderr=True)
+
+KINDS = ("criteria", "architectures", "datasets", "budgets")
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what} must look like KEY=VALUE, got {item!r}")
+        result[key.strip().replace("-", "_")] = value.strip()
+    return result
+
+
+def _target(target_macs: float | None, target_params: float | None, tolerance: float):
+    from prunebench.protocols import Target
+
+    if target_macs is not None and target_params is not None:
+        raise ConfigError("give either --target-macs or --target-params, not both")
+    if target_params is not None:
+        return Target("params", target_params, tolerance)
+    return Target("macs", 0.5 if target_macs is None else target_macs, tolerance)
+
+
+@app.command()
+def run(
+    criterion: Annotated[str, typer.Option("--criterion", "-c", help="criterion name (prunebench list criteria)")],
+    arch: Annotated[str, typer.Option("--arch", "-a", help="architecture name")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "digits",
+    target_macs: Annotated[float | None, typer.Option(help="fraction of baseline MACs to remove (default 0.5)")] = None,
+    target_params: Annotated[float | None, typer.Option(help="fraction of baseline params to remove")] = None,
+    tolerance: Annotated[float, typer.Option(help="allowed |achieved - target|")] = 0.01,
+    budget: Annotated[str, typer.Option("--budget", "-b", help="smoke | fast | standard")] = "smoke",
+    seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="criterion hyper-parameter KEY=VALUE")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="budget override KEY=VALUE, e.g. finetune_epochs=3")] = None,
+    dataset_option: Annotated[list[str] | None, typer.Option("--dataset-option", help="dataset option KEY=VALUE")] = None,
+    allocation: Annotated[str, typer.Option(help="score criteria: uniform | global | profile")] = "uniform",
+    max_layer_ratio: Annotated[float, typer.Option(help="never remove more than this fraction of a layer")] = 0.9,
+    layer_ratios: Annotated[Path | None, typer.Option(help="JSON {layer: ratio} profile (implies --allocation profile)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
+    results_dir: Annotated[Path, typer.Option(help="where result records go")] = Path("results"),
+    baseline: Annotated[Path | None, typer.Option(help="use this baseline checkpoint instead of training one")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    force: Annotated[bool, typer.Option(help="re-run even if a complete record exists")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run one criterion on one architecture under the protocol and write a result record."""
+    from prunebench.budgets import get_budget
+    from prunebench.progress import Reporter
+    from prunebench.runner import RunConfig, execute
+
+    profile = None
+    if layer_ratios is not None:
+        if not layer_ratios.exists():
+            raise ConfigError(f"--layer-ratios file {layer_ratios} does not exist")
+        profile = {str(k): float(v) for k, v in json.loads(layer_ratios.read_text()).items()}
+        allocation = "profile"
+    cfg = RunConfig(
+        criterion=criterion, arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
+        target=_target(target_macs, target_params, tolerance), seed=seed,
+        criterion_params=_pairs(param, "--param"), dataset_options=_pairs(dataset_option, "--dataset-option"),
+        allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, data_dir=data_dir,
+        results_dir=results_dir, baseline=baseline, device=device, force=force,
+    )
+    record, path = execute(cfg, Reporter(quiet=quiet))
+    if record["status"] == "complete":
+        out.print(
+            f"{record['criterion']} on {record['arch']}/{record['dataset']}: "
+            f"baseline {record['baseline']['top1']:.2f}% → one-shot {record['oneshot']['top1']:.2f}% → "
+            f"final {record['final']['top1']:.2f}% at {record['achieved']['macs_reduction']:.1%} MACs ↓, "
+            f"{record['achieved']['params_reduction']:.1%} params ↓",
+            highlight=False,
+        )
+    out.print(f"record: {path}", highlight=False)
+
+
+@app.command("list")
+def list_(kind: Annotated[str, typer.Argument(help="criteria | architectures | datasets | budgets")] = "criteria") -> None:
+    """List registered plug-ins (broken ones are shown with the reason)."""
+    from prunebench import registry
+    from prunebench.budgets import BUDGETS
+    from prunebench.errors import suggest
+
+    if kind not in KINDS:
+        raise ConfigError(f"unknown kind {kind!r}.{suggest(kind, KINDS)} Choose from: {', '.join(KINDS)}")
+    if kind == "budgets":
+        table = Table("budget", "baseline ep", "fine-tune ep", "batch", "lr", "schedule", "train/test subset", "calib")
+        for b in BUDGETS.values():
+            table.add_row(b.name, f"{b.baseline_epochs:g}", f"{b.finetune_epochs:g}", str(b.batch_size), f"{b.lr:g}",
+                          b.schedule, f"{b.train_subset or 'full'}/{b.test_subset or 'full'}", str(b.calibration_size))
+        out.print(table)
+        return
+    reg = {"criteria": registry.criteria, "architectures": registry.architectures, "datasets": registry.datasets}[kind]
+    table = Table("name", "kind" if kind == "criteria" else "description", "from", "status")
+    for item in reg.listing():
+        if item.broken:
+            desc, status = "", f"[red]broken[/]: {item.error}"
+        elif kind == "criteria":
+            desc, status = f"{item.obj.kind.value}: {item.obj.summary}", "ok"
+        else:
+            desc, status = item.obj.description, "ok"
+        table.add_row(item.name, desc, f"{item.distribution} {item.version}", status)
+    out.print(table)
+
+
+@app.command()
+def info(
+    arch: Annotated[str, typer.Option("--arch", "-a")],
+    input_size: Annotated[int | None, typer.Option(help="input resolution (default: the architecture's)")] = None,
+    in_channels: Annotated[int, typer.Option()] = 3,
+    num_classes: Annotated[int, typer.Option()] = 10,
+    layers: Annotated[bool, typer.Option(help="list every prunable layer")] = False,
+) -> None:
+    """MACs, params and prunable layers of an architecture."""
+    import torch
+
+    from prunebench import registry
+    from prunebench.metrics import count_macs, count_params
+
+    a = registry.architectures.get(arch)
+    model = a.build(num_classes=num_classes, in_channels=in_channels)
+    size = input_size or a.input_size
+    x = torch.zeros(1, in_channels, size, size)
+    macs, params = count_macs(model, x), count_params(model)
+    prunable = a.prunable(model)
+    out.print(f"[bold]{a.name}[/]: {a.description}")
+    out.print(f"  input {in_channels}×{size}×{size}, {num_classes} classes")
+    out.print(f"  MACs   {macs / 1e6:.2f}M  ({macs:,})")
+    out.print(f"  params {params / 1e6:.2f}M  ({params:,})")
+    out.print(f"  prunable convs {len(prunable)}; protected {', '.join(a.protected(model))}")
+    if a.pruning_note:
+        out.print(f"  note: {a.pruning_note}")
+    if layers:
+        modules = dict(model.named_modules())
+        table = Table("layer", "out channels", "kernel")
+        for n in prunable:
+            m = modules[n]
+            table.add_row(n, str(m.out_channels), "×".join(map(str, m.kernel_size)))
+        out.print(table)
+
+
+@app.command()
+def baseline(
+    arch: Annotated[str, typer.Option("--arch", "-a")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "digits",
+    budget: Annotated[str, typer.Option("--budget", "-b")] = "smoke",
+    seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set")] = None,
+    dataset_option: Annotated[list[str] | None, typer.Option("--dataset-option")] = None,
+    data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Train (or find in the cache) the baseline for (arch, dataset, budget, seed)."""
+    from prunebench import registry
+    from prunebench.budgets import get_budget
+    from prunebench.progress import Reporter
+    from prunebench.runner import RunConfig, evaluate, get_baseline, load_data, resolve_device
+
+    cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
+                    seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir, device=device)
+    dev = resolve_device(device)
+    splits, data = load_data(cfg, dev)
+    model = registry.architectures.get(arch).build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(dev)
+    info_ = get_baseline(cfg, model, splits, data, Reporter())
+    acc = evaluate(model.to(dev), data, splits.num_classes)
+    out.print(f"baseline {arch}/{dataset}/{budget}/seed {seed}: top-1 {acc['top1']:.2f}% ({info_['source']})")
+    if "path" in info_:
+        out.print(f"checkpoint: {info_['path']}")
+
+
+@app.command()
+def leaderboard(
+    records: Annotated[Path, typer.Option(help="directory of result records")] = Path("results"),
+    out_dir: Annotated[Path, typer.Option("--out", help="where tables go")] = Path("leaderboard"),
+    check: Annotated[bool, typer.Option(help="fail if the tables in --out are stale")] = False,
+) -> None:
+    """Aggregate result records into markdown + CSV leaderboard tables."""
+    from prunebench.leaderboard import build, check_stale, write
+
+    if not records.is_dir():
+        raise ConfigError(f"no records directory {records} (run `prunebench run ...` first, or pass --records)")
+    if check:
+        stale = check_stale(records, out_dir)
+        if stale:
+            err.print("[red]leaderboard is stale:[/] " + ", ".join(stale) + " — run `prunebench leaderboard`")
+            raise typer.Exit(1)
+        out.print("leaderboard is up to date")
+        return
+    files = write(build(records), out_dir)
+    for f in files:
+        out.print(f"wrote {f}")
+
+
+def main() -> None:
+    try:
+        app()
+    except PrunebenchError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

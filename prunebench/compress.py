@@ -1,0 +1,361 @@
+"""The compress stage: every criterion kind meets the same target the same way.
+
+* score criteria: scores → per-unit ranking → a removal plan, chosen so the achieved
+  reduction is within the target's tolerance. ``uniform`` allocation bisects one
+  per-layer ratio, then tops up one channel at a time (lowest normalised score first)
+  because rounding makes per-layer ratios jump by more than a percentage point;
+  ``global`` allocation ranks all channels by per-layer mean-normalised score and bisects
+  the number removed; ``profile`` scales user-given per-layer ratios by one bisected factor.
+* allocate criteria decide the plan themselves; the harness verifies it.
+* transform criteria expose a knob that the harness bisects.
+
+Reductions are always measured by pruning/transforming a copy and counting, never estimated.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunebench.errors import ConfigError, PluginError, TargetMissedError
+from prunebench.protocols import (
+    AllocateCriterion,
+    CompressionContext,
+    Criterion,
+    ScoreCriterion,
+    Target,
+    TransformCriterion,
+)
+from prunebench.surgery import Unit, prune_kept, pruning_units
+
+ALLOCATIONS = ("uniform", "global", "profile")
+
+
+@dataclass
+class Compressed:
+    model: nn.Module
+    plan: list[dict[str, Any]]
+    achieved: float
+    knob: dict[str, Any] = field(default_factory=dict)
+    search_evaluations: int = 0
+
+
+class Meter:
+    """Measures the reduction of the target metric relative to a fixed baseline."""
+
+    def __init__(self, baseline: nn.Module, example_inputs: Tensor, target: Target) -> None:
+        from prunebench.metrics import count_macs, count_params
+
+        self.example_inputs = example_inputs
+        self.target = target
+        self._count: Callable[[nn.Module], int] = (
+            (lambda m: count_macs(m, example_inputs)) if target.metric == "macs" else count_params
+        )
+        self.base = self._count(baseline)
+        self.evaluations = 0
+
+    def reduction(self, model: nn.Module) -> float:
+        self.evaluations += 1
+        return 1.0 - self._count(model) / self.base
+
+    def reduction_of(self, model: nn.Module, kept: Mapping[str, Tensor | Sequence[int]]) -> float:
+        clone = copy.deepcopy(model)
+        prune_kept(clone, self.example_inputs, kept)
+        return self.reduction(clone)
+
+    def within(self, achieved: float) -> bool:
+        return abs(achieved - self.target.ratio) <= self.target.tolerance + 1e-12
+
+
+# --- score criteria ----------------------------------------------------------------------
+
+
+def unit_scores(
+    criterion: ScoreCriterion, model: nn.Module, units: Sequence[Unit], calibration
+) -> dict[str, Tensor]:
+    layers = [m for u in units for m in u.members]
+    modules = dict(model.named_modules())
+    raw = criterion.scores(model, layers, calibration)
+    out = {}
+    for u in units:
+        total = torch.zeros(u.channels, dtype=torch.float64)
+        for m in u.members:
+            if m not in raw:
+                raise PluginError(f"criterion {criterion.name!r} returned no scores for layer {m!r}")
+            s = torch.as_tensor(raw[m]).detach().to("cpu", torch.float64).flatten()
+            n = modules[m].out_channels
+            if s.numel() != n:
+                raise PluginError(
+                    f"criterion {criterion.name!r} returned {s.numel()} scores for {m!r}, "
+                    f"which has {n} output channels"
+                )
+            if not torch.isfinite(s).all():
+                raise PluginError(f"criterion {criterion.name!r} returned non-finite scores for {m!r}")
+            total += s
+        out[u.root] = total
+    return out
+
+
+def _normalised(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per-layer mean normalisation (torch-pruning's default), so layers can be ranked together."""
+    out = {}
+    for k, s in scores.items():
+        shifted = s - s.min() + 1e-12  # scores may be negative (e.g. -distance)
+        out[k] = shifted / shifted.mean()
+    return out
+
+
+def _order(scores: Tensor, seed: int) -> Tensor:
+    """Channel indices from least to most important; ties broken by a seeded permutation."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(scores.numel(), generator=g)
+    order = torch.argsort(scores[perm], stable=True)
+    return perm[order]
+
+
+def _keep_from_removed(order: Tensor, n_removed: int) -> Tensor:
+    return torch.sort(order[n_removed:]).values
+
+
+def _min_keep(channels: int, max_ratio: float) -> int:
+    return max(1, channels - math.floor(max_ratio * channels))
+
+
+def plan_scores(
+    units: Sequence[Unit], scores: Mapping[str, Tensor], meter: Meter, model: nn.Module,
+    allocation: str, max_ratio: float, seed: int, profile: Mapping[str, float] | None = None,
+) -> dict[str, Tensor]:
+    """Choose kept channels per unit so the reduction lands within the target's tolerance."""
+    orders = {u.root: _order(scores[u.root], seed) for u in units}
+    caps = {u.root: u.channels - _min_keep(u.channels, max_ratio) for u in units}
+    target = meter.target
+
+    def kept_from_counts(counts: Mapping[str, int]) -> dict[str, Tensor]:
+        return {r: _keep_from_removed(orders[r], c) for r, c in counts.items()}
+
+    def measure(counts: Mapping[str, int]) -> float:
+        return meter.reduction_of(model, kept_from_counts(counts))
+
+    if allocation == "global":
+        norm = _normalised(scores)
+        # global order of (score, unit, position) over removable channels
+        entries = []
+        for u in units:
+            o = orders[u.root]
+            for pos in range(caps[u.root]):
+                entries.append((float(norm[u.root][o[pos]]), u.root))
+        entries.sort(key=lambda e: e[0])
+
+        def counts_at(k: int) -> dict[str, int]:
+            counts = {u.root: 0 for u in units}
+            for _, root in entries[:k]:
+                counts[root] += 1
+            return counts
+
+        k = _bisect_int(lambda k: measure(counts_at(k)), 0, len(entries), target.ratio)
+        counts = counts_at(k)
+        return _settle(counts, measure, meter, entries_order=[r for _, r in entries], caps=caps, kept=kept_from_counts)
+
+    if allocation in ("uniform", "profile"):
+        if allocation == "profile":
+            if not profile:
+                raise ConfigError("allocation 'profile' needs per-layer ratios (--layer-ratios FILE)")
+            unknown = [k for k in profile if k not in orders]
+            if unknown:
+                raise ConfigError(
+                    f"layer-ratio profile names layers that are not prunable units: {unknown[:5]}. "
+                    f"Prunable: {', '.join(list(orders)[:8])}..."
+                )
+            base = {u.root: float(profile.get(u.root, 0.0)) for u in units}
+            peak = max(base.values()) or 1.0
+            hi = max_ratio / peak
+        else:
+            base = {u.root: 1.0 for u in units}
+            hi = max_ratio
+
+        def counts_at_ratio(p: float) -> dict[str, int]:
+            return {
+                u.root: min(caps[u.root], int(round(min(max_ratio, p * base[u.root]) * u.channels)))
+                for u in units
+            }
+
+        p = _bisect_float(lambda p: measure(counts_at_ratio(p)), 0.0, hi, target.ratio)
+        counts = counts_at_ratio(p)
+        norm = _normalised(scores)
+        # top-up order: next channel to remove in each unit, cheapest normalised score first
+        return _settle(counts, measure, meter, caps=caps, kept=kept_from_counts, norm=norm, orders=orders)
+
+    raise ConfigError(f"unknown allocation {allocation!r}. Available: {', '.join(ALLOCATIONS)}")
+
+
+def _settle(counts, measure, meter, caps, kept, entries_order=None, norm=None, orders=None):
+    """Move single channels until the achieved reduction is within tolerance.
+
+    Each unit's marginal effect of one channel is measured once (and refreshed for the unit
+    that moves); among the moves that do not jump across the tolerance band, the one the
+    scores prefer is taken: the least important next channel when more must go, the most
+    important removed channel when some must come back.
+    """
+    counts = dict(counts)
+    target = meter.target
+    lo_band, hi_band = target.ratio - target.tolerance, target.ratio + target.tolerance
+    achieved = measure(counts)
+    if meter.within(achieved):
+        return kept(counts)
+    rank = {r: i for i, r in enumerate(dict.fromkeys(entries_order or []))}
+
+    def next_score(r: str) -> float:  # importance of the next channel unit r would lose
+        return float(norm[r][orders[r][counts[r]]]) if norm is not None else float(rank.get(r, 0))
+
+    def last_score(r: str) -> float:  # importance of the last channel unit r lost
+        return float(norm[r][orders[r][counts[r] - 1]]) if norm is not None else float(rank.get(r, 0))
+
+    def step_effect(r: str, sign: int) -> float:
+        trial = dict(counts)
+        trial[r] += sign
+        return measure(trial) - achieved
+
+    effects: dict[tuple[str, int], float] = {}
+    for _ in range(10_000):
+        if meter.within(achieved):
+            return kept(counts)
+        sign = 1 if achieved < target.ratio else -1
+        if sign > 0:
+            candidates = sorted((r for r in counts if counts[r] < caps[r]), key=next_score)
+        else:
+            candidates = sorted((r for r in counts if counts[r] > 0), key=last_score, reverse=True)
+        choice = None
+        for r in candidates:
+            if (r, sign) not in effects:
+                effects[(r, sign)] = step_effect(r, sign)
+            new = achieved + effects[(r, sign)]
+            if (sign > 0 and new <= hi_band) or (sign < 0 and new >= lo_band):
+                choice = r
+                break
+        if choice is None:
+            break
+        counts[choice] += sign
+        before = achieved
+        achieved = measure(counts)
+        effects[(choice, sign)] = achieved - before
+        effects.pop((choice, -sign), None)
+    raise TargetMissedError(
+        f"could not reach a {target.metric} reduction of {target.ratio:.1%} ± {target.tolerance:.1%}: "
+        f"closest {achieved:.2%}. The architecture's prunable layers may not allow it "
+        "(see `prunebench info --arch`), or raise --max-layer-ratio."
+    )
+
+
+def _bisect_float(f: Callable[[float], float], lo: float, hi: float, target: float, iters: int = 25) -> float:
+    if f(hi) < target:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if f(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _bisect_int(f: Callable[[int], float], lo: int, hi: int, target: float) -> int:
+    """Largest k in [lo, hi] with f(k) <= target (f non-decreasing)."""
+    if f(hi) <= target:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if f(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def compress(
+    criterion: Criterion, model: nn.Module, ctx: CompressionContext, meter: Meter,
+    allocation: str = "uniform", max_ratio: float = 0.9, profile: Mapping[str, float] | None = None,
+) -> Compressed:
+    """Compress ``model`` in place with ``criterion`` until ``ctx.target`` is met."""
+    if isinstance(criterion, ScoreCriterion):
+        units = pruning_units(model, ctx.example_inputs, ctx.prunable)
+        scores = unit_scores(criterion, model, units, ctx.calibration)
+        kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed, profile)
+        modules = dict(model.named_modules())
+        removal = {}
+        for u in units:
+            removed = sorted(set(range(u.channels)) - set(kept[u.root].tolist()))
+            for m in u.members:
+                removal[m] = torch.tensor(removed, dtype=torch.long)
+        del modules
+        criterion.compensate(model, removal, ctx.calibration)
+        plan = prune_kept(model, ctx.example_inputs, kept)
+        achieved = meter.reduction(model)
+        return Compressed(model, plan, achieved, {"allocation": allocation}, meter.evaluations)
+
+    if isinstance(criterion, AllocateCriterion):
+        kept = criterion.allocate(model, ctx)
+        missing = [n for n in ctx.prunable if n not in kept]
+        unknown = [n for n in kept if n not in set(ctx.prunable)]
+        if unknown:
+            raise PluginError(f"criterion {criterion.name!r} allocated non-prunable layers: {unknown[:5]}")
+        del missing  # layers left out keep all their channels
+        plan = prune_kept(model, ctx.example_inputs, kept)
+        achieved = meter.reduction(model)
+        if not meter.within(achieved):
+            raise TargetMissedError(
+                f"criterion {criterion.name!r} reached {achieved:.2%} {ctx.target.metric} reduction, "
+                f"outside {ctx.target.ratio:.1%} ± {ctx.target.tolerance:.1%}"
+            )
+        return Compressed(model, plan, achieved, {}, meter.evaluations)
+
+    if isinstance(criterion, TransformCriterion):
+        epochs = criterion.training_epochs(ctx)
+        if epochs > 0:
+            hooks = criterion.training_hooks(model, ctx)
+            ctx.train(model, epochs, hooks=hooks, purpose=criterion.name)
+        knob = criterion.knob
+
+        def reduction_at(v: float) -> float:
+            clone = copy.deepcopy(model)
+            criterion.transform(clone, v, ctx)
+            r = meter.reduction(clone)
+            return r if knob.increases_compression else -r
+
+        # bisect in the direction where larger means more compression
+        lo, hi = knob.low, knob.high
+        tgt = ctx.target.ratio if knob.increases_compression else -ctx.target.ratio
+        best_v, best_r = None, None
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            r = reduction_at(mid)
+            true_r = r if knob.increases_compression else -r
+            if best_r is None or abs(true_r - ctx.target.ratio) < abs(best_r - ctx.target.ratio):
+                best_v, best_r = mid, true_r
+            if meter.within(true_r):
+                break
+            if r < tgt:
+                lo = mid
+            else:
+                hi = mid
+        assert best_v is not None and best_r is not None
+        if not meter.within(best_r):
+            raise TargetMissedError(
+                f"{criterion.name}: no {knob.name} in [{knob.low}, {knob.high}] gives "
+                f"{ctx.target.ratio:.1%} ± {ctx.target.tolerance:.1%} {ctx.target.metric} reduction; "
+                f"closest {best_r:.2%} at {knob.name}={best_v:.4f}"
+            )
+        plan = criterion.transform(model, best_v, ctx)
+        achieved = meter.reduction(model)
+        return Compressed(model, list(plan), achieved, {knob.name: best_v}, meter.evaluations)
+
+    raise PluginError(f"criterion {criterion!r} has no known kind")
+

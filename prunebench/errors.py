@@ -1,0 +1,34 @@
+"""Errors users see. Each says what was wrong and how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PrunebenchError(Exception):
+    """Base class: errors the CLI prints as a one-line message (no traceback)."""
+
+
+class ConfigError(PrunebenchError):
+    """Bad user input: unknown names, impossible targets, wrong hyper-parameters."""
+
+
+class DataNotFoundError(PrunebenchError):
+    """A dataset's files are missing; the message names the exact paths expected."""
+
+
+class TargetMissedError(PrunebenchError):
+    """Compression could not reach the requested target within tolerance."""
+
+
+class PluginError(PrunebenchError):
+    """A plug-in failed to load or violates the criterion contract."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean 'x'?' for the closest matches, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -1,0 +1,139 @@
+"""Counting and measuring: MACs, parameters, accuracy, latency, peak memory.
+
+MACs follow the protocol: multiply-accumulates of convolution and linear layers per image,
+bias adds included; BatchNorm, activations and element-wise ops are not MACs. Counted with
+forward hooks on every ``nn.Conv2d``/``nn.Linear`` (subclasses included), so factorised
+layers built from them are counted too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
+    """Conv + linear multiply-accumulates for one image of ``example_inputs``' shape."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal total
+        per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        n_out = out[0].numel()  # one image
+        total += n_out * per_out + (n_out if m.bias is not None else 0)
+
+    def linear_hook(m: nn.Linear, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal total
+        n_out = out[0].numel()
+        total += n_out * m.in_features + (n_out if m.bias is not None else 0)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(total)
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512, topk: tuple[int, ...] = (1,)
+) -> dict[int, float]:
+    """Top-k accuracy in percent over already-normalised ``images``."""
+    was_training = model.training
+    model.eval()
+    correct = {k: 0 for k in topk}
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size]
+        y = labels[start : start + batch_size]
+        logits = model(x).float()
+        kmax = min(max(topk), logits.shape[1])
+        pred = logits.topk(kmax, dim=1).indices
+        hit = pred.eq(y[:, None])
+        for k in topk:
+            correct[k] += int(hit[:, : min(k, kmax)].any(dim=1).sum())
+    model.train(was_training)
+    n = max(images.shape[0], 1)
+    return {k: 100.0 * c / n for k, c in correct.items()}
+
+
+@dataclass(frozen=True)
+class Latency:
+    device: str
+    batch_size: int
+    median_ms: float
+    repeats: int
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module, example: Tensor, batch_size: int = 1, repeats: int = 20, warmup: int = 5
+) -> Latency:
+    """Median wall time of ``repeats`` forward passes after ``warmup`` (CUDA events on GPU)."""
+    was_training = model.training
+    model.eval()
+    x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+    dev = x.device
+    for _ in range(warmup):
+        model(x)
+    times = []
+    if dev.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        name = torch.cuda.get_device_name(dev)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        name = cpu_name()
+    model.train(was_training)
+    return Latency(device=name, batch_size=batch_size, median_ms=statistics.median(times), repeats=repeats)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak allocated memory on a CUDA device, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except (ImportError, OSError):
+        return None

@@ -1,0 +1,180 @@
+"""Plug-in registries backed by Python entry points.
+
+Three groups: ``prunebench.criteria``, ``prunebench.architectures``, ``prunebench.datasets``.
+Built-in plug-ins are declared in prunebench's own pyproject exactly like a third-party
+package declares its own, so the third-party path is the one every run exercises.
+
+Entries load lazily: listing names imports nothing, and a plug-in that fails to import
+is reported as broken (with the reason) instead of breaking the listing. Unknown names
+fail with close-match suggestions and the list of available names.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from prunebench.errors import ConfigError, PluginError, suggest
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    value: str  # "module:attr"
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    name: str
+    distribution: str
+    version: str
+    obj: Any | None
+    error: str | None
+
+    @property
+    def broken(self) -> bool:
+        return self.error is not None
+
+
+class Registry(Generic[T]):
+    """Name → lazily loaded plug-in object, validated on load."""
+
+    def __init__(self, group: str, kind: str, validate: Callable[[str, Any], T]) -> None:
+        self.group = group
+        self.kind = kind
+        self._validate = validate
+        self._extra: dict[str, Entry] = {}
+        self._loaded: dict[str, T] = {}
+
+    def entries(self) -> dict[str, Entry]:
+        found: dict[str, Entry] = {}
+        for ep in md.entry_points(group=self.group):
+            dist = getattr(ep, "dist", None)
+            found[ep.name] = Entry(
+                name=ep.name,
+                value=ep.value,
+                distribution=dist.metadata["Name"] if dist is not None else "?",
+                version=dist.version if dist is not None else "?",
+            )
+        found.update(self._extra)
+        return dict(sorted(found.items()))
+
+    def names(self) -> list[str]:
+        return list(self.entries())
+
+    def register(self, name: str, value: str, distribution: str = "<runtime>") -> None:
+        """Add a ``module:attr`` entry at run time (tests, notebooks)."""
+        self._extra[name] = Entry(name, value, distribution, "")
+        self._loaded.pop(name, None)
+
+    def get(self, name: str) -> T:
+        if name in self._loaded:
+            return self._loaded[name]
+        entries = self.entries()
+        if name not in entries:
+            available = ", ".join(entries) or "(none installed)"
+            raise ConfigError(f"unknown {self.kind} {name!r}.{suggest(name, entries)} Available: {available}")
+        entry = entries[name]
+        try:
+            obj = _load(entry.value)
+        except Exception as exc:  # noqa: BLE001 - any import failure is the plug-in's
+            raise PluginError(
+                f"{self.kind} {name!r} from {entry.distribution} {entry.version} failed to load "
+                f"({entry.value}): {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            obj = self._validate(name, obj)
+        except PluginError as exc:
+            raise PluginError(f"{exc} [plug-in {name!r} from {entry.distribution} {entry.version}]") from None
+        self._loaded[name] = obj
+        return obj
+
+    def listing(self) -> list[Listing]:
+        out = []
+        for name, entry in self.entries().items():
+            try:
+                obj, err = self.get(name), None
+            except PluginError as exc:
+                obj, err = None, str(exc)
+            out.append(Listing(name, entry.distribution, entry.version, obj, err))
+        return out
+
+
+def _load(value: str) -> Any:
+    module_name, _, attr = value.partition(":")
+    obj: Any = importlib_import(module_name)
+    for part in attr.split(".") if attr else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def importlib_import(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(name)
+
+
+# --- validators -------------------------------------------------------------------------
+
+
+def _validate_criterion(name: str, obj: Any) -> Any:
+    from prunebench.protocols import (
+        AllocateCriterion,
+        Criterion,
+        ScoreCriterion,
+        TransformCriterion,
+    )
+
+    if not (inspect.isclass(obj) and issubclass(obj, Criterion)):
+        raise PluginError(
+            f"criterion {name!r} must be a subclass of prunebench.protocols.Criterion, got {obj!r}. "
+            "Subclass ScoreCriterion, AllocateCriterion or TransformCriterion."
+        )
+    bases = (ScoreCriterion, AllocateCriterion, TransformCriterion)
+    if not issubclass(obj, bases):
+        raise PluginError(f"criterion {name!r} must subclass one of {[b.__name__ for b in bases]}")
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(obj.__abstractmethods__))
+        raise PluginError(f"criterion {name!r} ({obj.__qualname__}) does not implement: {missing}")
+    import dataclasses
+
+    if not dataclasses.is_dataclass(obj.Params):
+        raise PluginError(f"criterion {name!r}: Params must be a dataclass")
+    if issubclass(obj, TransformCriterion) and not isinstance(getattr(obj, "knob", None), _knob_type()):
+        raise PluginError(f"criterion {name!r}: a transform criterion must declare `knob = Knob(...)`")
+    obj.name = name
+    return obj
+
+
+def _knob_type() -> type:
+    from prunebench.protocols import Knob
+
+    return Knob
+
+
+def _validate_architecture(name: str, obj: Any) -> Any:
+    from prunebench.architectures.base import Architecture
+
+    if not isinstance(obj, Architecture):
+        raise PluginError(f"architecture {name!r} must be a prunebench.architectures.Architecture, got {obj!r}")
+    return obj
+
+
+def _validate_dataset(name: str, obj: Any) -> Any:
+    from prunebench.datasets.base import Dataset
+
+    if not isinstance(obj, Dataset):
+        raise PluginError(f"dataset {name!r} must be a prunebench.datasets.base.Dataset, got {obj!r}")
+    return obj
+
+
+criteria: Registry[Any] = Registry("prunebench.criteria", "criterion", _validate_criterion)
+architectures: Registry[Any] = Registry("prunebench.architectures", "architecture", _validate_architecture)
+datasets: Registry[Any] = Registry("prunebench.datasets", "dataset", _validate_dataset)

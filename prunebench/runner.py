@@ -1,0 +1,342 @@
+"""One run of the protocol: baseline → calibration → compress → one-shot → fine-tune → record.
+
+Every stage follows PROTOCOL.md; the test split is only used for evaluation, and final
+(not best) accuracy is reported. Any exception still produces a record with status
+``failed`` and the error, written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunebench import registry
+from prunebench.budgets import Budget
+from prunebench.compress import Meter, compress
+from prunebench.datasets.base import DataSplits
+from prunebench.engine import DeviceData, Recipe, train
+from prunebench.errors import ConfigError
+from prunebench.metrics import accuracy, count_macs, count_params, measure_latency, peak_memory_mb
+from prunebench.progress import Reporter
+from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
+from prunebench.records import hardware, is_complete, now, run_id, versions, write_atomic
+from prunebench.surgery import atomic_torch_save, save_compressed
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    criterion: str
+    arch: str
+    budget: Budget
+    dataset: str = "digits"
+    target: Target = field(default_factory=Target)
+    seed: int = 0
+    criterion_params: Mapping[str, Any] = field(default_factory=dict)
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)
+    allocation: str = "uniform"
+    max_layer_ratio: float = 0.9
+    layer_ratios: Mapping[str, float] | None = None
+    data_dir: Path | None = None
+    results_dir: Path = Path("results")
+    baseline: Path | None = None
+    device: str = "auto"
+    force: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the result (paths and flags excluded) — hashed into the run id."""
+        return {
+            "criterion": self.criterion,
+            "criterion_params": dict(sorted(self.criterion_params.items())),
+            "arch": self.arch,
+            "dataset": self.dataset,
+            "dataset_options": dict(sorted(self.dataset_options.items())),
+            "budget": self.budget.resolved(),
+            "target": dataclasses.asdict(self.target),
+            "seed": self.seed,
+            "allocation": self.allocation,
+            "max_layer_ratio": self.max_layer_ratio,
+            "layer_ratios": dict(self.layer_ratios) if self.layer_ratios else None,
+            "baseline_file": str(self.baseline) if self.baseline else None,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    return dev
+
+
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if n is None or n >= x.shape[0]:
+        return x, y
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits, DeviceData]:
+    from prunebench.datasets import data_root
+
+    ds = registry.datasets.get(cfg.dataset)
+    splits = ds.load(data_root(cfg.data_dir), **dict(cfg.dataset_options))
+    # the data subset is fixed (seed 0) so that every seed and criterion sees the same images
+    tx, ty = subset(splits.train_x, splits.train_y, cfg.budget.train_subset, 0)
+    vx, vy = subset(splits.test_x, splits.test_y, cfg.budget.test_subset, 1)
+    c = splits.in_channels
+    data = DeviceData(
+        train_x=tx.to(device), train_y=ty.to(device), test_x=vx.to(device), test_y=vy.to(device),
+        mean=torch.tensor(splits.mean, device=device).view(1, c, 1, 1),
+        std=torch.tensor(splits.std, device=device).view(1, c, 1, 1),
+        hflip=splits.hflip,
+    )
+    return splits, data
+
+
+def recipe(budget: Budget, stage: str, epochs: float) -> Recipe:
+    lr = budget.lr if stage == "baseline" else budget.finetune_lr
+    schedule = budget.schedule if stage == "baseline" else ("constant" if budget.schedule == "constant" else "cosine")
+    if budget.schedule == "step":
+        schedule = "step"
+    return Recipe(
+        epochs=epochs, lr=lr, batch_size=budget.batch_size, momentum=budget.momentum,
+        weight_decay=budget.weight_decay, schedule=schedule, milestones=budget.milestones,
+        label_smoothing=budget.label_smoothing,
+    )
+
+
+def evaluate(model: nn.Module, data: DeviceData, num_classes: int) -> dict[str, float]:
+    ks = (1, 5) if num_classes >= 100 else (1,)
+    acc = accuracy(model, data.normalise(data.test_x), data.test_y, topk=ks)
+    return {f"top{k}": round(v, 4) for k, v in acc.items()}
+
+
+def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
+    import prunebench
+
+    b = cfg.budget
+    key = {
+        "arch": cfg.arch, "dataset": cfg.dataset, "options": dict(sorted(cfg.dataset_options.items())),
+        "n_train": b.train_subset, "epochs": b.baseline_epochs, "lr": b.lr, "batch": b.batch_size,
+        "wd": b.weight_decay, "schedule": b.schedule, "milestones": b.milestones, "seed": cfg.seed,
+        "ls": b.label_smoothing, "version": prunebench.__version__, "shape": list(splits.train_x.shape[1:]),
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{cfg.arch}-{cfg.dataset}-{b.name}-s{cfg.seed}-{digest}"
+
+
+def get_baseline(
+    cfg: RunConfig, model: nn.Module, splits: DataSplits, data: DeviceData, rep: Reporter
+) -> dict[str, Any]:
+    """Load ``--baseline FILE``, a cached checkpoint, or train and cache one."""
+    from prunebench.datasets import cache_dir
+
+    if cfg.baseline is not None:
+        path = Path(cfg.baseline)
+        if not path.exists():
+            raise ConfigError(f"--baseline {path} does not exist")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+        model.load_state_dict(state)
+        return {"source": str(path), "trained_seconds": 0.0}
+    path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
+    if path.exists():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["state_dict"])
+        rep.log(f"baseline: reusing cached checkpoint {path}")
+        return {"source": "cache", "path": str(path), "trained_seconds": float(payload.get("seconds", 0.0))}
+    t0 = time.perf_counter()
+    stats = train(
+        model, data, recipe(cfg.budget, "baseline", cfg.budget.baseline_epochs), cfg.seed,
+        progress=rep.train_callback(), description="baseline",
+    )
+    seconds = time.perf_counter() - t0
+    atomic_torch_save(
+        {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
+    )
+    rep.log(f"baseline: trained in {seconds:.1f}s, cached at {path}")
+    return {"source": "trained", "path": str(path), "trained_seconds": round(seconds, 3), **stats}
+
+
+def latency_block(model: nn.Module, example: torch.Tensor, repeats: int, throughput_batch: int) -> dict[str, Any]:
+    one = measure_latency(model, example, batch_size=1, repeats=repeats)
+    many = measure_latency(model, example, batch_size=throughput_batch, repeats=max(3, repeats // 4))
+    out = {
+        "device": one.device,
+        "batch1_ms": round(one.median_ms, 4),
+        "throughput_batch": throughput_batch,
+        "throughput_ms": round(many.median_ms, 4),
+    }
+    if example.device.type == "cuda":
+        cpu_model = copy.deepcopy(model).cpu()
+        out["cpu_batch1_ms"] = round(measure_latency(cpu_model, example.cpu(), 1, repeats).median_ms, 4)
+    return out
+
+
+def widths(model: nn.Module, layers: list[str]) -> dict[str, int]:
+    modules = dict(model.named_modules())
+    return {n: int(modules[n].out_channels) for n in layers if n in modules and hasattr(modules[n], "out_channels")}
+
+
+def execute(cfg: RunConfig, reporter: Reporter | None = None) -> tuple[dict[str, Any], Path]:
+    """Run the protocol once and write the record. Returns (record, record path)."""
+    rep = reporter or Reporter()
+    crit_cls = registry.criteria.get(cfg.criterion)
+    criterion = crit_cls.from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
+    arch = registry.architectures.get(cfg.arch)
+    registry.datasets.get(cfg.dataset)
+    identity = cfg.identity()
+    rid = run_id(identity)
+    out_path = Path(cfg.results_dir) / f"{rid}.json"
+    if out_path.exists() and is_complete(out_path) and not cfg.force:
+        rep.log(f"already complete: {out_path} (use --force to re-run)")
+        with open(out_path) as f:
+            return json.load(f), out_path
+
+    record: dict[str, Any] = {
+        "schema": "prunebench-result/1", "run_id": rid, "status": "running",
+        "criterion": cfg.criterion, "criterion_kind": crit_cls.kind.value,
+        "criterion_params": criterion.describe(), "arch": cfg.arch, "dataset": cfg.dataset,
+        "dataset_options": dict(cfg.dataset_options), "budget": cfg.budget.resolved(),
+        "target": dataclasses.asdict(cfg.target), "seed": cfg.seed, "allocation": cfg.allocation,
+        "max_layer_ratio": cfg.max_layer_ratio, "started": now(), "versions": versions(),
+        "plugins": plugin_versions(cfg),
+    }
+    device = resolve_device(cfg.device)
+    record["hardware"] = hardware(device)
+    rep.header(record)
+    try:
+        _execute(cfg, criterion, arch, device, record, rep, rid)
+        record["status"] = "complete"
+    except BaseException as exc:
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=20)
+        record["finished"] = now()
+        write_atomic(out_path, record)
+        rep.log(f"run failed; record written to {out_path}")
+        raise
+    record["finished"] = now()
+    write_atomic(out_path, record)
+    return record, out_path
+
+
+def plugin_versions(cfg: RunConfig) -> dict[str, str]:
+    out = {}
+    for reg, name in ((registry.criteria, cfg.criterion), (registry.architectures, cfg.arch), (registry.datasets, cfg.dataset)):
+        e = reg.entries().get(name)
+        if e is not None:
+            out[f"{reg.kind}:{name}"] = f"{e.distribution} {e.version}"
+    return out
+
+
+def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> None:
+    torch.manual_seed(cfg.seed)
+    budget = cfg.budget
+    rep.stage("data")
+    splits, data = load_data(cfg, device)
+    record["data"] = {
+        "train_images": int(data.train_x.shape[0]), "test_images": int(data.test_x.shape[0]),
+        "input_shape": list(splits.train_x.shape[1:]), "num_classes": splits.num_classes,
+    }
+    model = arch.build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(device)
+    example = torch.zeros(1, *splits.train_x.shape[1:], device=device)
+
+    rep.stage("baseline")
+    record["baseline_info"] = get_baseline(cfg, model, splits, data, rep)
+    model.to(device)
+    record["baseline"] = evaluate(model, data, splits.num_classes)
+    rep.log(f"baseline top-1 {record['baseline']['top1']:.2f}%")
+    baseline_model = copy.deepcopy(model)
+    macs_before, params_before = count_macs(model, example), count_params(model)
+    tb = min(64, budget.batch_size)
+    lat_before = latency_block(model, example, budget.latency_repeats, tb)
+
+    rep.stage("calibration")
+    ncal = min(budget.calibration_size, int(data.train_x.shape[0]))
+    cidx = torch.randperm(int(data.train_x.shape[0]), generator=torch.Generator().manual_seed(cfg.seed + 1000))[:ncal]
+    calibration = Calibration(
+        images=data.normalise(data.train_x[cidx.to(device)]), labels=data.train_y[cidx.to(device)],
+        batch_size=min(128, ncal),
+    )
+
+    ledger = EpochLedger(total=float(budget.finetune_epochs))
+    train_seconds = {"value": 0.0}
+
+    def ctx_train(m: nn.Module, epochs: float, hooks=None, purpose: str = "compress") -> None:
+        ledger.draw(epochs, purpose)
+        t0 = time.perf_counter()
+        train(m, data, recipe(budget, "finetune", epochs), cfg.seed + 7, hooks=hooks,
+              progress=rep.train_callback(), description=purpose)
+        train_seconds["value"] += time.perf_counter() - t0
+
+    target = cfg.target
+    meter = Meter(baseline_model, example, target)
+    prunable = arch.prunable(model)
+    protected = arch.protected(model)
+    ctx = CompressionContext(
+        example_inputs=example, calibration=calibration, target=target, device=device, seed=cfg.seed,
+        prunable=prunable, protected=protected, ledger=ledger, reduction=meter.reduction,
+        reduction_of=lambda kept: meter.reduction_of(model, kept), train=ctx_train, log=rep.log,
+    )
+
+    rep.stage(f"compress ({criterion.name}, {target.metric} -{target.ratio:.0%})")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    result = compress(criterion, model, ctx, meter, allocation=cfg.allocation,
+                      max_ratio=cfg.max_layer_ratio, profile=cfg.layer_ratios)
+    compress_seconds = time.perf_counter() - t0
+    model = result.model.to(device)
+    record["criterion_seconds"] = round(compress_seconds - train_seconds["value"], 4)
+    record["compress_train_seconds"] = round(train_seconds["value"], 4)
+    record["compress_peak_memory_mb"] = peak_memory_mb(device)
+    record["knob"] = result.knob
+    record["search_evaluations"] = result.search_evaluations
+
+    record["oneshot"] = evaluate(model, data, splits.num_classes)
+    rep.log(f"one-shot top-1 {record['oneshot']['top1']:.2f}% (achieved {result.achieved:.2%} {target.metric} ↓)")
+
+    rep.stage("fine-tune")
+    remaining = ledger.remaining
+    if remaining > 1e-9:
+        ctx_train(model, remaining, purpose="finetune")
+    record["ledger"] = {"total_epochs": ledger.total, "spent": dict(ledger.spent),
+                        "baseline_epochs": budget.baseline_epochs}
+    record["final"] = evaluate(model, data, splits.num_classes)
+
+    macs_after, params_after = count_macs(model, example), count_params(model)
+    record["macs"] = {"before": macs_before, "after": macs_after}
+    record["params"] = {"before": params_before, "after": params_after}
+    record["achieved"] = {
+        "macs_reduction": round(1 - macs_after / macs_before, 6),
+        "params_reduction": round(1 - params_after / params_before, 6),
+        "within_tolerance": abs(result.achieved - target.ratio) <= target.tolerance + 1e-12,
+    }
+    lat_after = latency_block(model, example, budget.latency_repeats, tb)
+    speedup = lat_before["batch1_ms"] / max(lat_after["batch1_ms"], 1e-9)
+    record["latency"] = {"before": lat_before, "after": lat_after, "speedup_batch1": round(speedup, 4),
+                         "speedup_throughput": round(lat_before["throughput_ms"] / max(lat_after["throughput_ms"], 1e-9), 4)}
+    record["widths"] = widths(model, prunable)
+    record["plan_steps"] = len(result.plan)
+    record["peak_memory_mb"] = peak_memory_mb(device)
+    model_path = Path(cfg.results_dir) / "models" / f"{rid}.pt"
+    save_compressed(
+        model_path, cfg.arch, {"num_classes": splits.num_classes, "in_channels": splits.in_channels},
+        result.plan, model, list(example.shape), meta={"run_id": rid},
+    )
+    record["model_file"] = str(model_path)
+    rep.log(f"final top-1 {record['final']['top1']:.2f}% (baseline {record['baseline']['top1']:.2f}%)")
+

@@ -1,0 +1,184 @@
+"""The one surgery step every criterion shares, and the replayable plan it records.
+
+Channels are removed through torch-pruning's DependencyGraph, so a conv losing output
+channels also shrinks its BatchNorm and the input channels of every consumer. Prunable
+convs that the graph couples (e.g. through a residual addition) form one *unit* and are
+pruned together, with their scores summed (torch-pruning's group reduction).
+
+A plan is a list of JSON-able steps applied in order to a freshly built architecture::
+
+    {"op": "prune", "layer": "layer1.0.conv1", "keep": [0, 3, 4, ...]}
+    {"op": "replace", "module": "layer2.1.conv1", "criterion": "ht2", "spec": {...}}
+
+A compressed model is saved as (architecture, plan, state dict) and rebuilt from those
+three, so it loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from prunebench.errors import ConfigError, PluginError
+
+_OUT_FUNCS = {id(tp.prune_conv_out_channels.__func__), id(tp.prune_depthwise_conv_out_channels.__func__)}
+
+
+def _is_conv_out(dep) -> bool:
+    fn = getattr(dep.handler, "__func__", None)
+    return fn is not None and id(fn) in _OUT_FUNCS
+
+
+def build_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Prunable convs whose output channels the dependency graph ties together."""
+
+    root: str
+    members: tuple[str, ...]
+    channels: int
+
+
+def pruning_units(model: nn.Module, example_inputs: Tensor, prunable: Sequence[str]) -> list[Unit]:
+    modules = dict(model.named_modules())
+    missing = [n for n in prunable if n not in modules]
+    if missing:
+        raise PluginError(f"architecture declares prunable layers that do not exist: {missing[:5]}")
+    graph = build_graph(model, example_inputs)
+    names = {id(m): n for n, m in model.named_modules()}
+    prunable_set = set(prunable)
+    seen: set[str] = set()
+    units = []
+    for name in prunable:
+        if name in seen:
+            continue
+        conv = modules[name]
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
+        members = [name]
+        for dep, _ in group:
+            other = names.get(id(dep.target.module))
+            if other and other != name and other in prunable_set and _is_conv_out(dep):
+                if modules[other].out_channels == conv.out_channels:
+                    members.append(other)
+        seen.update(members)
+        units.append(Unit(root=name, members=tuple(members), channels=conv.out_channels))
+    return units
+
+
+def prune_kept(
+    model: nn.Module, example_inputs: Tensor, kept: Mapping[str, Tensor | Sequence[int]]
+) -> list[dict[str, Any]]:
+    """Remove every output channel of each named conv that is not in ``kept[name]``.
+
+    Works in place and returns the plan steps. Layers keeping all channels are skipped.
+    """
+    graph = build_graph(model, example_inputs)
+    modules = dict(model.named_modules())
+    steps = []
+    for name, keep in kept.items():
+        conv = modules[name]
+        n = conv.out_channels
+        keep_list = sorted({int(i) for i in (keep.tolist() if isinstance(keep, Tensor) else keep)})
+        if not keep_list:
+            raise ConfigError(f"plan removes every channel of {name!r}; at least one must stay")
+        if keep_list[-1] >= n or keep_list[0] < 0:
+            raise PluginError(f"kept indices for {name!r} out of range 0..{n - 1}")
+        removed = sorted(set(range(n)) - set(keep_list))
+        if removed:
+            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed)
+            if not graph.check_pruning_group(group):
+                raise PluginError(f"torch-pruning refused to prune {name!r} (would remove all channels)")
+            group.prune()
+        steps.append({"op": "prune", "layer": name, "keep": keep_list, "channels": n})
+    return steps
+
+
+def set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replay(model: nn.Module, example_inputs: Tensor, plan: Sequence[Mapping[str, Any]]) -> nn.Module:
+    """Apply a recorded plan to a freshly built model (shapes only; weights come later)."""
+    from prunebench import registry
+
+    prune_batch: dict[str, list[int]] = {}
+
+    def flush() -> None:
+        if prune_batch:
+            prune_kept(model, example_inputs, dict(prune_batch))
+            prune_batch.clear()
+
+    for step in plan:
+        op = step.get("op")
+        if op == "prune":
+            prune_batch[step["layer"]] = list(step["keep"])
+        elif op == "replace":
+            flush()
+            crit = registry.criteria.get(step["criterion"])
+            original = model.get_submodule(step["module"])
+            set_module(model, step["module"], crit.rebuild_module(original, step["spec"]))
+        else:
+            raise PluginError(f"unknown plan step {op!r}")
+    flush()
+    return model
+
+
+def save_compressed(
+    path: Path, arch: str, arch_kwargs: Mapping[str, Any], plan: Sequence[Mapping[str, Any]],
+    model: nn.Module, input_shape: Sequence[int], meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Atomically write (architecture, plan, state dict) — loadable with weights_only=True."""
+    payload = {
+        "format": "prunebench-compressed/1",
+        "arch": arch,
+        "arch_kwargs": json.dumps(dict(arch_kwargs)),
+        "input_shape": list(input_shape),
+        "plan": json.dumps(list(plan)),
+        "meta": json.dumps(dict(meta or {})),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_compressed(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a compressed model from architecture + plan + state dict."""
+    from prunebench import registry
+
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload.get("format") != "prunebench-compressed/1":
+        raise ConfigError(f"{path} is not a prunebench compressed-model file")
+    arch = registry.architectures.get(payload["arch"])
+    model = arch.build(**json.loads(payload["arch_kwargs"]))
+    example = torch.zeros(1, *payload["input_shape"][1:])
+    plan = json.loads(payload["plan"])
+    replay(model, example, plan)
+    model.load_state_dict(payload["state_dict"])
+    info = {"arch": payload["arch"], "plan": plan, "meta": json.loads(payload["meta"])}
+    return model, info
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

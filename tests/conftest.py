@@ -1,0 +1,33 @@
+"""Shared test set-up: a per-session cache (baselines, decoded datasets) and small threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep baselines and dataset caches of the test run out of the user's home folder."""
+    cache = tmp_path_factory.mktemp("prunebench-cache")
+    old = os.environ.get("PRUNEBENCH_CACHE")
+    os.environ["PRUNEBENCH_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("PRUNEBENCH_CACHE", None)
+    else:
+        os.environ["PRUNEBENCH_CACHE"] = old
+
+
+@pytest.fixture
+def real_data_root() -> Path:
+    """The folder holding cifar10-jpeg.tar.gz, from $PRUNEBENCH_DATA; skips when absent."""
+    root = os.environ.get("PRUNEBENCH_DATA")
+    if not root or not (Path(root) / "cifar10-jpeg.tar.gz").exists():
+        pytest.skip("set PRUNEBENCH_DATA to a folder holding cifar10-jpeg.tar.gz")
+    return Path(root)

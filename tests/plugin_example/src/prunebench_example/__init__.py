@@ -1,0 +1,1 @@
+"""An example prunebench plug-in package."""

@@ -1,0 +1,107 @@
+"""The command line, end to end, as a user runs it (smoke budget on digits)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prunebench.cli import app
+from prunebench.errors import ConfigError, TargetMissedError
+from prunebench.records import validate
+from prunebench.surgery import load_compressed
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    res = invoke("run", "--criterion", "l1", "--arch", "resnet20", "--dataset", "digits", "--budget", "smoke",
+                 "--target-macs", "0.5", "--results-dir", results, "--quiet")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return results, res.output
+
+
+def test_run_writes_a_complete_valid_record(smoke_run):
+    results, output = smoke_run
+    files = list(results.glob("*.json"))
+    assert len(files) == 1 and "record:" in output
+    rec = json.loads(files[0].read_text())
+    assert rec["status"] == "complete" and validate(rec) == []
+    assert abs(rec["achieved"]["macs_reduction"] - 0.5) <= 0.01
+    assert rec["macs"]["after"] < rec["macs"]["before"]
+    assert rec["ledger"]["spent"] == {"finetune": 1.0}
+    assert 0 <= rec["oneshot"]["top1"] <= 100 and 0 <= rec["final"]["top1"] <= 100
+    assert rec["baseline"]["top1"] > 30  # digits is learnable even on the smoke budget
+    assert rec["latency"]["before"]["batch1_ms"] > 0
+    assert set(rec["widths"]) == {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}
+    model, info = load_compressed(rec["model_file"])
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert info["meta"]["run_id"] == rec["run_id"]
+
+
+def test_rerun_skips_complete_record(smoke_run):
+    results, _ = smoke_run
+    res = invoke("run", "--criterion", "l1", "--arch", "resnet20", "--dataset", "digits", "--budget", "smoke",
+                 "--target-macs", "0.5", "--results-dir", results)
+    assert res.exit_code == 0
+    assert "already complete" in res.output or "already complete" in (res.stderr if res.stderr_bytes else "")
+    assert len(list(results.glob("*.json"))) == 1
+
+
+def test_leaderboard_from_run(smoke_run, tmp_path):
+    results, _ = smoke_run
+    res = invoke("leaderboard", "--records", results, "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "README.md").read_text()
+    assert "digits · resnet20 · macs -50% · budget `smoke`" in md and "| l1" in md
+    assert invoke("leaderboard", "--records", results, "--out", tmp_path, "--check").exit_code == 0
+
+
+def test_failed_run_leaves_a_failed_record(tmp_path):
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--target-macs", "0.97", "--results-dir", tmp_path, "-q")
+    assert isinstance(res.exception, TargetMissedError)
+    rec = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert rec["status"] == "failed" and "TargetMissedError" in rec["error"] and validate(rec) == []
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_unknown_names_suggest_alternatives(tmp_path):
+    res = invoke("run", "-c", "l2", "-a", "resnet20", "--results-dir", tmp_path)
+    assert isinstance(res.exception, ConfigError) and "Did you mean 'l1'" in str(res.exception)
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--set", "finetune_epoch=2", "--results-dir", tmp_path)
+    assert "Did you mean 'finetune_epochs'" in str(res.exception)
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--param", "foo=1", "--results-dir", tmp_path)
+    assert "no hyper-parameter 'foo'" in str(res.exception)
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--target-macs", "1.5", "--results-dir", tmp_path)
+    assert "must lie in (0, 1)" in str(res.exception)
+    assert not list(tmp_path.glob("*.json"))  # bad input is rejected before a run starts
+
+
+def test_info_prints_standard_counts():
+    res = invoke("info", "--arch", "resnet56")
+    assert res.exit_code == 0
+    assert "125.49M" in res.output and "0.85M" in res.output and "prunable convs 27" in res.output
+
+
+def test_list_kinds():
+    res = invoke("list", "criteria")
+    assert res.exit_code == 0 and "l1" in res.output and "random" in res.output
+    assert "smoke" in invoke("list", "budgets").output
+    assert "resnet110" in invoke("list", "architectures").output
+    bad = invoke("list", "criterias")
+    assert "Did you mean 'criteria'" in str(bad.exception)
+
+
+def test_errors_print_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "prunebench", "info", "--arch", "resnet65"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "resnet56" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,118 @@
+"""The harness meets targets within tolerance for every allocation, and removes what scores say."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunebench import registry
+from prunebench.compress import Meter, compress
+from prunebench.errors import ConfigError, TargetMissedError
+from prunebench.protocols import CompressionContext, EpochLedger, ScoreCriterion, Target
+from prunebench.surgery import pruning_units
+from prunebench.testing import TinyNet
+
+
+def make_ctx(model, arch_prunable, target, seed=0):
+    example = torch.randn(1, 1, 8, 8)
+    meter = Meter(copy.deepcopy(model), example, target)
+    ctx = CompressionContext(
+        example_inputs=example, calibration=None, target=target, device=torch.device("cpu"), seed=seed,
+        prunable=arch_prunable, protected=[], ledger=EpochLedger(0.0), reduction=meter.reduction,
+        reduction_of=lambda kept: meter.reduction_of(model, kept), train=lambda *a, **k: None,
+    )
+    return ctx, meter
+
+
+@pytest.mark.parametrize("criterion", ["l1", "random"])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_macs_target_met_within_one_point(criterion, allocation, ratio):
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", ratio))
+    crit = registry.criteria.get(criterion).from_kwargs()
+    result = compress(crit, model, ctx, meter, allocation=allocation)
+    assert abs(result.achieved - ratio) <= 0.01
+    assert abs(meter.reduction(model) - ratio) <= 0.01  # the model itself, not an estimate
+    assert model(ctx.example_inputs).shape == (1, 10)
+
+
+def test_params_target_and_profile_allocation():
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    prunable = arch.prunable(model)
+    ctx, meter = make_ctx(model, prunable, Target("params", 0.4))
+    # prune late layers twice as hard as early ones
+    profile = {name: (0.2 if name.startswith("layer1") else 0.4) for name in prunable}
+    result = compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter,
+                      allocation="profile", profile=profile)
+    assert abs(result.achieved - 0.4) <= 0.01
+    modules = dict(model.named_modules())
+    early = [modules[n].out_channels / 16 for n in prunable if n.startswith("layer1")]
+    late = [modules[n].out_channels / 64 for n in prunable if n.startswith("layer3")]
+    assert max(early) >= min(late)
+
+
+def test_profile_with_unknown_layer_is_rejected():
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.3))
+    with pytest.raises(ConfigError, match="not prunable units"):
+        compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter,
+                 allocation="profile", profile={"layer9.conv": 0.5})
+
+
+def test_impossible_target_is_a_clear_error():
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    # only inner convs are prunable, capped at 90% each: 95% of MACs cannot be removed
+    ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.95))
+    with pytest.raises(TargetMissedError, match="closest"):
+        compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter)
+
+
+def test_l1_removes_the_smallest_filters():
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    conv = model.get_submodule("layer1.0.conv1")
+    with torch.no_grad():
+        conv.weight[[2, 5, 11]] *= 1e-4  # three nearly-dead filters
+        marker = conv.weight[[0, 1, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15]].clone()
+    # one layer, ~3 channels' worth of MACs: exactly the nearly-dead filters must go
+    ctx, meter = make_ctx(model, ["layer1.0.conv1"], Target("macs", 0.022, tolerance=0.004))
+    compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter, allocation="global", max_ratio=0.5)
+    pruned = model.get_submodule("layer1.0.conv1")
+    assert pruned.out_channels == 13
+    for m in marker:  # every large filter survives
+        assert any(torch.equal(w, m) for w in pruned.weight)
+
+
+def test_coupled_prunable_layers_form_one_unit():
+    model = TinyNet()
+    units = pruning_units(model, torch.randn(1, 3, 8, 8), ["stem.0", "conv2", "conv1"])
+    roots = {u.root: u.members for u in units}
+    assert set(roots["stem.0"]) == {"stem.0", "conv2"}  # tied by the residual addition
+    assert roots["conv1"] == ("conv1",)
+
+
+def test_wrong_score_length_is_reported():
+    class Bad(ScoreCriterion):
+        name = "bad"
+
+        def scores(self, model, layers, calibration):
+            return {n: torch.ones(3) for n in layers}
+
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.3))
+    with pytest.raises(Exception, match="returned 3 scores for 'layer1.0.conv1', which has 16 output channels"):
+        compress(Bad(), model, ctx, meter)
+
+
+def test_random_depends_on_seed():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3))
+    a = registry.criteria.get("random").from_kwargs(seed=0).scores(model, ["0"], None)["0"]
+    b = registry.criteria.get("random").from_kwargs(seed=1).scores(model, ["0"], None)["0"]
+    assert not torch.equal(a, b)
