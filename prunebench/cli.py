@@ -60,6 +60,8 @@ def run(
     allocation: Annotated[str, typer.Option(help="score criteria: uniform | global | profile")] = "uniform",
     max_layer_ratio: Annotated[float, typer.Option(help="never remove more than this fraction of a layer")] = 0.9,
     layer_ratios: Annotated[Path | None, typer.Option(help="JSON {layer: ratio} profile (implies --allocation profile)")] = None,
+    shots: Annotated[int, typer.Option(help="score criteria: prune iteratively in K shots")] = 1,
+    shot_epochs: Annotated[float, typer.Option(help="training between shots, drawn from the fine-tune ledger")] = 0.0,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     results_dir: Annotated[Path, typer.Option(help="where result records go")] = Path("results"),
     baseline: Annotated[Path | None, typer.Option(help="use this baseline checkpoint instead of training one")] = None,
@@ -82,7 +84,8 @@ def run(
         criterion=criterion, arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
         target=_target(target_macs, target_params, tolerance), seed=seed,
         criterion_params=_pairs(param, "--param"), dataset_options=_pairs(dataset_option, "--dataset-option"),
-        allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, data_dir=data_dir,
+        allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
+        shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=baseline, device=device, force=force,
     )
     record, path = execute(cfg, Reporter(quiet=quiet))

@@ -15,6 +15,7 @@ Reductions are always measured by pruning/transforming a copy and counting, neve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from prunebench.protocols import (
     Target,
     TransformCriterion,
 )
+from prunebench.costmodel import ChannelCost
 from prunebench.surgery import Unit, prune_kept, pruning_units
 
 ALLOCATIONS = ("uniform", "global", "profile")
@@ -59,15 +61,33 @@ class Meter:
         )
         self.base = self._count(baseline)
         self.evaluations = 0
+        self._cached_for: tuple | None = None
+        self._cost: ChannelCost | None = None
 
     def reduction(self, model: nn.Module) -> float:
         self.evaluations += 1
         return 1.0 - self._count(model) / self.base
 
     def reduction_of(self, model: nn.Module, kept: Mapping[str, Tensor | Sequence[int]]) -> float:
+        """Reduction if ``model`` kept these channels (exact cost model when it validates)."""
+        signature = (id(model), sum(p.numel() for p in model.parameters()), tuple(sorted(kept)))
+        if self._cached_for != signature:
+            self._cached_for = signature
+            self._cost = self.cost_model(model, pruning_units(model, self.example_inputs, list(kept)))
+        if self._cost is not None:
+            counts = {r: len(kept[r]) for r in self._cost.units if r in kept}
+            return self.reduction_from_cost(self._cost, counts)
         clone = copy.deepcopy(model)
         prune_kept(clone, self.example_inputs, kept)
         return self.reduction(clone)
+
+    def cost_model(self, model: nn.Module, units: Sequence[Unit]) -> ChannelCost | None:
+        cost = ChannelCost(model, self.example_inputs, units, self.target.metric)
+        return cost if cost.validate(model, self.example_inputs, self._count) else None
+
+    def reduction_from_cost(self, cost: ChannelCost, kept_counts: Mapping[str, int]) -> float:
+        self.evaluations += 1
+        return 1.0 - cost.value(kept_counts) / self.base
 
     def within(self, achieved: float) -> bool:
         return abs(achieved - self.target.ratio) <= self.target.tolerance + 1e-12
@@ -139,7 +159,12 @@ def plan_scores(
     def kept_from_counts(counts: Mapping[str, int]) -> dict[str, Tensor]:
         return {r: _keep_from_removed(orders[r], c) for r, c in counts.items()}
 
+    cost = meter.cost_model(model, units)
+    channels = {u.root: u.channels for u in units}
+
     def measure(counts: Mapping[str, int]) -> float:
+        if cost is not None:
+            return meter.reduction_from_cost(cost, {r: channels[r] - c for r, c in counts.items()})
         return meter.reduction_of(model, kept_from_counts(counts))
 
     if allocation == "global":
@@ -283,23 +308,38 @@ def _bisect_int(f: Callable[[int], float], lo: int, hi: int, target: float) -> i
 def compress(
     criterion: Criterion, model: nn.Module, ctx: CompressionContext, meter: Meter,
     allocation: str = "uniform", max_ratio: float = 0.9, profile: Mapping[str, float] | None = None,
+    shots: int = 1, shot_epochs: float = 0.0,
 ) -> Compressed:
-    """Compress ``model`` in place with ``criterion`` until ``ctx.target`` is met."""
+    """Compress ``model`` in place with ``criterion`` until ``ctx.target`` is met.
+
+    Score criteria may prune iteratively (``shots`` > 1, the K-shot mode of CORING): each
+    shot re-scores the current model and removes up to ``shot/shots`` of the target, with
+    ``shot_epochs`` of training between shots drawn from the ledger.
+    """
     if isinstance(criterion, ScoreCriterion):
-        units = pruning_units(model, ctx.example_inputs, ctx.prunable)
-        scores = unit_scores(criterion, model, units, ctx.calibration)
-        kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed, profile)
-        modules = dict(model.named_modules())
-        removal = {}
-        for u in units:
-            removed = sorted(set(range(u.channels)) - set(kept[u.root].tolist()))
-            for m in u.members:
-                removal[m] = torch.tensor(removed, dtype=torch.long)
-        del modules
-        criterion.compensate(model, removal, ctx.calibration)
-        plan = prune_kept(model, ctx.example_inputs, kept)
+        if shots < 1:
+            raise ConfigError(f"--shots must be at least 1, got {shots}")
+        full_target = ctx.target
+        plan: list[dict[str, Any]] = []
+        for shot in range(1, shots + 1):
+            # shot i removes up to i/K of the target reduction (relative to the baseline)
+            meter.target = dataclasses.replace(full_target, ratio=full_target.ratio * shot / shots)
+            units = pruning_units(model, ctx.example_inputs, ctx.prunable)
+            scores = unit_scores(criterion, model, units, ctx.calibration)
+            kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed + shot, profile)
+            removal = {}
+            for u in units:
+                removed = sorted(set(range(u.channels)) - set(kept[u.root].tolist()))
+                for m in u.members:
+                    removal[m] = torch.tensor(removed, dtype=torch.long)
+            criterion.compensate(model, removal, ctx.calibration)
+            plan += prune_kept(model, ctx.example_inputs, kept)
+            if shot < shots and shot_epochs > 0:
+                ctx.train(model, shot_epochs, purpose="k-shot")
+        meter.target = full_target
         achieved = meter.reduction(model)
-        return Compressed(model, plan, achieved, {"allocation": allocation}, meter.evaluations)
+        knob = {"allocation": allocation, **({"shots": shots, "shot_epochs": shot_epochs} if shots > 1 else {})}
+        return Compressed(model, plan, achieved, knob, meter.evaluations)
 
     if isinstance(criterion, AllocateCriterion):
         kept = criterion.allocate(model, ctx)

@@ -47,6 +47,8 @@ class RunConfig:
     allocation: str = "uniform"
     max_layer_ratio: float = 0.9
     layer_ratios: Mapping[str, float] | None = None
+    shots: int = 1
+    shot_epochs: float = 0.0
     data_dir: Path | None = None
     results_dir: Path = Path("results")
     baseline: Path | None = None
@@ -67,6 +69,8 @@ class RunConfig:
             "allocation": self.allocation,
             "max_layer_ratio": self.max_layer_ratio,
             "layer_ratios": dict(self.layer_ratios) if self.layer_ratios else None,
+            "shots": self.shots,
+            "shot_epochs": self.shot_epochs,
             "baseline_file": str(self.baseline) if self.baseline else None,
         }
 
@@ -211,7 +215,8 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None) -> tuple[dict[str,
         "criterion_params": criterion.describe(), "arch": cfg.arch, "dataset": cfg.dataset,
         "dataset_options": dict(cfg.dataset_options), "budget": cfg.budget.resolved(),
         "target": dataclasses.asdict(cfg.target), "seed": cfg.seed, "allocation": cfg.allocation,
-        "max_layer_ratio": cfg.max_layer_ratio, "started": now(), "versions": versions(),
+        "max_layer_ratio": cfg.max_layer_ratio,
+        "shots": cfg.shots, "shot_epochs": cfg.shot_epochs, "started": now(), "versions": versions(),
         "plugins": plugin_versions(cfg),
     }
     device = resolve_device(cfg.device)
@@ -297,7 +302,8 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     result = compress(criterion, model, ctx, meter, allocation=cfg.allocation,
-                      max_ratio=cfg.max_layer_ratio, profile=cfg.layer_ratios)
+                      max_ratio=cfg.max_layer_ratio, profile=cfg.layer_ratios,
+                      shots=cfg.shots, shot_epochs=cfg.shot_epochs)
     compress_seconds = time.perf_counter() - t0
     model = result.model.to(device)
     record["criterion_seconds"] = round(compress_seconds - train_seconds["value"], 4)

@@ -125,6 +125,8 @@ def replay(model: nn.Module, example_inputs: Tensor, plan: Sequence[Mapping[str,
     for step in plan:
         op = step.get("op")
         if op == "prune":
+            if step["layer"] in prune_batch:  # pruned again later (iterative pruning): keep the order
+                flush()
             prune_batch[step["layer"]] = list(step["keep"])
         elif op == "replace":
             flush()

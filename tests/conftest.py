@@ -31,3 +31,8 @@ def real_data_root() -> Path:
     if not root or not (Path(root) / "cifar10-jpeg.tar.gz").exists():
         pytest.skip("set PRUNEBENCH_DATA to a folder holding cifar10-jpeg.tar.gz")
     return Path(root)
+
+
+# tests/plugin_example is a separate package with its own test; test_plugin_package.py
+# installs it and runs that test in a subprocess.
+collect_ignore = ["plugin_example"]

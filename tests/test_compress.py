@@ -116,3 +116,23 @@ def test_random_depends_on_seed():
     a = registry.criteria.get("random").from_kwargs(seed=0).scores(model, ["0"], None)["0"]
     b = registry.criteria.get("random").from_kwargs(seed=1).scores(model, ["0"], None)["0"]
     assert not torch.equal(a, b)
+
+
+def test_k_shot_prunes_iteratively_and_charges_the_ledger():
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.5))
+    trained = []
+    ctx.train = lambda m, epochs, hooks=None, purpose="compress": trained.append((epochs, purpose))
+    result = compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter, shots=3, shot_epochs=0.25)
+    assert abs(result.achieved - 0.5) <= 0.01
+    assert trained == [(0.25, "k-shot"), (0.25, "k-shot")]  # between shots only
+    layers = [s["layer"] for s in result.plan]
+    assert len(layers) == 3 * len(arch.prunable(model))  # every layer pruned in each shot
+    fresh = arch.build(num_classes=10, in_channels=1).eval()
+    from prunebench.surgery import replay
+
+    replay(fresh, ctx.example_inputs, result.plan)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(fresh(x), model(x), atol=1e-5)
