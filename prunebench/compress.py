@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunebench.costmodel import ChannelCost
 from prunebench.errors import ConfigError, PluginError, TargetMissedError
 from prunebench.protocols import (
     AllocateCriterion,
@@ -33,7 +34,6 @@ from prunebench.protocols import (
     Target,
     TransformCriterion,
 )
-from prunebench.costmodel import ChannelCost
 from prunebench.surgery import Unit, prune_kept, pruning_units
 
 ALLOCATIONS = ("uniform", "global", "profile")

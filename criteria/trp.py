@@ -1,0 +1,350 @@
+"""trp: Trained Rank Pruning.
+
+Xu, Li, Zhang, Wen, Wang, Qi, Chen, Lin, Xiong, "TRP: Trained Rank Pruning for Efficient
+Deep Neural Networks", IJCAI 2020, pp. 977-983.
+
+Low rank is trained into the weights instead of imposed after training. Every target conv
+(``k_h x k_w`` with ``k_h k_w > 1``, ``groups == 1``, not the first conv) is viewed as a
+matrix -- ``N x (C k_h k_w)`` for the *channel* scheme, ``(C k_h) x (N k_w)`` for the
+*spatial* scheme -- and during training
+
+* after every backward pass the nuclear-norm sub-gradient ``lambda U V^T`` of that matrix is
+  added to the weight's gradient (``nuclear``);
+* every ``period`` optimiser steps the weight is replaced by its truncated-SVD
+  reconstruction at the smallest rank holding ``energy`` of the squared singular values.
+
+Afterwards :meth:`TRP.transform` splits each target conv into two convs at the rank reaching
+the knob's energy: ``k x k C->R`` then ``1x1 R->N`` (channel), or ``k_h x 1 C->R`` then
+``1 x k_w R->N`` (spatial). The training epochs come from the fine-tune ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from prunebench.errors import ConfigError, suggest
+from prunebench.protocols import CompressionContext, Knob, TrainingHooks, TransformCriterion
+
+from ._factorized import (
+    Factorized,
+    Spectrum,
+    SVDCache,
+    axis_conv,
+    check_energy,
+    energy_rank,
+    input_sizes,
+    keeps_saving,
+    low_rank_factors,
+    plan_step,
+    pointwise_conv,
+    select_targets,
+    set_module,
+    spectrum,
+    to_param,
+)
+
+__all__ = ["SCHEMES", "TRP", "TRPHooks", "build_trp_conv", "from_matrix", "to_matrix", "trp_conv"]
+
+SCHEMES = ("channel", "spatial")
+#: Singular values below this share of the largest count as zero for the nuclear sub-gradient.
+_ZERO = 1e-6
+
+
+def _check_scheme(scheme: Any) -> str:
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"trp scheme {scheme!r} is unknown.{suggest(str(scheme), SCHEMES)} "
+            f"Available: {', '.join(SCHEMES)}"
+        )
+    return scheme
+
+
+def to_matrix(weight: Tensor, scheme: str) -> Tensor:
+    """The matrix TRP regularises: ``N x (C k_h k_w)`` (channel) or ``(C k_h) x (N k_w)`` (spatial).
+
+    Works on a single weight ``(N, C, k_h, k_w)`` or a stack ``(B, N, C, k_h, k_w)``.
+    """
+    *lead, n, c, kh, kw = weight.shape
+    if scheme == "channel":
+        return weight.reshape(*lead, n, c * kh * kw)
+    nl = len(lead)
+    perm = [*range(nl), nl + 1, nl + 2, nl, nl + 3]  # (..., C, kh, N, kw)
+    return weight.permute(perm).reshape(*lead, c * kh, n * kw)
+
+
+def from_matrix(matrix: Tensor, shape: Sequence[int], scheme: str) -> Tensor:
+    """Inverse of :func:`to_matrix` for a weight of ``shape`` (``(N, C, k_h, k_w)``)."""
+    n, c, kh, kw = shape
+    lead = matrix.shape[:-2]
+    if scheme == "channel":
+        return matrix.reshape(*lead, n, c, kh, kw)
+    nl = len(lead)
+    w = matrix.reshape(*lead, c, kh, n, kw)
+    return w.permute([*range(nl), nl + 2, nl, nl + 1, nl + 3])
+
+
+def build_trp_conv(conv: nn.Conv2d, rank: int, scheme: str) -> Factorized:
+    """The two-conv structure (untrained) replacing ``conv`` at ``rank`` for ``scheme``."""
+    bias = conv.bias is not None
+    if scheme == "channel":
+        first = nn.Conv2d(
+            conv.in_channels,
+            rank,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=False,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        return Factorized(first, pointwise_conv(conv, rank, conv.out_channels, bias=bias))
+    _check_scheme(scheme)
+    return Factorized(
+        axis_conv(conv, 0, conv.in_channels, rank, bias=False),
+        axis_conv(conv, 1, rank, conv.out_channels, bias=bias),
+    )
+
+
+def _spectrum(conv: nn.Conv2d, scheme: str, cache: SVDCache | None, name: str) -> Spectrum:
+    def compute() -> Spectrum:
+        return spectrum(to_matrix(conv.weight.detach(), scheme))
+
+    return cache.get(name, conv.weight, scheme, compute) if cache is not None else compute()
+
+
+def trp_rank(
+    conv: nn.Conv2d, energy: float, scheme: str, cache: SVDCache | None = None, name: str = ""
+) -> int:
+    """Smallest rank of ``conv``'s ``scheme`` matrix holding ``energy`` of its squared singular values."""
+    return energy_rank(_spectrum(conv, scheme, cache, name).values, energy)
+
+
+def trp_conv(
+    conv: nn.Conv2d, energy: float, scheme: str = "channel", cache: SVDCache | None = None, name: str = ""
+) -> Factorized:
+    """Split ``conv`` into two convs by a truncated SVD of its ``scheme`` matrix at ``energy``.
+
+    At ``energy = 1`` the rank is full and the pair reproduces ``conv`` exactly.
+    """
+    _check_scheme(scheme)
+    if conv.groups != 1:
+        raise ValueError("trp needs a conv with groups == 1")
+    spec = _spectrum(conv, scheme, cache, name)
+    rank = energy_rank(spec.values, energy)
+    a, b = low_rank_factors(spec, rank)
+    n, c, kh, kw = conv.weight.shape
+    new = build_trp_conv(conv, rank, scheme)
+    w = conv.weight
+    with torch.no_grad():
+        if scheme == "channel":  # a: N x R, b: R x (C kh kw)
+            new[0].weight.copy_(to_param(b.reshape(rank, c, kh, kw), w))
+            new[1].weight.copy_(to_param(a.reshape(n, rank, 1, 1), w))
+        else:  # a: (C kh) x R, b: R x (N kw)
+            new[0].weight.copy_(to_param(a.reshape(c, kh, rank).permute(2, 0, 1), w)[..., None])
+            new[1].weight.copy_(to_param(b.reshape(rank, n, kw).permute(1, 0, 2), w)[:, :, None, :])
+        if conv.bias is not None:
+            new[1].bias.copy_(conv.bias)
+    return new
+
+
+def _is_spatial_kernel(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size[0] * conv.kernel_size[1] > 1
+
+
+class TRPHooks(TrainingHooks):
+    """The training-time part of TRP for a fixed list of convs.
+
+    ``after_backward`` adds ``nuclear * U V^T`` to each conv's gradient (singular directions
+    with a singular value below 1e-6 of the largest are left out); ``after_step`` counts
+    optimiser steps and every ``period``-th one projects each weight onto its energy-rank
+    truncated SVD. Both work in float64 from the Gram-matrix spectrum (see
+    :class:`~prunebench.criteria._factorized.Spectrum`), batched over convs whose matrices
+    have the same shape.
+    ``ranks`` holds each conv's rank at the latest projection.
+    """
+
+    def __init__(
+        self,
+        convs: Mapping[str, nn.Conv2d],
+        *,
+        energy: float,
+        nuclear: float,
+        period: int,
+        scheme: str,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.convs = dict(convs)
+        self.energy = check_energy(energy, "trp energy")
+        self.nuclear = float(nuclear)
+        self.period = int(period)
+        self.scheme = _check_scheme(scheme)
+        self.log = log
+        self.steps = 0
+        self.projections = 0
+        self.ranks: dict[str, int] = {}
+
+    def _groups(self) -> list[list[str]]:
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for name, conv in self.convs.items():
+            by_shape.setdefault(tuple(conv.weight.shape), []).append(name)
+        return list(by_shape.values())
+
+    def _spectra(self) -> list[tuple[list[str], list[Tensor], Spectrum]]:
+        """One batched float64 spectrum per group of same-shaped weights."""
+        out = []
+        for names in self._groups():
+            weights = [self.convs[n].weight for n in names]
+            out.append(
+                (names, weights, spectrum(to_matrix(torch.stack([w.detach() for w in weights]), self.scheme)))
+            )
+        return out
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        if self.nuclear == 0.0:
+            return
+        for _, weights, spec in self._spectra():
+            # U V^T over the directions with a non-zero singular value: pushing on the others
+            # would only re-grow a rank that the projection has removed
+            s = spec.values
+            inv = torch.where(s > s[..., :1] * _ZERO, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+            if spec.side == "left":  # U diag(1/s) U^T M = U V^T
+                sub = (spec.basis * inv[..., None, :]) @ (spec.basis.mT @ spec.matrix)
+            else:  # M V diag(1/s) V^T = U V^T
+                sub = ((spec.matrix @ spec.basis) * inv[..., None, :]) @ spec.basis.mT
+            sub = from_matrix(sub, weights[0].shape, self.scheme)
+            for w, g in zip(weights, sub, strict=True):
+                g = (self.nuclear * g).to(w.dtype)
+                if w.grad is None:
+                    w.grad = g.contiguous()
+                else:
+                    w.grad.add_(g)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.steps += 1
+        if self.steps % self.period == 0:
+            self.project()
+
+    @torch.no_grad()
+    def project(self) -> dict[str, int]:
+        """Replace every weight by its truncated SVD at the energy rank; returns the ranks."""
+        for names, weights, spec in self._spectra():
+            values = spec.values.cpu()
+            for i, (name, w) in enumerate(zip(names, weights, strict=True)):
+                r = energy_rank(values[i], self.energy)
+                basis, mat = spec.basis[i, :, :r], spec.matrix[i]
+                low = basis @ (basis.mT @ mat) if spec.side == "left" else (mat @ basis) @ basis.mT
+                w.copy_(from_matrix(low, w.shape, self.scheme).to(w.dtype))
+                self.ranks[name] = r
+        self.projections += 1
+        return dict(self.ranks)
+
+    def on_train_end(self, model: nn.Module) -> None:
+        if self.log is not None and self.ranks:
+            total = sum(min(to_matrix(c.weight, self.scheme).shape) for c in self.convs.values())
+            self.log(
+                f"trp: {self.steps} steps, {self.projections} projections; energy-{self.energy:g} ranks "
+                f"sum to {sum(self.ranks.values())} of {total} full ({self.scheme} scheme)"
+            )
+
+
+class TRP(TransformCriterion):
+    """Trained Rank Pruning: low-rank-regularised training, then a two-conv split per conv."""
+
+    name: ClassVar[str] = "trp"
+    needs_data: ClassVar[bool] = True
+    summary: ClassVar[str] = (
+        "Trained Rank Pruning: periodic SVD projection + nuclear-norm sub-gradient during "
+        "training, then each kxk conv -> two convs at the energy rank"
+    )
+    reference: ClassVar[str] = (
+        "Xu et al., 'TRP: Trained Rank Pruning for Efficient Deep Neural Networks', IJCAI 2020"
+    )
+    knob: ClassVar[Knob] = Knob("energy", low=0.05, high=1.0, increases_compression=False)
+
+    @dataclass(frozen=True)
+    class Params:
+        #: Energy threshold of the periodic projection during training; also the transform's
+        #: energy when no target is given (the harness bisects it otherwise).
+        energy: float = 0.9
+        #: Weight lambda of the nuclear-norm sub-gradient added to each target gradient.
+        nuclear: float = 3e-4
+        #: Optimiser steps between two projections (m in the paper).
+        period: int = 20
+        #: "channel": N x (C k_h k_w) matrices; "spatial": (C k_h) x (N k_w).
+        scheme: str = "channel"
+        #: Share of the ledger's remaining post-baseline epochs spent on TRP training.
+        train_fraction: float = 1.0
+
+        def __post_init__(self) -> None:
+            check_energy(self.energy, "trp energy")
+            _check_scheme(self.scheme)
+            if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
+                raise ConfigError(
+                    f"trp period is a number of optimiser steps and must be an integer >= 1, got {self.period!r}"
+                )
+            if not (isinstance(self.nuclear, int | float) and self.nuclear >= 0.0):
+                raise ConfigError(f"trp nuclear (the nuclear-norm weight) must be >= 0, got {self.nuclear!r}")
+            if not (isinstance(self.train_fraction, int | float) and 0.0 <= self.train_fraction <= 1.0):
+                raise ConfigError(
+                    f"trp train_fraction is a share of the remaining epochs and must lie in [0, 1], "
+                    f"got {self.train_fraction!r}"
+                )
+
+    def __init__(self, params: Any | None = None, seed: int = 0) -> None:
+        super().__init__(params, seed)
+        self._cache = SVDCache()
+
+    def targets(self, model: nn.Module) -> list[str]:
+        """Every conv with a kernel larger than 1x1 and groups == 1, except the first conv."""
+        return select_targets(
+            model, include_first=False, include_linear=False, conv_filter=_is_spatial_kernel
+        )
+
+    def training_hooks(self, model: nn.Module, ctx: CompressionContext) -> TRPHooks:
+        p = self.params
+        convs = {n: model.get_submodule(n) for n in self.targets(model)}
+        log = ctx.log if ctx is not None else None
+        return TRPHooks(convs, energy=p.energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme, log=log)
+
+    def training_epochs(self, ctx: CompressionContext) -> float:
+        return max(0.0, self.params.train_fraction * ctx.ledger.remaining)
+
+    def transform(
+        self, model: nn.Module, value: float | None = None, ctx: CompressionContext | None = None
+    ) -> list[dict[str, Any]]:
+        """Split every target conv in place at energy ``value`` (default ``params.energy``).
+
+        Convs whose split would not reduce the target metric are kept unchanged.
+        """
+        energy = check_energy(self.params.energy if value is None else value, "trp energy")
+        scheme = self.params.scheme
+        names = self.targets(model)
+        sizes = input_sizes(model, names, ctx.example_inputs if ctx is not None else None)
+        metric = ctx.target.metric if ctx is not None else "macs"
+        steps: list[dict[str, Any]] = []
+        for name in names:
+            conv = model.get_submodule(name)
+            new = trp_conv(conv, energy, scheme, self._cache, name)
+            if not keeps_saving(conv, new, metric, sizes.get(name)):
+                continue
+            set_module(model, name, new)
+            steps.append(plan_step(self.name, name, {"scheme": scheme, "rank": new[0].out_channels}))
+        return steps
+
+    @classmethod
+    def rebuild_module(cls, original: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+        if not isinstance(original, nn.Conv2d) or "rank" not in spec or spec.get("scheme") not in SCHEMES:
+            raise ConfigError(
+                f"trp cannot rebuild a {type(original).__name__} from plan spec {dict(spec)!r}: "
+                "expected a Conv2d and {'scheme': 'channel' | 'spatial', 'rank': R}"
+            )
+        return build_trp_conv(original, int(spec["rank"]), spec["scheme"])

@@ -1,0 +1,381 @@
+"""ht2: hierarchical Tucker-2 / SVD factorisation (Gabor & Zdunek 2023)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prunebench.architectures.cifar_resnet import build_resnet
+from prunebench.criteria._factorized import (
+    Factorized,
+    SVDCache,
+    energy_rank,
+    low_rank_factors,
+    select_targets,
+    set_module,
+    spectrum,
+    svd_conv1x1,
+    svd_linear,
+)
+from prunebench.criteria.ht2 import HT2, ht2_ranks, tucker2_conv
+from prunebench.errors import ConfigError
+from prunebench.metrics import count_macs
+from prunebench.protocols import CompressionContext, EpochLedger, Target
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many tiny decompositions: on a busy machine, extra intra-op threads only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Tiny(nn.Module):
+    """Stem, a strided 3x3 conv, a 1x1 conv with bias, a 3x3 conv, a hidden linear, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 1)
+        self.conv3 = nn.Conv2d(24, 24, 3, padding=1)
+        self.hidden = nn.Linear(24, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv3(torch.relu(self.conv2(x))))
+        x = x.mean(dim=(2, 3))
+        return self.fc(torch.relu(self.hidden(x)))
+
+
+def make_ctx(
+    model: nn.Module, x: torch.Tensor, protected=("fc",), metric: str = "macs"
+) -> CompressionContext:
+    base = count_macs(model, x)
+    return CompressionContext(
+        example_inputs=x,
+        calibration=None,
+        target=Target(metric=metric, ratio=0.5),
+        device=torch.device("cpu"),
+        seed=0,
+        prunable=[],
+        protected=list(protected),
+        ledger=EpochLedger(total=2.0),
+        reduction=lambda m: 1.0 - count_macs(m, x) / base,
+        reduction_of=lambda kept: 0.0,
+        train=lambda *a, **k: None,
+    )
+
+
+def rebuild(fresh: nn.Module, steps: list[dict], state: dict) -> nn.Module:
+    steps = json.loads(json.dumps(steps))  # the plan must be plain JSON
+    for step in steps:
+        assert step["op"] == "replace" and step["criterion"] == "ht2"
+        original = fresh.get_submodule(step["module"])
+        set_module(fresh, step["module"], HT2.rebuild_module(original, step["spec"]))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    return fresh
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def test_conv_full_energy_is_exact_float64() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True).double()
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    fact = tucker2_conv(conv, 1.0)
+    kinds = [(m.kernel_size, m.stride, m.padding) for m in fact]
+    assert kinds == [
+        ((1, 1), (1, 1), (0, 0)),
+        ((3, 1), (2, 1), (1, 0)),
+        ((1, 3), (1, 2), (0, 1)),
+        ((1, 1), (1, 1), (0, 0)),
+    ]
+    assert fact[3].bias is not None and all(m.bias is None for m in list(fact)[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(fact(x), conv(x), rtol=0, atol=1e-10)
+
+
+def test_conv_full_energy_is_exact_float32_dilated_rectangular() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(5, 7, (3, 5), stride=(2, 1), padding=(2, 1), dilation=(2, 1), bias=False)
+    x = torch.randn(3, 5, 12, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(tucker2_conv(conv, 1.0)(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_and_pointwise_full_energy_are_exact() -> None:
+    torch.manual_seed(2)
+    lin = nn.Linear(12, 9).double()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(svd_linear(lin, 1.0)(x), lin(x), rtol=0, atol=1e-10)
+    pw = nn.Conv2d(12, 9, 1, stride=2, padding=1).double()
+    xi = torch.randn(2, 12, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(svd_conv1x1(pw, 1.0)(xi), pw(xi), rtol=0, atol=1e-10)
+
+
+def test_energy_rank() -> None:
+    s = torch.tensor([2.0, 1.0, 1.0, 0.0])  # squared: 4, 1, 1, 0 -> shares 2/3, 5/6, 1, 1
+    assert [energy_rank(s, e) for e in (0.05, 0.6, 2 / 3, 0.7, 5 / 6, 0.9, 0.999999, 1.0)] == [
+        1,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+    ]
+    assert energy_rank(torch.zeros(3), 0.5) == 1
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (3, 7, 9)])
+def test_spectrum_matches_svd_and_truncation_is_optimal(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(8)
+    m = torch.randn(*shape, dtype=torch.float64)
+    spec = spectrum(m)
+    torch.testing.assert_close(spec.values, torch.linalg.svdvals(m), rtol=1e-10, atol=1e-10)
+    if m.dim() == 2:
+        s = spec.values
+        for rank in (1, 3, min(shape)):
+            a, b = low_rank_factors(spec, rank)
+            assert a.shape == (shape[0], rank) and b.shape == (rank, shape[1])
+            # Eckart-Young: the error is exactly the discarded energy; scales are balanced
+            err = torch.linalg.matrix_norm(m - a @ b) ** 2
+            torch.testing.assert_close(err, (s[rank:] ** 2).sum(), rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(a.norm(dim=0), b.norm(dim=1), rtol=1e-8, atol=1e-10)
+
+
+def test_decompositions_are_cached_per_weight() -> None:
+    cache = SVDCache(max_keys=2)
+    w = torch.randn(4, 5)
+    calls: list[str] = []
+
+    def compute(tag: str):
+        calls.append(tag)
+        return torch.ones(1)
+
+    cache.get("a", w, "k1", lambda: compute("k1"))
+    cache.get("a", w.clone(), "k1", lambda: compute("k1"))  # same values: reused
+    assert calls == ["k1"]
+    cache.get("a", w, "k2", lambda: compute("k2"))
+    cache.get("a", w, "k1", lambda: compute("k1"))  # k1 used last: k2 is the one dropped
+    cache.get("a", w, "k3", lambda: compute("k3"))
+    cache.get("a", w, "k1", lambda: compute("k1"))
+    assert calls == ["k1", "k2", "k3"]
+    cache.get("a", w + 1, "k1", lambda: compute("k1"))  # changed weight: recomputed
+    assert calls == ["k1", "k2", "k3", "k1"]
+
+
+def test_conv_and_linear_subclasses_are_left_alone() -> None:
+    class Standardised(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), Standardised(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3)
+    )
+    assert select_targets(model) == ["3"]
+    assert select_targets(model, include_first=True) == ["0", "3"]
+
+
+# ----------------------------------------------------------------------------- ranks and cost
+
+
+def test_ranks_shrink_monotonically_as_energy_drops() -> None:
+    torch.manual_seed(3)
+    for conv in (nn.Conv2d(16, 24, 3, padding=1), nn.Conv2d(32, 16, 3, stride=2, padding=1)):
+        ranks = [ht2_ranks(conv, e) for e in (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.1, 0.05)]
+        assert ranks[0] == (
+            conv.in_channels,
+            min(conv.in_channels * 3, conv.out_channels * 3),
+            conv.out_channels,
+        )
+        for hi, lo in pairwise(ranks):
+            assert all(b <= a for a, b in zip(hi, lo, strict=True)), ranks
+        assert ranks[-1] < ranks[0]
+    lin = nn.Linear(40, 30)
+    lin_ranks = [svd_linear(lin, e)[0].out_features for e in (1.0, 0.9, 0.7, 0.5, 0.2)]
+    assert lin_ranks == sorted(lin_ranks, reverse=True) and lin_ranks[0] == 30
+
+
+def test_macs_equal_analytic_sum_of_four_convs() -> None:
+    torch.manual_seed(4)
+    c, t, h, w = 16, 20, 12, 10
+    conv = nn.Conv2d(c, t, 3, stride=2, padding=1, bias=True)
+    model = nn.Sequential(conv)
+    x = torch.randn(1, c, h, w)
+    ho, wo = (h + 2 - 3) // 2 + 1, (w + 2 - 3) // 2 + 1
+    assert count_macs(model, x) == t * ho * wo * (c * 9 + 1)
+    fact = tucker2_conv(conv, 0.7)
+    r1, r13, r3 = fact[0].out_channels, fact[1].out_channels, fact[2].out_channels
+    model[0] = fact
+    analytic = (
+        c * r1 * h * w  # 1x1 at the input resolution
+        + r1 * r13 * 3 * ho * w  # 3x1 strides the height only
+        + r13 * r3 * 3 * ho * wo  # 1x3 strides the width
+        + r3 * t * ho * wo
+        + t * ho * wo  # bias adds
+    )
+    assert count_macs(model, x) == analytic
+
+
+def test_transform_targets_skip_first_conv_and_classifier() -> None:
+    model = Tiny()
+    x = torch.randn(2, 3, 16, 16)
+    crit = HT2()
+    ctx = make_ctx(model, x)
+    assert crit.targets(model, ctx) == ["conv1", "conv2", "conv3", "hidden"]
+    assert HT2.from_kwargs(include_first="true", include_linear="false").targets(model, ctx) == [
+        "stem",
+        "conv1",
+        "conv2",
+        "conv3",
+    ]
+    steps = crit.transform(model, 0.3, ctx)
+    assert [s["module"] for s in steps] == ["conv1", "conv2", "conv3", "hidden"]
+    assert isinstance(model.stem, nn.Conv2d) and isinstance(model.fc, nn.Linear)
+    assert {s["spec"]["type"] for s in steps} == {"tucker2", "svd"}
+    assert model(x).shape == (2, 10)
+
+
+def test_factorisations_that_cost_more_are_skipped() -> None:
+    model = Tiny()
+    x = torch.randn(1, 3, 16, 16)
+    ctx = make_ctx(model, x)
+    base = count_macs(model, x)
+    assert HT2().transform(model, 1.0, ctx) == []  # full ranks never pay off
+    assert count_macs(model, x) == base
+    # every step the criterion takes lowers MACs: the compressed model is never larger
+    for e in (0.95, 0.9, 0.8):
+        m = copy.deepcopy(model)
+        HT2().transform(m, e, ctx)
+        assert count_macs(m, x) <= base
+
+
+def test_reduction_monotone_in_energy_and_deterministic() -> None:
+    torch.manual_seed(5)
+    model = build_resnet(20).eval()
+    x = torch.randn(1, 3, 32, 32)
+    ctx = make_ctx(model, x)
+    crit = HT2()
+    reductions = []
+    for e in (1.0, 0.9, 0.7, 0.5, 0.3, 0.05):
+        m = copy.deepcopy(model)
+        crit.transform(m, e, ctx)
+        reductions.append(ctx.reduction(m))
+    assert reductions[0] == 0.0 and reductions[-1] > 0.5
+    assert all(b >= a - 1e-3 for a, b in pairwise(reductions)), reductions
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    assert crit.transform(a, 0.6, ctx) == HT2().transform(b, 0.6, ctx)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_params_target_uses_parameter_counts() -> None:
+    model = Tiny()
+    x = torch.randn(1, 3, 16, 16)
+    ctx = make_ctx(model, x, metric="params")
+    n0 = sum(p.numel() for p in model.parameters())
+    steps = HT2().transform(model, 0.5, ctx)
+    assert steps and sum(p.numel() for p in model.parameters()) < n0
+
+
+# ----------------------------------------------------------------------------- plan round trip
+
+
+@pytest.mark.parametrize("arch", ["tiny", "resnet20"])
+def test_round_trip_through_plan_and_state_dict(arch: str) -> None:
+    torch.manual_seed(6)
+    make = Tiny if arch == "tiny" else (lambda: build_resnet(20))
+    size = 16 if arch == "tiny" else 32
+    model = make()
+    with torch.no_grad():
+        _randomise_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    ctx = make_ctx(model, x)
+    steps = HT2().transform(model, 0.6, ctx)
+    assert steps
+    with torch.no_grad():
+        expected = model(x)
+    fresh = rebuild(make().eval(), steps, model.state_dict())
+    assert all(isinstance(fresh.get_submodule(s["module"]), Factorized) for s in steps)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+def test_rebuild_rejects_a_bad_spec() -> None:
+    with pytest.raises(ConfigError, match="cannot rebuild"):
+        HT2.rebuild_module(nn.Linear(4, 4), {"type": "tucker2", "ranks": [1, 1, 1]})
+    with pytest.raises(ConfigError, match="cannot rebuild"):
+        HT2.rebuild_module(nn.Conv2d(4, 4, 3), {"type": "svd", "rank": 2})
+
+
+# ----------------------------------------------------------------------------- torch-pruning
+
+
+def test_factorised_model_goes_through_dependency_graph() -> None:
+    torch.manual_seed(7)
+    model = build_resnet(20).eval()
+    x = torch.randn(1, 3, 32, 32)
+    steps = HT2().transform(model, 0.7, make_ctx(model, x))
+    name = next(s["module"] for s in steps if s["spec"]["type"] == "tucker2")
+    block = model.get_submodule(name)
+    r1 = block[0].out_channels
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    group = dg.get_pruning_group(block[0], tp.prune_conv_out_channels, idxs=[0])
+    touched = {dep.target.module for dep, _ in group}
+    assert block[0] in touched and block[1] in touched
+    group.prune()
+    assert block[0].out_channels == r1 - 1 and block[1].in_channels == r1 - 1
+    assert model(x).shape == (1, 10)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_energy_out_of_range_is_a_config_error(bad: float) -> None:
+    with pytest.raises(ConfigError, match="energy"):
+        HT2.from_kwargs(energy=bad)
+    model = Tiny()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ConfigError, match="energy"):
+        HT2().transform(model, bad, make_ctx(model, x))
+
+
+def test_unknown_hyper_parameter_is_suggested() -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'energy'"):
+        HT2.from_kwargs(enrgy=0.5)
+    assert HT2.from_kwargs(energy="0.7").params.energy == 0.7
+    assert HT2.knob.name == "energy" and not HT2.knob.increases_compression
+    assert HT2.name == "ht2" and HT2().describe() == {
+        "energy": 0.8,
+        "include_first": False,
+        "include_linear": True,
+    }

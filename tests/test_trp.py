@@ -1,0 +1,328 @@
+"""trp: Trained Rank Pruning (Xu et al. 2020)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prunebench.architectures.cifar_resnet import build_resnet
+from prunebench.criteria._factorized import Factorized, energy_rank, set_module
+from prunebench.criteria.trp import TRP, TRPHooks, from_matrix, to_matrix, trp_conv, trp_rank
+from prunebench.errors import ConfigError
+from prunebench.metrics import count_macs
+from prunebench.protocols import CompressionContext, EpochLedger, Target
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many tiny decompositions: on a busy machine, extra intra-op threads only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Tiny(nn.Module):
+    """Stem, two 3x3 convs (one strided), a 1x1 conv, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.relu(self.pw(x)).mean(dim=(2, 3)))
+
+
+def make_ctx(model: nn.Module, x: torch.Tensor, epochs: float = 2.0) -> CompressionContext:
+    base = count_macs(model, x)
+    return CompressionContext(
+        example_inputs=x,
+        calibration=None,
+        target=Target(ratio=0.5),
+        device=torch.device("cpu"),
+        seed=0,
+        prunable=[],
+        protected=["fc"],
+        ledger=EpochLedger(total=epochs),
+        reduction=lambda m: 1.0 - count_macs(m, x) / base,
+        reduction_of=lambda kept: 0.0,
+        train=lambda *a, **k: None,
+        log=lambda msg: None,
+    )
+
+
+def _hooks(model: nn.Module, **kw) -> TRPHooks:
+    crit = TRP.from_kwargs(**kw)
+    return crit.training_hooks(model, make_ctx(model, torch.randn(1, 3, 16, 16)))
+
+
+# ----------------------------------------------------------------------------- factorisation
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_full_rank_split_reproduces_conv(scheme: str) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=True).double()
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64)
+    fact = trp_conv(conv, 1.0, scheme)
+    assert len(fact) == 2 and fact[1].bias is not None and fact[0].bias is None
+    if scheme == "channel":
+        assert fact[0].kernel_size == (3, 3) and fact[1].kernel_size == (1, 1)
+        assert fact[0].out_channels == min(10, 6 * 9)
+    else:
+        assert (fact[0].kernel_size, fact[0].stride, fact[0].padding) == ((3, 1), (2, 1), (1, 0))
+        assert (fact[1].kernel_size, fact[1].stride, fact[1].padding) == ((1, 3), (1, 2), (0, 1))
+        assert fact[0].out_channels == min(6 * 3, 10 * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(fact(x), conv(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_matrix_reshape_round_trips(scheme: str) -> None:
+    w = torch.randn(5, 4, 3, 2)
+    m = to_matrix(w, scheme)
+    assert m.shape == ((5, 24) if scheme == "channel" else (12, 10))
+    assert torch.equal(from_matrix(m, w.shape, scheme), w)
+    stack = torch.stack([w, 2 * w])
+    assert torch.equal(from_matrix(to_matrix(stack, scheme), w.shape, scheme), stack)
+    if scheme == "spatial":
+        assert m[2 * 3 + 1, 4 * 2 + 1] == w[4, 2, 1, 1]  # row (c, i), column (n, j)
+
+
+def test_ranks_shrink_as_energy_drops() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    for scheme in ("channel", "spatial"):
+        ranks = [trp_rank(conv, e, scheme) for e in (1.0, 0.95, 0.9, 0.7, 0.5, 0.2, 0.05)]
+        assert ranks == sorted(ranks, reverse=True) and ranks[-1] < ranks[0]
+
+
+# ----------------------------------------------------------------------------- training hooks
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_projection_sets_rank_to_energy_rank(scheme: str) -> None:
+    torch.manual_seed(2)
+    model = Tiny()
+    hooks = _hooks(model, scheme=scheme, period=3, energy=0.8)
+    assert set(hooks.convs) == {"conv1", "conv2"}  # not the stem, not the 1x1 conv
+    before = {
+        n: energy_rank(torch.linalg.svdvals(to_matrix(c.weight.detach().double(), scheme)), 0.8)
+        for n, c in hooks.convs.items()
+    }
+    w0 = {n: c.weight.detach().clone() for n, c in hooks.convs.items()}
+    hooks.after_step(model, 0)
+    hooks.after_step(model, 1)
+    assert all(torch.equal(c.weight, w0[n]) for n, c in hooks.convs.items())  # not yet
+    hooks.after_step(model, 2)  # third step: project
+    assert hooks.ranks == before
+    for n, c in hooks.convs.items():
+        m = to_matrix(c.weight.detach().double(), scheme)
+        assert int(torch.linalg.matrix_rank(m, rtol=1e-5)) == before[n] < min(m.shape)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_after_backward_adds_nuclear_subgradient(scheme: str) -> None:
+    torch.manual_seed(3)
+    model = Tiny()
+    lam = 0.01
+    hooks = _hooks(model, scheme=scheme, nuclear=lam)
+    conv = model.conv2
+    g0 = torch.randn_like(conv.weight)
+    conv.weight.grad = g0.clone()
+    model.conv1.weight.grad = None
+    hooks.after_backward(model, 0)
+    u, _, vh = torch.linalg.svd(to_matrix(conv.weight.detach().double(), scheme), full_matrices=False)
+    expected = from_matrix(u @ vh, conv.weight.shape, scheme)
+    torch.testing.assert_close((conv.weight.grad - g0).double(), lam * expected, rtol=0, atol=1e-6)
+    assert model.conv1.weight.grad is not None  # a missing gradient becomes the sub-gradient
+    assert model.stem.weight.grad is None and model.pw.weight.grad is None
+    hooks0 = _hooks(model, scheme=scheme, nuclear=0.0)
+    g1 = conv.weight.grad.clone()
+    hooks0.after_backward(model, 0)
+    assert torch.equal(conv.weight.grad, g1)
+
+
+def _train(model: nn.Module, hooks: TRPHooks | None, steps: int = 30) -> None:
+    torch.manual_seed(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(steps):
+        x = torch.randn(16, 3, 16, 16)
+        y = torch.randint(0, 4, (16,))
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if hooks is not None:
+            hooks.after_backward(model, step)
+        opt.step()
+        if hooks is not None:
+            hooks.after_step(model, step)
+    if hooks is not None:
+        hooks.on_train_end(model)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_hooked_training_lowers_energy_ranks(scheme: str) -> None:
+    torch.manual_seed(4)
+    plain = Tiny()
+    hooked = copy.deepcopy(plain)
+    crit = TRP.from_kwargs(scheme=scheme, period=5, energy=0.9, nuclear=1e-3)
+    messages: list[str] = []
+    ctx = make_ctx(hooked, torch.randn(1, 3, 16, 16))
+    ctx.log = messages.append
+    hooks = crit.training_hooks(hooked, ctx)
+    _train(plain, None)
+    _train(hooked, hooks)
+    assert hooks.steps == 30 and hooks.projections == 6 and messages
+    ranks_plain = [trp_rank(plain.get_submodule(n), 0.9, scheme) for n in hooks.convs]
+    ranks_hooked = [trp_rank(hooked.get_submodule(n), 0.9, scheme) for n in hooks.convs]
+    assert all(h <= p for h, p in zip(ranks_hooked, ranks_plain, strict=True)), (ranks_hooked, ranks_plain)
+    assert sum(ranks_hooked) < sum(ranks_plain)
+    assert torch.isfinite(hooked(torch.randn(2, 3, 16, 16))).all()
+
+
+def test_training_epochs_draw_from_the_ledger() -> None:
+    model = Tiny()
+    ctx = make_ctx(model, torch.randn(1, 3, 16, 16), epochs=10.0)
+    assert TRP().training_epochs(ctx) == 10.0
+    ctx.ledger.draw(4.0, "other")
+    assert TRP.from_kwargs(train_fraction=0.5).training_epochs(ctx) == 3.0
+    assert TRP.from_kwargs(train_fraction=0.0).training_epochs(ctx) == 0.0
+
+
+# ----------------------------------------------------------------------------- transform and plan
+
+
+def test_transform_targets_and_skips() -> None:
+    model = Tiny()
+    x = torch.randn(1, 3, 16, 16)
+    ctx = make_ctx(model, x)
+    assert TRP().transform(copy.deepcopy(model), 1.0, ctx) == []  # full rank never pays off
+    steps = TRP().transform(model, 0.5, ctx)
+    assert [s["module"] for s in steps] == ["conv1", "conv2"]
+    assert all(s["criterion"] == "trp" and s["spec"]["scheme"] == "channel" for s in steps)
+    assert isinstance(model.stem, nn.Conv2d) and isinstance(model.pw, nn.Conv2d)
+    assert ctx.reduction(model) > 0
+
+
+def test_reduction_monotone_in_energy() -> None:
+    torch.manual_seed(5)
+    model = build_resnet(20).eval()
+    x = torch.randn(1, 3, 32, 32)
+    ctx = make_ctx(model, x)
+    for scheme in ("channel", "spatial"):
+        crit = TRP.from_kwargs(scheme=scheme)
+        reductions = []
+        for e in (1.0, 0.9, 0.7, 0.5, 0.3, 0.05):
+            m = copy.deepcopy(model)
+            crit.transform(m, e, ctx)
+            reductions.append(ctx.reduction(m))
+        assert reductions[0] == 0.0 and reductions[-1] > 0.5
+        assert all(b >= a for a, b in pairwise(reductions)), reductions
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_round_trip_through_plan_and_state_dict(scheme: str) -> None:
+    torch.manual_seed(6)
+    model = build_resnet(20)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    steps = TRP.from_kwargs(scheme=scheme).transform(model, 0.6, make_ctx(model, x))
+    assert len(steps) == 18  # every 3x3 conv but the stem
+    with torch.no_grad():
+        expected = model(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = build_resnet(20).eval()
+    for step in json.loads(json.dumps(steps)):
+        set_module(
+            fresh, step["module"], TRP.rebuild_module(fresh.get_submodule(step["module"]), step["spec"])
+        )
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(isinstance(fresh.get_submodule(s["module"]), Factorized) for s in steps)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+def test_rebuild_rejects_a_bad_spec() -> None:
+    with pytest.raises(ConfigError, match="cannot rebuild"):
+        TRP.rebuild_module(nn.Conv2d(4, 4, 3), {"scheme": "diagonal", "rank": 2})
+    with pytest.raises(ConfigError, match="cannot rebuild"):
+        TRP.rebuild_module(nn.Linear(4, 4), {"scheme": "channel", "rank": 2})
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_factorised_model_goes_through_dependency_graph(scheme: str) -> None:
+    torch.manual_seed(7)
+    model = build_resnet(20).eval()
+    x = torch.randn(1, 3, 32, 32)
+    steps = TRP.from_kwargs(scheme=scheme).transform(model, 0.7, make_ctx(model, x))
+    block = model.get_submodule(steps[0]["module"])
+    rank = block[0].out_channels
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    group = dg.get_pruning_group(block[0], tp.prune_conv_out_channels, idxs=[0])
+    assert {block[0], block[1]} <= {dep.target.module for dep, _ in group}
+    group.prune()
+    assert block[0].out_channels == rank - 1 and block[1].in_channels == rank - 1
+    assert model(x).shape == (1, 10)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"energy": 0.0}, "energy"),
+        ({"energy": 1.01}, "energy"),
+        ({"scheme": "chanel"}, "Did you mean 'channel'"),
+        ({"scheme": "spacial"}, "Did you mean 'spatial'"),
+        ({"period": 0}, "period"),
+        ({"period": "0"}, "period"),
+        ({"nuclear": -1.0}, "nuclear"),
+        ({"train_fraction": 1.5}, "train_fraction"),
+        ({"perod": 5}, "Did you mean 'period'"),
+    ],
+)
+def test_bad_input_is_a_config_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TRP.from_kwargs(**kwargs)
+
+
+def test_knob_and_defaults() -> None:
+    assert TRP.name == "trp" and TRP.needs_data
+    assert TRP.knob.name == "energy" and not TRP.knob.increases_compression
+    assert TRP().describe() == {
+        "energy": 0.9,
+        "nuclear": 3e-4,
+        "period": 20,
+        "scheme": "channel",
+        "train_fraction": 1.0,
+    }
+    assert TRP.from_kwargs(period="5", scheme="spatial").params.period == 5
+    model = Tiny()
+    with pytest.raises(ConfigError, match="energy"):
+        TRP().transform(model, 0.0, make_ctx(model, torch.randn(1, 3, 16, 16)))
