@@ -67,6 +67,12 @@ BUDGETS: dict[str, Budget] = {
         momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
         train_subset=512, test_subset=256, calibration_size=128, latency_repeats=5,
     ),
+    # A CPU-sized subset budget: real data, honest about being a subset (5k train / 2k test).
+    "cpu": Budget(
+        name="cpu", baseline_epochs=10, finetune_epochs=3, batch_size=128, lr=0.1, finetune_lr=0.01,
+        momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
+        train_subset=5000, test_subset=2000, calibration_size=512, latency_repeats=20,
+    ),
     "fast": Budget(
         name="fast", baseline_epochs=30, finetune_epochs=15, batch_size=256, lr=0.2, finetune_lr=0.02,
         momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from prunebench.protocols import (
     Criterion,
     ScoreCriterion,
     Target,
+    TrainingHooks,
     TransformCriterion,
 )
 from prunebench.surgery import Unit, prune_kept, pruning_units
@@ -302,6 +304,24 @@ def _bisect_int(f: Callable[[int], float], lo: int, hi: int, target: float) -> i
     return lo
 
 
+def check_hooks(name: str, hooks: TrainingHooks | None) -> None:
+    """Reject hook objects with public methods the engine would never call (typos)."""
+    if hooks is None:
+        return
+    if not isinstance(hooks, TrainingHooks):
+        raise PluginError(f"criterion {name!r}: training_hooks() must return a TrainingHooks, got {hooks!r}")
+    known = {n for n in dir(TrainingHooks) if not n.startswith("_")}
+    for attr in dir(type(hooks)):
+        if attr.startswith("_") or attr in known or not callable(getattr(type(hooks), attr)):
+            continue
+        close = difflib.get_close_matches(attr, known, n=1, cutoff=0.75)
+        if close:
+            raise PluginError(
+                f"criterion {name!r}: hook method {attr!r} is not a training hook and would never be "
+                f"called. Did you mean {close[0]!r}? Hooks: {', '.join(sorted(known))}"
+            )
+
+
 # --- the stage ---------------------------------------------------------------------------
 
 
@@ -361,6 +381,7 @@ def compress(
         epochs = criterion.training_epochs(ctx)
         if epochs > 0:
             hooks = criterion.training_hooks(model, ctx)
+            check_hooks(criterion.name, hooks)
             ctx.train(model, epochs, hooks=hooks, purpose=criterion.name)
         knob = criterion.knob
 

@@ -149,8 +149,33 @@ def _validate_criterion(name: str, obj: Any) -> Any:
         raise PluginError(f"criterion {name!r}: Params must be a dataclass")
     if issubclass(obj, TransformCriterion) and not isinstance(getattr(obj, "knob", None), _knob_type()):
         raise PluginError(f"criterion {name!r}: a transform criterion must declare `knob = Knob(...)`")
+    _check_signatures(name, obj)
     obj.name = name
     return obj
+
+
+#: the method each kind must implement, with the parameters it is called with
+_SIGNATURES = {
+    "scores": ("model", "layers", "calibration"),
+    "allocate": ("model", "ctx"),
+    "transform": ("model", "value", "ctx"),
+}
+
+
+def _check_signatures(name: str, cls: Any) -> None:
+    for method, expected in _SIGNATURES.items():
+        fn = getattr(cls, method, None)
+        if fn is None or getattr(fn, "__isabstractmethod__", False):
+            continue
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+        required = [p for p in positional if p.default is p.empty]
+        if not varargs and (len(positional) < len(expected) or len(required) > len(expected)):
+            raise PluginError(
+                f"criterion {name!r}: {cls.__qualname__}.{method} must accept "
+                f"({', '.join(expected)}), but its signature is {inspect.signature(fn)}"
+            )
 
 
 def _knob_type() -> type:

@@ -62,3 +62,37 @@ def test_abstract_criterion_names_missing_methods():
     reg.register("abstract", "prunebench.protocols:ScoreCriterion")
     with pytest.raises(PluginError, match="does not implement: scores"):
         reg.get("abstract")
+
+
+def test_wrong_method_signature_is_rejected_on_load():
+    reg = registry.Registry("prunebench.criteria", "criterion", registry._validate_criterion)
+    reg.register("badsig", "tests_badsig:BadSig")
+    import sys
+    import types
+
+    mod = types.ModuleType("tests_badsig")
+
+    class BadSig(ScoreCriterion):
+        def scores(self, model):  # missing layers, calibration
+            return {}
+
+    mod.BadSig = BadSig
+    sys.modules["tests_badsig"] = mod
+    try:
+        with pytest.raises(PluginError, match=r"scores must accept \(model, layers, calibration\)"):
+            reg.get("badsig")
+    finally:
+        del sys.modules["tests_badsig"]
+
+
+def test_misspelled_training_hook_is_rejected():
+    from prunebench.compress import check_hooks
+    from prunebench.protocols import TrainingHooks
+
+    class Typo(TrainingHooks):
+        def after_stpe(self, model, step):
+            pass
+
+    with pytest.raises(PluginError, match="Did you mean 'after_step'"):
+        check_hooks("x", Typo())
+    check_hooks("x", TrainingHooks())  # the base is fine
