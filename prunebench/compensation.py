@@ -52,7 +52,6 @@ def input_consumers(
     return out
 
 
-@torch.no_grad()
 def fold_into_consumers(
     model: nn.Module,
     example_inputs: Tensor,
@@ -65,8 +64,13 @@ def fold_into_consumers(
     shape ``[len(removed), len(kept)]``. Returns the number of consumer layers edited.
     The model's structure is unchanged; call this before the channels are removed.
     """
-    if graph is None:
+    if graph is None:  # tracing needs autograd, so the graph is built outside no_grad
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    with torch.no_grad():
+        return _fold(model, graph, folds)
+
+
+def _fold(model: nn.Module, graph: tp.DependencyGraph, folds: Mapping[str, tuple[Tensor, Tensor, Tensor]]) -> int:
     modules = dict(model.named_modules())
     edited = 0
     for name, (removed, kept, coeffs) in folds.items():

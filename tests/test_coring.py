@@ -1,0 +1,278 @@
+"""CORING: HOSVD mode vectors, distances, greedy ranking, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from torch import nn
+
+from prunebench.criteria._greedy import greedy_redundancy_scores
+from prunebench.criteria.coring import (
+    DISTANCES,
+    Coring,
+    filter_distance_matrix,
+    hosvd_mode_vectors,
+)
+from prunebench.errors import ConfigError
+from prunebench.protocols import ScoreCriterion
+
+
+def _conv(cin: int, cout: int, k: int = 3, groups: int = 1, seed: int = 0) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    return nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False)
+
+
+def _lowest(scores: torch.Tensor) -> int:
+    return int(torch.argmin(scores))
+
+
+# ----------------------------------------------------------------------------- references
+def _reference_greedy(dist: np.ndarray) -> list[int]:
+    """Brute force: scan every remaining pair, recompute row sums from scratch."""
+    n = dist.shape[0]
+    dist = 0.5 * (dist + dist.T)
+    alive = list(range(n))
+    scores = [0] * n
+    step = 0
+    while len(alive) > 1:
+        best, pair = None, None
+        for a in alive:  # row-major scan, first strict minimum wins
+            for b in alive:
+                if a != b and (best is None or dist[a, b] < best):
+                    best, pair = dist[a, b], (a, b)
+        i, j = pair
+        si = sum(dist[i, k] for k in alive if k != i)
+        sj = sum(dist[j, k] for k in alive if k != j)
+        r = i if (si < sj or (si == sj and i > j)) else j
+        scores[r] = step
+        step += 1
+        alive.remove(r)
+    scores[alive[0]] = n - 1
+    return scores
+
+
+def _reference_mode_vectors(weight: np.ndarray) -> list[np.ndarray]:
+    """Per-filter loop: tensorly unfold + numpy SVD, rank 1, largest-|entry| positive."""
+    out = []
+    for mode in range(3):
+        if weight.shape[1 + mode] == 1:
+            continue
+        rows = []
+        for f in weight:
+            u = np.linalg.svd(tl.unfold(tl.tensor(f), mode), full_matrices=False)[0][:, 0]
+            rows.append(u * (1.0 if u[np.argmax(np.abs(u))] >= 0 else -1.0))
+        out.append(np.stack(rows))
+    return out
+
+
+def _reference_distance(a: np.ndarray, b: np.ndarray, distance: str) -> float:
+    if distance == "euclidean":
+        return float(np.linalg.norm(a - b))
+    if distance == "cosine":
+        return 1.0 - abs(float(a @ b)) / (np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.var(a - b) / (np.var(a) + np.var(b)))
+
+
+# ----------------------------------------------------------------------------- behaviour
+def test_plugin_metadata_and_defaults():
+    assert issubclass(Coring, ScoreCriterion)
+    assert Coring.name == "coring"
+    assert Coring.needs_data is False
+    assert Coring.summary and "Neural Networks" in Coring.reference
+    c = Coring()
+    assert c.params.rank == 1 and c.params.distance == "vbd"
+    assert Coring.from_kwargs(rank="2", distance="cosine").params.rank == 2
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_identical_filters_one_is_removed_first(distance):
+    model = nn.Sequential(_conv(4, 10))
+    with torch.no_grad():
+        model[0].weight[7] = model[0].weight[2]
+    s = Coring.from_kwargs(distance=distance).scores(model, ["0"], None)["0"]
+    assert _lowest(s) in (2, 7)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_negated_copy_counts_as_identical(distance):
+    model = nn.Sequential(_conv(4, 10, seed=1))
+    with torch.no_grad():
+        model[0].weight[6] = -model[0].weight[1]
+    d = filter_distance_matrix(model[0].weight, distance=distance)
+    assert float(d[1, 6]) < 1e-6
+    off = d + torch.eye(10, dtype=d.dtype) * 1e9
+    assert float(off[1, 6]) == pytest.approx(float(off.min()), abs=1e-12)
+    s = Coring.from_kwargs(distance=distance).scores(model, ["0"], None)["0"]
+    assert _lowest(s) in (1, 6)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_arbitrary_svd_signs_do_not_change_distances(distance, monkeypatch):
+    # Any SVD routine may return (-u, -v) instead of (u, v): flip the signs of every other
+    # filter's singular vectors and check that nothing changes.
+    w = _conv(4, 10, seed=2).weight
+    with torch.no_grad():
+        w[7] = -w[2]
+    expected = filter_distance_matrix(w, distance=distance)
+    original = torch.linalg.svd
+
+    def flipped_svd(a, full_matrices=True):
+        u, s, vh = original(a, full_matrices=full_matrices)
+        flip = torch.ones(a.shape[0], 1, 1, dtype=u.dtype)
+        flip[1::2] = -1.0
+        return torch.return_types.linalg_svd((u * flip, s, vh * flip))
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped_svd)
+    got = filter_distance_matrix(w, distance=distance)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert float(got[2, 7]) < 1e-6
+
+
+def test_sign_fix_makes_largest_entry_positive():
+    w = _conv(5, 7).weight
+    for rank in (1, 2):
+        for v in hosvd_mode_vectors(w, rank=rank):
+            d = v.shape[1] // rank
+            for block in v.reshape(v.shape[0], rank, d).reshape(-1, d):
+                assert block[block.abs().argmax()] > 0
+
+
+def test_mode_vectors_match_tensorly_unfold_with_numpy_svd():
+    w = _conv(5, 6, seed=3).weight.detach().double()
+    ours = hosvd_mode_vectors(w, rank=1)
+    ref = _reference_mode_vectors(w.numpy())
+    assert len(ours) == len(ref) == 3
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a.numpy(), b, atol=1e-10)
+
+
+def test_rank_two_concatenates_vectors_per_mode():
+    w = _conv(5, 6).weight
+    vs = hosvd_mode_vectors(w, rank=2)
+    assert [v.shape for v in vs] == [torch.Size([6, 10]), torch.Size([6, 6]), torch.Size([6, 6])]
+    s = Coring.from_kwargs(rank=2).scores(nn.Sequential(_conv(5, 6)), ["0"], None)["0"]
+    assert sorted(s.tolist()) == list(range(6))
+
+
+class _Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.point = nn.Conv2d(8, 12, 1)
+        self.depthwise = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.grouped = nn.Conv2d(12, 6, (3, 1), padding=(1, 0), groups=3)
+        self.dw1x1 = nn.Conv2d(6, 6, 1, groups=6)
+
+    def forward(self, x):
+        return self.dw1x1(self.grouped(self.depthwise(self.point(self.stem(x)))))
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_one_score_per_output_channel_for_every_conv(distance):
+    torch.manual_seed(0)
+    model = _Small()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    s = Coring.from_kwargs(distance=distance).scores(model, names, None)
+    assert set(s) == set(names)
+    modules = dict(model.named_modules())
+    for name in names:
+        n = modules[name].out_channels
+        assert s[name].shape == (n,)
+        assert torch.isfinite(s[name]).all()
+        assert sorted(s[name].tolist()) == list(range(n))  # a strict ranking
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("n", [2, 3, 9, 40])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorised_greedy_equals_brute_force(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, n, generator=g, dtype=torch.float64)
+    dist = a + a.T
+    ours = greedy_redundancy_scores(dist).long().tolist()
+    assert ours == _reference_greedy(dist.numpy())
+
+
+def test_greedy_prefers_member_closer_to_the_rest():
+    # 0 and 1 are the closest pair; 1 is closer to the rest (2, 3) than 0 is, so 1 goes first.
+    # Then (2, 3) is closest; 2 is closer to the remaining 0, so 2 goes next; then 0 vs 3
+    # tie on row sums and the larger index (3) goes.
+    d = torch.tensor([[0.0, 0.1, 5.0, 6.0], [0.1, 0.0, 1.0, 1.0], [5.0, 1.0, 0.0, 3.0], [6.0, 1.0, 3.0, 0.0]])
+    s = greedy_redundancy_scores(d)
+    assert int(torch.argmin(s)) == 1
+    assert s.tolist() == [3.0, 0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_end_to_end_equals_numpy_reference(distance):
+    w = _conv(6, 14, seed=5).weight.detach().double()
+    vecs = _reference_mode_vectors(w.numpy())
+    n = w.shape[0]
+    dist = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                dist[i, j] = np.mean([_reference_distance(v[i], v[j], distance) for v in vecs])
+    model = nn.Sequential(nn.Conv2d(6, 14, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    ours = Coring.from_kwargs(distance=distance).scores(model, ["0"], None)["0"].long().tolist()
+    assert ours == _reference_greedy(dist)
+
+
+def test_unknown_distance_is_a_config_error_with_suggestion():
+    with pytest.raises(ConfigError, match="Did you mean 'vbd'"):
+        Coring.from_kwargs(distance="vdb")
+    with pytest.raises(ConfigError, match="unknown distance"):
+        Coring(Coring.Params(distance="manhattan"))
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_non_positive_rank_rejected_at_construction(rank):
+    with pytest.raises(ConfigError, match="rank"):
+        Coring.from_kwargs(rank=rank)
+
+
+def test_too_large_rank_names_layer_and_mode_sizes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    with pytest.raises(ConfigError) as exc:
+        Coring.from_kwargs(rank=4).scores(model, ["0", "1"], None)
+    msg = str(exc.value)
+    assert "'0'" in msg and "(3, 3, 3)" in msg and "rank <= 3" in msg
+
+
+def test_rank_larger_than_depthwise_kernel_rejected():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8))
+    with pytest.raises(ConfigError, match=r"1 x 3 x 3"):
+        Coring.from_kwargs(rank=4).scores(model, ["0"], None)
+
+
+def test_rank_above_one_on_1x1_conv_uses_the_single_vector():
+    # the 16 x 1 channel unfolding of a 1x1 filter has one singular vector: rank 2 uses it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 8, 1))
+    vs = hosvd_mode_vectors(model[0].weight, rank=2)
+    assert [v.shape for v in vs] == [torch.Size([8, 16])]
+    s1 = Coring.from_kwargs(rank=1).scores(model, ["0"], None)["0"]
+    s2 = Coring.from_kwargs(rank=2).scores(model, ["0"], None)["0"]
+    assert torch.equal(s1, s2)
+
+
+def test_unknown_layer_and_non_conv_rejected():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match="no module"):
+        Coring().scores(model, ["conv9"], None)
+    with pytest.raises(ConfigError, match="Linear"):
+        Coring().scores(model, ["2"], None)
+
+
+@pytest.mark.parametrize("params", [{}, {"distance": "cosine", "rank": 2}])
+def test_contract_through_the_harness(params):
+    from prunebench.testing import check_criterion
+
+    report = check_criterion(Coring, params)
+    assert report["criterion"] == "coring" and report["kind"] == "score"

@@ -1,0 +1,353 @@
+"""QSFM: feature-map similarity, greedy ranking, twin compensation, memory, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prunebench.criteria.qsfm as qsfm_mod
+from prunebench.criteria.qsfm import (
+    QSFM,
+    SimilarityAccumulator,
+    pairwise_map_similarity,
+)
+from prunebench.errors import ConfigError
+from prunebench.protocols import Calibration, ScoreCriterion
+
+
+def _calibration(n: int = 24, batch_size: int = 8, size: int = 8, seed: int = 0) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    return Calibration(
+        torch.randn(n, 3, size, size, generator=g), torch.zeros(n, dtype=torch.long), batch_size=batch_size
+    )
+
+
+class _ConvBnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class _MobileBlockNet(nn.Module):
+    """MobileNetV2-style: stem, expand 1x1 -> depthwise 3x3 -> project 1x1, classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.expand = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.project = nn.Conv2d(16, 8, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = nn.functional.relu6(self.bn1(self.expand(x)))
+        y = nn.functional.relu6(self.bn2(self.depthwise(y)))
+        x = x + self.bn3(self.project(y))
+        return self.fc(x.mean((2, 3)))
+
+
+def _conv_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+# ----------------------------------------------------------------------------- similarity
+def test_plugin_metadata_and_defaults():
+    assert issubclass(QSFM, ScoreCriterion)
+    assert QSFM.name == "qsfm" and QSFM.needs_data is True
+    assert QSFM.summary and "2105.06052" in QSFM.reference
+    p = QSFM().params
+    assert (p.similarity, p.compensation, p.psnr_cap) == ("psnr", True, 100.0)
+    assert QSFM.from_kwargs(compensation="false", similarity="ssim").params.compensation is False
+
+
+def test_identical_maps_reach_the_psnr_cap_and_are_the_most_similar():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 7, 7)
+    x[:, 4] = x[:, 1]
+    x[:, 5] = 3.0 * x[:, 2] + 2.0  # positive affine copy: identical after min-max normalisation
+    psnr = pairwise_map_similarity(x, "psnr", psnr_cap=100.0)
+    assert torch.allclose(psnr[:, 1, 4], torch.full((5,), 100.0, dtype=torch.float64))
+    assert torch.allclose(psnr[:, 2, 5], torch.full((5,), 100.0, dtype=torch.float64))
+    assert torch.allclose(psnr.diagonal(dim1=1, dim2=2), torch.full((5, 6), 100.0, dtype=torch.float64))
+    assert psnr.max() <= 100.0
+    others = psnr.clone()
+    for i, j in [(1, 4), (4, 1), (2, 5), (5, 2)]:
+        others[:, i, j] = 0
+    others[:, range(6), range(6)] = 0
+    assert others.max() < 60.0
+    ssim = pairwise_map_similarity(x, "ssim")
+    assert torch.allclose(ssim[:, 1, 4], torch.ones(5, dtype=torch.float64))
+    assert (ssim <= 1.0 + 1e-12).all()
+
+
+def test_psnr_and_ssim_match_direct_formulas():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 5, 5).double()
+    psnr = pairwise_map_similarity(x, "psnr")
+    ssim = pairwise_map_similarity(x, "ssim")
+    flat = x.flatten(2)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    xn = (flat - lo) / (hi - lo)
+    c1, c2 = 0.01**2, 0.03**2
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                a, c = xn[b, i], xn[b, j]
+                ma, mc = a.mean(), c.mean()
+                cov = ((a - ma) * (c - mc)).mean()
+                ref = ((2 * ma * mc + c1) * (2 * cov + c2)) / (
+                    (ma**2 + mc**2 + c1) * (a.var(unbiased=False) + c.var(unbiased=False) + c2)
+                )
+                assert float(ssim[b, i, j]) == pytest.approx(float(ref), rel=1e-9)
+                if i != j:
+                    mse = ((a - c) ** 2).mean()
+                    assert float(psnr[b, i, j]) == pytest.approx(float(10 * torch.log10(1 / mse)), rel=1e-9)
+
+
+@pytest.mark.parametrize("similarity", ["psnr", "ssim"])
+def test_duplicated_filter_is_pruned_first(similarity):
+    torch.manual_seed(0)
+    model = _ConvBnNet()
+    with torch.no_grad():
+        model.conv1.weight[5] = model.conv1.weight[2]
+        model.conv1.bias[5] = model.conv1.bias[2]
+        model.conv2.weight[3] = model.conv2.weight[0]
+        model.conv2.bias[3] = model.conv2.bias[0]
+    s = QSFM.from_kwargs(similarity=similarity).scores(model, ["conv1", "conv2"], _calibration())
+    assert int(torch.argmin(s["conv1"])) in (2, 5)
+    assert int(torch.argmin(s["conv2"])) in (0, 3)
+
+
+def test_scores_shapes_for_every_conv_incl_depthwise_and_model_untouched():
+    torch.manual_seed(0)
+    model = _MobileBlockNet()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = _conv_names(model)
+    for similarity in ("psnr", "ssim"):
+        s = QSFM.from_kwargs(similarity=similarity).scores(model, names, _calibration())
+        modules = dict(model.named_modules())
+        assert set(s) == set(names)
+        for name in names:
+            n = modules[name].out_channels
+            assert s[name].shape == (n,)
+            assert sorted(s[name].tolist()) == list(range(n))
+    assert model.training  # mode restored
+    assert all(not m._forward_hooks for m in model.modules())  # hooks removed
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BN running stats untouched too
+
+
+# ----------------------------------------------------------------------------- memory
+def test_running_state_does_not_grow_with_images():
+    torch.manual_seed(0)
+    acc = SimilarityAccumulator(6, "psnr")
+    batches = [torch.randn(4, 6, 5, 5) for _ in range(10)]
+    acc.update(batches[0])
+    size, attrs = acc.nbytes, set(vars(acc))
+    for b in batches[1:]:
+        acc.update(b)
+    assert acc.nbytes == size == 6 * 6 * 8
+    assert set(vars(acc)) == attrs
+    assert not any(isinstance(v, (list, dict, tuple)) for v in vars(acc).values())
+    assert acc.count == 40
+    expected = torch.cat([pairwise_map_similarity(b) for b in batches]).mean(0)
+    assert torch.allclose(acc.mean(), expected)
+
+
+def test_chunking_over_images_gives_the_same_result(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(9, 5, 4, 4)
+    full = SimilarityAccumulator(5, "ssim")
+    full.update(x)
+    monkeypatch.setattr(qsfm_mod, "_CHUNK_ELEMENTS", 5 * 16 * 2)  # two images per chunk
+    chunked = SimilarityAccumulator(5, "ssim")
+    chunked.update(x)
+    assert torch.allclose(full.mean(), chunked.mean())
+
+
+def test_scores_keep_only_square_state_per_layer():
+    torch.manual_seed(0)
+    model = _ConvBnNet()
+    q = QSFM()
+    q.scores(model, ["conv1", "conv2"], _calibration(n=16))
+    small = {k: v.shape for k, v in q.similarity_matrices.items()}
+    q.scores(model, ["conv1", "conv2"], _calibration(n=64))
+    assert (
+        {k: v.shape for k, v in q.similarity_matrices.items()}
+        == small
+        == {
+            "conv1": torch.Size([8, 8]),
+            "conv2": torch.Size([6, 6]),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- compensation
+def _linear_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1))
+    with torch.no_grad():  # channel 4 duplicates channel 1
+        model[0].weight[4] = model[0].weight[1]
+        model[0].bias[4] = model[0].bias[1]
+    return model
+
+
+def _remove_channel(model: nn.Sequential, r: int) -> nn.Sequential:
+    keep = [c for c in range(model[0].out_channels) if c != r]
+    out = nn.Sequential(nn.Conv2d(3, len(keep), 3, padding=1), nn.Conv2d(len(keep), 4, 3, padding=1))
+    with torch.no_grad():
+        out[0].weight.copy_(model[0].weight[keep])
+        out[0].bias.copy_(model[0].bias[keep])
+        out[1].weight.copy_(model[1].weight[:, keep])
+        out[1].bias.copy_(model[1].bias)
+    return out
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_folding_a_duplicate_channel_keeps_the_output(compensation):
+    model = _linear_net()
+    cal = _calibration()
+    q = QSFM.from_kwargs(compensation=compensation)
+    s = q.scores(model, ["0"], cal)
+    r = int(torch.argmin(s["0"]))
+    assert r in (1, 4)
+    with torch.no_grad():
+        before = model(cal.images)
+    q.compensate(model, {"0": torch.tensor([r])}, cal)
+    with torch.no_grad():
+        after = _remove_channel(model, r)(cal.images)
+    err = float((after - before).abs().max())
+    if compensation:
+        assert q.twins["0"].tolist() == [[r, 5 - r]]
+        assert err < 1e-4
+    else:
+        assert q.twins == {}
+        assert err > 1e-2
+
+
+def test_twins_are_chosen_among_kept_channels():
+    model = _linear_net()
+    cal = _calibration()
+    q = QSFM()
+    q.scores(model, ["0"], cal)
+    q.compensate(model, {"0": torch.tensor([1, 4])}, cal)  # both duplicates go
+    twins = q.twins["0"]
+    assert twins[:, 0].tolist() == [1, 4]
+    assert not set(twins[:, 1].tolist()) & {1, 4}
+
+
+def test_compensate_recomputes_similarity_when_scores_were_not_called():
+    model = _linear_net()
+    cal = _calibration()
+    q = QSFM()
+    q.compensate(model, {"0": torch.tensor([4])}, cal)
+    assert q.twins["0"].tolist() == [[4, 1]]
+
+
+def test_compensate_on_depthwise_separable_block():
+    torch.manual_seed(0)
+    model = _MobileBlockNet().eval()
+    cal = _calibration()
+    q = QSFM()
+    names = _conv_names(model)
+    s = q.scores(model, names, cal)
+    # as the harness plans it: coupled convs (expand + depthwise; stem + project through the
+    # residual sum) lose the same channels
+    inner = torch.argsort(s["expand"] + s["depthwise"])[:3]
+    outer = torch.argsort(s["stem"] + s["project"])[:2]
+    removal = {"expand": inner, "depthwise": inner, "stem": outer, "project": outer}
+    project_before = model.project.weight.clone()
+    fc_before = model.fc.weight.clone()
+    q.compensate(model, removal, cal)
+    assert set(q.twins) == set(removal)
+    assert torch.equal(q.twins["expand"], q.twins["depthwise"])
+    # the depthwise conv's outputs feed the (dense) project conv: its input weights absorbed the fold
+    assert not torch.equal(model.project.weight, project_before)
+    assert not torch.equal(model.fc.weight, fc_before)  # the residual stream feeds the classifier
+
+
+class _Residual(nn.Module):
+    """Linear residual pair: c(a(x) + b(x)); a and b are coupled through the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.b(x))
+
+
+def test_coupled_convs_are_folded_once():
+    torch.manual_seed(0)
+    model = _Residual()
+    with torch.no_grad():  # channel 4 duplicates channel 1 in both branches, hence in the sum
+        for conv in (model.a, model.b):
+            conv.weight[4] = conv.weight[1]
+            conv.bias[4] = conv.bias[1]
+    cal = _calibration()
+    q = QSFM()
+    q.scores(model, ["a", "b"], cal)
+    with torch.no_grad():
+        before = model(cal.images)
+    q.compensate(model, {"a": torch.tensor([4]), "b": torch.tensor([4])}, cal)
+    keep = [0, 1, 2, 3, 5]
+    with torch.no_grad():
+        a = nn.functional.conv2d(cal.images, model.a.weight[keep], model.a.bias[keep], padding=1)
+        b = nn.functional.conv2d(cal.images, model.b.weight[keep], model.b.bias[keep])
+        after = nn.functional.conv2d(a + b, model.c.weight[:, keep], model.c.bias, padding=1)
+    assert q.twins["a"].tolist() == q.twins["b"].tolist() == [[4, 1]]
+    assert float((after - before).abs().max()) < 1e-4  # added twice, it would be off by W_c[:, 4]
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_similarity_is_a_config_error_with_suggestion():
+    with pytest.raises(ConfigError, match="Did you mean 'psnr'"):
+        QSFM.from_kwargs(similarity="pnsr")
+    with pytest.raises(ConfigError, match="psnr_cap"):
+        QSFM.from_kwargs(psnr_cap=0.0)
+
+
+def test_missing_calibration_is_a_config_error():
+    model = _ConvBnNet()
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        QSFM().scores(model, ["conv1"], None)
+    with pytest.raises(ConfigError, match="calibration"):
+        QSFM().compensate(model, {"conv1": torch.tensor([0])}, None)
+
+
+def test_calibration_smaller_than_a_batch_is_a_config_error():
+    model = _ConvBnNet()
+    with pytest.raises(ConfigError) as exc:
+        QSFM().scores(model, ["conv1"], _calibration(n=5, batch_size=8))
+    assert "5 image(s) were given, 8 are needed" in str(exc.value)
+
+
+def test_unknown_layer_is_a_config_error():
+    with pytest.raises(ConfigError, match="no module"):
+        QSFM().scores(_ConvBnNet(), ["conv3"], _calibration())
+
+
+@pytest.mark.parametrize("params", [{}, {"similarity": "ssim", "compensation": False}])
+def test_contract_through_the_harness(params):
+    from prunebench.testing import check_criterion
+
+    report = check_criterion(QSFM, params)
+    assert report["criterion"] == "qsfm" and report["kind"] == "score"
