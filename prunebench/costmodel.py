@@ -20,36 +20,13 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from prunebench.metrics import layer_macs
 from prunebench.surgery import Unit, build_graph, prune_kept
 
 _OUT = {id(f.__func__) for f in (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels,
                                  tp.prune_linear_out_channels, tp.prune_batchnorm_out_channels)}
 _IN = {id(f.__func__) for f in (tp.prune_conv_in_channels, tp.prune_depthwise_conv_in_channels,
                                 tp.prune_linear_in_channels, tp.prune_batchnorm_in_channels)}
-
-
-def _layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[float, float]]:
-    """{layer: (weight MACs, bias adds)} for every conv and linear layer, one image."""
-    out: dict[str, tuple[float, float]] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            def hook(mod, inp, o, name=name):
-                n_out = o[0].numel()
-                per = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1] \
-                    if isinstance(mod, nn.Conv2d) else mod.in_features
-                out[name] = (float(n_out * per), float(n_out if mod.bias is not None else 0))
-            handles.append(m.register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return out
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -81,7 +58,7 @@ class ChannelCost:
         # terms: (cost, unit scaling the output side or None, unit scaling the input side or None)
         self.terms: list[tuple[float, str | None, str | None]] = []
         if metric == "macs":
-            for name, (w, b) in _layer_macs(model, example_inputs).items():
+            for name, (w, b) in layer_macs(model, example_inputs).items():
                 dw = _is_depthwise(modules[name])
                 self.terms.append((w, out_unit.get(name), None if dw else in_unit.get(name)))
                 self.terms.append((b, out_unit.get(name), None))

@@ -16,27 +16,24 @@ import torch
 from torch import Tensor, nn
 
 
-def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
-    """Conv + linear multiply-accumulates for one image of ``example_inputs``' shape."""
-    total = 0
-
-    def conv_hook(m: nn.Conv2d, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        nonlocal total
-        per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        n_out = out[0].numel()  # one image
-        total += n_out * per_out + (n_out if m.bias is not None else 0)
-
-    def linear_hook(m: nn.Linear, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        nonlocal total
-        n_out = out[0].numel()
-        total += n_out * m.in_features + (n_out if m.bias is not None else 0)
-
+def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[int, int]]:
+    """``{layer: (weight MACs, bias adds)}`` of every conv and linear layer, for one image."""
+    found: dict[str, tuple[int, int]] = {}
     handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+
+        def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor, name: str = name) -> None:
+            n_out = out[0].numel()  # one image
+            if isinstance(mod, nn.Conv2d):
+                per_out = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+            else:
+                per_out = mod.in_features
+            w, b = found.get(name, (0, 0))  # a module called twice counts twice
+            found[name] = (w + n_out * per_out, b + (n_out if mod.bias is not None else 0))
+
+        handles.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
@@ -46,7 +43,12 @@ def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return int(total)
+    return found
+
+
+def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
+    """Conv + linear multiply-accumulates (bias adds included) for one image."""
+    return int(sum(w + b for w, b in layer_macs(model, example_inputs).values()))
 
 
 def count_params(model: nn.Module) -> int:
