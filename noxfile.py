@@ -1,5 +1,7 @@
 """Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s slow`, `nox -s leaderboard`."""
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -30,4 +32,5 @@ def lint(session: nox.Session) -> None:
 def leaderboard(session: nox.Session) -> None:
     """Regenerate leaderboard/ from leaderboard/records (add `-- --check` to fail when stale)."""
     session.install("-e", ".[dev]")
+    Path("leaderboard/records").mkdir(parents=True, exist_ok=True)  # no records yet: an empty leaderboard
     session.run("prunebench", "leaderboard", "--records", "leaderboard/records", "--out", "leaderboard", *session.posargs)

@@ -100,6 +100,52 @@ def run(
     out.print(f"record: {path}", highlight=False)
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="sweep file (TOML, see docs/sweeps.md)")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs and their status; run nothing")] = False,
+    executor: Annotated[str, typer.Option(help="local (sequential) | ray (one task per run)")] = "local",
+    address: Annotated[str | None, typer.Option(help="ray: join this cluster (default: start a local instance)")] = None,
+    results_dir: Annotated[Path | None, typer.Option(help="where result records go (overrides the file)")] = None,
+    max_parallel: Annotated[int | None, typer.Option(help="ray: at most N runs at once")] = None,
+    data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every run's stages")] = False,
+) -> None:
+    """Run a benchmark grid (criteria × architectures × targets × seeds, plus controls) from a TOML file.
+
+    Complete runs are skipped, so an interrupted sweep is resumed by starting it again.
+    """
+    from prunebench.sweep import EXECUTORS, describe, load_sweep, plan, run_sweep, summary
+
+    if executor not in EXECUTORS:
+        from prunebench.errors import suggest
+
+        raise ConfigError(f"unknown executor {executor!r}.{suggest(executor, EXECUTORS)} Available: {', '.join(EXECUTORS)}")
+    if address and executor != "ray":
+        raise ConfigError("--address joins a Ray cluster: use it with --executor ray")
+    spec = load_sweep(config, results_dir=results_dir, data_dir=data_dir)
+    if dry_run:
+        for key, value in describe(spec).items():
+            out.print(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}",
+                      highlight=False, markup=False, soft_wrap=True)
+        listing = plan(spec.runs())
+        done = sum(status == "complete" for _, status in listing)
+        out.print(f"{len(listing)} runs in {spec.results_dir}: {done} complete, {len(listing) - done} pending",
+                  highlight=False, markup=False, soft_wrap=True)
+        for rid, status in listing:
+            out.print(f"{status:<8}  {rid}", highlight=False, soft_wrap=True)
+        return
+    try:
+        outcomes = run_sweep(spec, executor=executor, address=address, max_parallel=max_parallel, verbose=verbose,
+                             log=lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        err.print("interrupted: run the same command again to resume (complete runs are skipped)", highlight=False)
+        raise typer.Exit(130) from None
+    out.print(summary(outcomes), highlight=False, markup=False, soft_wrap=True)
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
+
+
 @app.command("list")
 def list_(kind: Annotated[str, typer.Argument(help="criteria | architectures | datasets | budgets")] = "criteria") -> None:
     """List registered plug-ins (broken ones are shown with the reason)."""
@@ -177,6 +223,8 @@ def baseline(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Train (or find in the cache) the baseline for (arch, dataset, budget, seed)."""
+    import torch
+
     from prunebench import registry
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
@@ -186,6 +234,7 @@ def baseline(
                     seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir, device=device)
     dev = resolve_device(device)
     splits, data = load_data(cfg, dev)
+    torch.manual_seed(seed)  # as `run` does, so both train the identical baseline
     model = registry.architectures.get(arch).build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(dev)
     info_ = get_baseline(cfg, model, splits, data, Reporter())
     acc = evaluate(model.to(dev), data, splits.num_classes)
@@ -197,10 +246,11 @@ def baseline(
 @app.command()
 def leaderboard(
     records: Annotated[Path, typer.Option(help="directory of result records")] = Path("results"),
-    out_dir: Annotated[Path, typer.Option("--out", help="where tables go")] = Path("leaderboard"),
-    check: Annotated[bool, typer.Option(help="fail if the tables in --out are stale")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="where pages, CSVs and plots go")] = Path("leaderboard"),
+    check: Annotated[bool, typer.Option(help="fail if the files in --out are stale")] = False,
 ) -> None:
-    """Aggregate result records into markdown + CSV leaderboard tables."""
+    """Aggregate result records into leaderboard pages: an index, one markdown page and CSV per
+    (dataset, arch), and accuracy-vs-MACs plots where there are several targets."""
     from prunebench.leaderboard import build, check_stale, write
 
     if not records.is_dir():

@@ -27,6 +27,7 @@ from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
 from prunebench.engine import DeviceData, Recipe, train
 from prunebench.errors import ConfigError
+from prunebench.locks import hold
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency, peak_memory_mb
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
@@ -54,10 +55,11 @@ class RunConfig:
     baseline: Path | None = None
     device: str = "auto"
     force: bool = False
+    scratch: bool = False  # control: the compressed architecture re-initialised and trained from scratch
 
     def identity(self) -> dict[str, Any]:
         """What determines the result (paths and flags excluded) — hashed into the run id."""
-        return {
+        identity = {
             "criterion": self.criterion,
             "criterion_params": dict(sorted(self.criterion_params.items())),
             "arch": self.arch,
@@ -73,6 +75,9 @@ class RunConfig:
             "shot_epochs": self.shot_epochs,
             "baseline_file": str(self.baseline) if self.baseline else None,
         }
+        if self.scratch:  # only when set, so the ids of all other runs stay what they were
+            identity.update(criterion="scratch", scratch=True, architecture_from=self.criterion)
+        return identity
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,6 +161,13 @@ def get_baseline(
         model.load_state_dict(state)
         return {"source": str(path), "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
+    # one process trains a given baseline; another that needs it waits here, then loads it
+    with hold(f"{path}.lock"):
+        return _cached_or_trained_baseline(cfg, model, data, rep, path)
+
+
+def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceData, rep: Reporter,
+                                path: Path) -> dict[str, Any]:
     if path.exists():
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state_dict"])
@@ -219,6 +231,8 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None) -> tuple[dict[str,
         "shots": cfg.shots, "shot_epochs": cfg.shot_epochs, "started": now(), "versions": versions(),
         "plugins": plugin_versions(cfg),
     }
+    if cfg.scratch:
+        record.update(criterion="scratch", architecture_from=cfg.criterion)
     device = resolve_device(cfg.device)
     record["hardware"] = hardware(device)
     rep.header(record)
@@ -312,15 +326,18 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
     record["knob"] = result.knob
     record["search_evaluations"] = result.search_evaluations
 
-    record["oneshot"] = evaluate(model, data, splits.num_classes)
-    rep.log(f"one-shot top-1 {record['oneshot']['top1']:.2f}% (achieved {result.achieved:.2%} {target.metric} ↓)")
+    if cfg.scratch:
+        train_from_scratch(cfg, model, data, record, rep)
+    else:
+        record["oneshot"] = evaluate(model, data, splits.num_classes)
+        rep.log(f"one-shot top-1 {record['oneshot']['top1']:.2f}% (achieved {result.achieved:.2%} {target.metric} ↓)")
 
-    rep.stage("fine-tune")
-    remaining = ledger.remaining
-    if remaining > 1e-9:
-        ctx_train(model, remaining, purpose="finetune")
-    record["ledger"] = {"total_epochs": ledger.total, "spent": dict(ledger.spent),
-                        "baseline_epochs": budget.baseline_epochs}
+        rep.stage("fine-tune")
+        remaining = ledger.remaining
+        if remaining > 1e-9:
+            ctx_train(model, remaining, purpose="finetune")
+        record["ledger"] = {"total_epochs": ledger.total, "spent": dict(ledger.spent),
+                            "baseline_epochs": budget.baseline_epochs}
     record["final"] = evaluate(model, data, splits.num_classes)
 
     macs_after, params_after = count_macs(model, example), count_params(model)
@@ -346,3 +363,21 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
     record["model_file"] = str(model_path)
     rep.log(f"final top-1 {record['final']['top1']:.2f}% (baseline {record['baseline']['top1']:.2f}%)")
 
+
+def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, record: dict[str, Any],
+                       rep: Reporter) -> None:
+    """Scratch control: re-initialise every parameter of the compressed model and train it for
+    the whole budget (baseline + fine-tune epochs) with the baseline recipe. No one-shot stage."""
+    epochs = cfg.budget.baseline_epochs + cfg.budget.finetune_epochs
+    rep.stage(f"scratch: re-initialise, train {epochs:g} epochs")
+    torch.manual_seed(cfg.seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(),
+          description="scratch")
+    record["oneshot"] = None
+    record["note"] = (f"scratch control: architecture from {cfg.criterion}, re-initialised and trained "
+                      f"{epochs:g} epochs with the baseline recipe; no one-shot stage")
+    record["ledger"] = {"total_epochs": epochs, "spent": {"scratch": epochs},
+                        "baseline_epochs": cfg.budget.baseline_epochs}

@@ -60,7 +60,7 @@ def test_leaderboard_from_run(smoke_run, tmp_path):
     results, _ = smoke_run
     res = invoke("leaderboard", "--records", results, "--out", tmp_path)
     assert res.exit_code == 0, res.output
-    md = (tmp_path / "README.md").read_text()
+    md = (tmp_path / "digits-resnet20.md").read_text()  # README.md is the index of the pages
     assert "digits · resnet20 · macs -50% · budget `smoke`" in md and "| l1" in md
     assert invoke("leaderboard", "--records", results, "--out", tmp_path, "--check").exit_code == 0
 

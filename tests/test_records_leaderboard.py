@@ -53,7 +53,8 @@ def test_leaderboard_aggregates_seeds_ranks_and_is_deterministic(tmp_path):
         write_atomic(recs / f"{crit}-{seed}.json", fake_record(crit, seed, final))
     write_atomic(recs / "failed.json", {**fake_record("l1", 9, 0.0), "status": "failed"})
     files = build(recs)
-    md = files["README.md"]
+    md = files["digits-resnet20.md"]  # one page per (dataset, arch); README.md is the index
+    assert "(digits-resnet20.md)" in files["README.md"]
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert "| 1      | l1" in lines[1] and "81.00 ± 1.41" in lines[1] and "-9.00" in lines[1]
     assert "| 2      | random" in lines[2]
@@ -63,4 +64,4 @@ def test_leaderboard_aggregates_seeds_ranks_and_is_deterministic(tmp_path):
     write(files, out)
     assert check_stale(recs, out) == []
     write_atomic(recs / "l1-2.json", fake_record("l1", 2, 90.0))
-    assert check_stale(recs, out) == ["README.md", "results.csv"]
+    assert check_stale(recs, out) == ["README.md", "digits-resnet20.csv", "digits-resnet20.md", "results.csv"]
