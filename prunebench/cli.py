@@ -239,8 +239,10 @@ def baseline(
     info_ = get_baseline(cfg, model, splits, data, Reporter())
     acc = evaluate(model.to(dev), data, splits.num_classes)
     out.print(f"baseline {arch}/{dataset}/{budget}/seed {seed}: top-1 {acc['top1']:.2f}% ({info_['source']})")
-    if "path" in info_:
-        out.print(f"checkpoint: {info_['path']}")
+    if "key" in info_:
+        from prunebench.datasets import cache_dir
+
+        out.print(f"checkpoint: {cache_dir() / 'baselines' / (info_['key'] + '.pt')}")
 
 
 @app.command()

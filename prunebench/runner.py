@@ -172,7 +172,7 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state_dict"])
         rep.log(f"baseline: reusing cached checkpoint {path}")
-        return {"source": "cache", "path": str(path), "trained_seconds": float(payload.get("seconds", 0.0))}
+        return {"source": "cache", "key": path.stem, "trained_seconds": float(payload.get("seconds", 0.0))}
     t0 = time.perf_counter()
     stats = train(
         model, data, recipe(cfg.budget, "baseline", cfg.budget.baseline_epochs), cfg.seed,
@@ -183,7 +183,7 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
         {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
     )
     rep.log(f"baseline: trained in {seconds:.1f}s, cached at {path}")
-    return {"source": "trained", "path": str(path), "trained_seconds": round(seconds, 3), **stats}
+    return {"source": "trained", "key": path.stem, "trained_seconds": round(seconds, 3), **stats}
 
 
 def latency_block(model: nn.Module, example: torch.Tensor, repeats: int, throughput_batch: int) -> dict[str, Any]:
@@ -360,7 +360,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
         model_path, cfg.arch, {"num_classes": splits.num_classes, "in_channels": splits.in_channels},
         result.plan, model, list(example.shape), meta={"run_id": rid},
     )
-    record["model_file"] = str(model_path)
+    record["model_file"] = str(model_path.relative_to(cfg.results_dir))  # relative to the record's folder
     rep.log(f"final top-1 {record['final']['top1']:.2f}% (baseline {record['baseline']['top1']:.2f}%)")
 
 

@@ -42,7 +42,7 @@ def test_run_writes_a_complete_valid_record(smoke_run):
     assert rec["baseline"]["top1"] > 30  # digits is learnable even on the smoke budget
     assert rec["latency"]["before"]["batch1_ms"] > 0
     assert set(rec["widths"]) == {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}
-    model, info = load_compressed(rec["model_file"])
+    model, info = load_compressed(results / rec["model_file"])
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
     assert info["meta"]["run_id"] == rec["run_id"]
 
