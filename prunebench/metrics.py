@@ -116,6 +116,41 @@ def measure_latency(
     return Latency(device=name, batch_size=batch_size, median_ms=statistics.median(times), repeats=repeats)
 
 
+@torch.no_grad()
+def measure_latency_pair(
+    first: nn.Module, second: nn.Module, example: Tensor, batch_size: int = 1, repeats: int = 20, warmup: int = 5
+) -> tuple[Latency, Latency]:
+    """Latency of two models measured interleaved (A, B, A, B, ...), so that load from other
+    processes or clock changes hit both alike and their ratio stays meaningful."""
+    models = (first, second)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+    cuda = x.device.type == "cuda"
+    for _ in range(warmup):
+        for m in models:
+            m(x)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for m, t in zip(models, times, strict=True):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                m(x)
+                end.record()
+                torch.cuda.synchronize()
+                t.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                m(x)
+                t.append((time.perf_counter() - t0) * 1000.0)
+    for m, mode in zip(models, modes, strict=True):
+        m.train(mode)
+    name = torch.cuda.get_device_name(x.device) if cuda else cpu_name()
+    return tuple(Latency(name, batch_size, statistics.median(t), repeats) for t in times)  # type: ignore[return-value]
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -28,7 +28,7 @@ from prunebench.datasets.base import DataSplits
 from prunebench.engine import DeviceData, Recipe, train
 from prunebench.errors import ConfigError
 from prunebench.locks import hold
-from prunebench.metrics import accuracy, count_macs, count_params, measure_latency, peak_memory_mb
+from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 from prunebench.records import hardware, is_complete, now, run_id, versions, write_atomic
@@ -186,18 +186,26 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
     return {"source": "trained", "key": path.stem, "trained_seconds": round(seconds, 3), **stats}
 
 
-def latency_block(model: nn.Module, example: torch.Tensor, repeats: int, throughput_batch: int) -> dict[str, Any]:
-    one = measure_latency(model, example, batch_size=1, repeats=repeats)
-    many = measure_latency(model, example, batch_size=throughput_batch, repeats=max(3, repeats // 4))
-    out = {
-        "device": one.device,
-        "batch1_ms": round(one.median_ms, 4),
-        "throughput_batch": throughput_batch,
-        "throughput_ms": round(many.median_ms, 4),
+def latency_block(baseline: nn.Module, compressed: nn.Module, example: torch.Tensor, repeats: int,
+                  throughput_batch: int) -> dict[str, Any]:
+    """Baseline and compressed latency, measured interleaved in this process at batch 1 and at a
+    throughput batch (plus CPU batch 1 for GPU runs)."""
+    def pair(b: nn.Module, c: nn.Module, x: torch.Tensor, batch: int, reps: int) -> tuple[float, float, str]:
+        lb, lc = measure_latency_pair(b, c, x, batch_size=batch, repeats=reps)
+        return round(lb.median_ms, 4), round(lc.median_ms, 4), lb.device
+
+    b1, c1, device = pair(baseline, compressed, example, 1, repeats)
+    bt, ct, _ = pair(baseline, compressed, example, throughput_batch, max(3, repeats // 4))
+    out: dict[str, Any] = {
+        "before": {"device": device, "batch1_ms": b1, "throughput_batch": throughput_batch, "throughput_ms": bt},
+        "after": {"device": device, "batch1_ms": c1, "throughput_batch": throughput_batch, "throughput_ms": ct},
+        "speedup_batch1": round(b1 / max(c1, 1e-9), 4),
+        "speedup_throughput": round(bt / max(ct, 1e-9), 4),
+        "method": "interleaved medians",
     }
     if example.device.type == "cuda":
-        cpu_model = copy.deepcopy(model).cpu()
-        out["cpu_batch1_ms"] = round(measure_latency(cpu_model, example.cpu(), 1, repeats).median_ms, 4)
+        cb, cc, cpu = pair(copy.deepcopy(baseline).cpu(), copy.deepcopy(compressed).cpu(), example.cpu(), 1, repeats)
+        out["before"]["cpu_batch1_ms"], out["after"]["cpu_batch1_ms"], out["cpu"] = cb, cc, cpu
     return out
 
 
@@ -281,7 +289,6 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
     baseline_model = copy.deepcopy(model)
     macs_before, params_before = count_macs(model, example), count_params(model)
     tb = min(64, budget.batch_size)
-    lat_before = latency_block(model, example, budget.latency_repeats, tb)
 
     rep.stage("calibration")
     ncal = min(budget.calibration_size, int(data.train_x.shape[0]))
@@ -348,10 +355,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
         "params_reduction": round(1 - params_after / params_before, 6),
         "within_tolerance": abs(result.achieved - target.ratio) <= target.tolerance + 1e-12,
     }
-    lat_after = latency_block(model, example, budget.latency_repeats, tb)
-    speedup = lat_before["batch1_ms"] / max(lat_after["batch1_ms"], 1e-9)
-    record["latency"] = {"before": lat_before, "after": lat_after, "speedup_batch1": round(speedup, 4),
-                         "speedup_throughput": round(lat_before["throughput_ms"] / max(lat_after["throughput_ms"], 1e-9), 4)}
+    record["latency"] = latency_block(baseline_model, model, example, budget.latency_repeats, tb)
     record["widths"] = widths(model, prunable)
     record["plan_steps"] = len(result.plan)
     record["peak_memory_mb"] = peak_memory_mb(device)

@@ -33,3 +33,13 @@ def test_accuracy_topk():
 def test_latency_is_measured():
     lat = measure_latency(nn.Linear(8, 8), torch.zeros(1, 8), batch_size=4, repeats=3, warmup=1)
     assert lat.median_ms > 0 and lat.batch_size == 4 and lat.device
+
+
+def test_interleaved_latency_ranks_a_bigger_model_slower():
+    from prunebench.metrics import measure_latency_pair
+
+    small = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+    big = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(12)])
+    a, b = measure_latency_pair(small, big, torch.zeros(1, 8, 32, 32), batch_size=4, repeats=15)
+    assert a.batch_size == b.batch_size == 4 and a.device == b.device
+    assert b.median_ms > 2 * a.median_ms
