@@ -20,6 +20,7 @@ the knob's energy: ``k x k C->R`` then ``1x1 R->N`` (channel), or ``k_h x 1 C->R
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -283,6 +284,10 @@ class TRP(TransformCriterion):
         scheme: str = "channel"
         #: Share of the ledger's remaining post-baseline epochs spent on TRP training.
         train_fraction: float = 1.0
+        #: Project during training at the energy whose factorisation meets the run's target
+        #: (found by bisection on the model before training), when that is below ``energy``:
+        #: the harness fixes the compression, so training should aim at the rank it will get.
+        match_target: bool = True
 
         def __post_init__(self) -> None:
             check_energy(self.energy, "trp energy")
@@ -313,7 +318,26 @@ class TRP(TransformCriterion):
         p = self.params
         convs = {n: model.get_submodule(n) for n in self.targets(model)}
         log = ctx.log if ctx is not None else None
-        return TRPHooks(convs, energy=p.energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme, log=log)
+        energy = p.energy
+        if p.match_target and ctx is not None:
+            energy = min(energy, self.target_energy(model, ctx))
+            if log is not None:
+                log(f"trp: projecting at energy {energy:.4f} during training (meets the target)")
+        self.train_energy = energy
+        return TRPHooks(convs, energy=energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme, log=log)
+
+    def target_energy(self, model: nn.Module, ctx: CompressionContext, steps: int = 14) -> float:
+        """Largest energy whose factorisation of ``model`` reaches the target reduction."""
+        lo, hi = self.knob.low, self.knob.high  # a larger energy compresses less
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            clone = copy.deepcopy(model)
+            self.transform(clone, mid, ctx)
+            if ctx.reduction(clone) >= ctx.target.ratio:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def training_epochs(self, ctx: CompressionContext) -> float:
         return max(0.0, self.params.train_fraction * ctx.ledger.remaining)

@@ -68,7 +68,7 @@ def make_ctx(model: nn.Module, x: torch.Tensor, epochs: float = 2.0) -> Compress
 
 
 def _hooks(model: nn.Module, **kw) -> TRPHooks:
-    crit = TRP.from_kwargs(**kw)
+    crit = TRP.from_kwargs(**{"match_target": False, **kw})  # the fixed-energy behaviour
     return crit.training_hooks(model, make_ctx(model, torch.randn(1, 3, 16, 16)))
 
 
@@ -183,7 +183,7 @@ def test_hooked_training_lowers_energy_ranks(scheme: str) -> None:
     torch.manual_seed(4)
     plain = Tiny()
     hooked = copy.deepcopy(plain)
-    crit = TRP.from_kwargs(scheme=scheme, period=5, energy=0.9, nuclear=1e-3)
+    crit = TRP.from_kwargs(scheme=scheme, period=5, energy=0.9, nuclear=1e-3, match_target=False)
     messages: list[str] = []
     ctx = make_ctx(hooked, torch.randn(1, 3, 16, 16))
     ctx.log = messages.append
@@ -321,8 +321,35 @@ def test_knob_and_defaults() -> None:
         "period": 20,
         "scheme": "channel",
         "train_fraction": 1.0,
+        "match_target": True,
     }
     assert TRP.from_kwargs(period="5", scheme="spatial").params.period == 5
     model = Tiny()
     with pytest.raises(ConfigError, match="energy"):
         TRP().transform(model, 0.0, make_ctx(model, torch.randn(1, 3, 16, 16)))
+
+
+def test_training_projects_at_the_energy_that_meets_the_target():
+    from prunebench import registry
+    from prunebench.compress import Meter
+    from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
+
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    x = torch.randn(8, 1, 8, 8)
+    meter = Meter(model, x[:1], Target("macs", 0.5))
+    ctx = CompressionContext(
+        example_inputs=x[:1], calibration=Calibration(x, torch.zeros(8, dtype=torch.long)), target=Target("macs", 0.5),
+        device=torch.device("cpu"), seed=0, prunable=[], protected=["fc"], ledger=EpochLedger(1.0),
+        reduction=meter.reduction, reduction_of=lambda kept: 0.0, train=lambda *a, **k: None, log=lambda m: None,
+    )
+    crit = TRP.from_kwargs()
+    crit.training_hooks(model, ctx)
+    e = crit.train_energy
+    assert e < 0.9
+    at = copy.deepcopy(model)
+    crit.transform(at, e, ctx)
+    assert meter.reduction(at) >= 0.5  # factorising at the training energy meets the target
+    fixed = TRP.from_kwargs(match_target=False)
+    fixed.training_hooks(model, ctx)
+    assert fixed.train_energy == 0.9
