@@ -25,6 +25,15 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["PRUNEBENCH_CACHE"] = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny tensor ops: extra intra-op threads only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def real_data_root() -> Path:
     """The folder holding cifar10-jpeg.tar.gz, from $PRUNEBENCH_DATA; skips when absent."""

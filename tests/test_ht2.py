@@ -29,14 +29,7 @@ from prunebench.errors import ConfigError
 from prunebench.metrics import count_macs
 from prunebench.protocols import CompressionContext, EpochLedger, Target
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny decompositions: on a busy machine, extra intra-op threads only add waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny decompositions
 
 
 class Tiny(nn.Module):
