@@ -163,7 +163,7 @@ def list_(kind: Annotated[str, typer.Argument(help="criteria | architectures | d
         out.print(table)
         return
     reg = {"criteria": registry.criteria, "architectures": registry.architectures, "datasets": registry.datasets}[kind]
-    table = Table("name", "kind" if kind == "criteria" else "description", "from", "status")
+    table = Table("name", "kind: summary" if kind == "criteria" else "description", "from", "status")
     for item in reg.listing():
         if item.broken:
             desc, status = "", f"[red]broken[/]: {item.error}"
@@ -177,13 +177,20 @@ def list_(kind: Annotated[str, typer.Argument(help="criteria | architectures | d
 
 @app.command()
 def info(
-    arch: Annotated[str, typer.Option("--arch", "-a")],
+    arch: Annotated[str | None, typer.Option("--arch", "-a")] = None,
+    criterion: Annotated[str | None, typer.Option("--criterion", "-c", help="show a criterion's hyper-parameters")] = None,
     input_size: Annotated[int | None, typer.Option(help="input resolution (default: the architecture's)")] = None,
     in_channels: Annotated[int, typer.Option()] = 3,
     num_classes: Annotated[int, typer.Option()] = 10,
     layers: Annotated[bool, typer.Option(help="list every prunable layer")] = False,
 ) -> None:
-    """MACs, params and prunable layers of an architecture."""
+    """MACs, params and prunable layers of an architecture, or a criterion's hyper-parameters."""
+    if criterion is None and arch is None:
+        raise ConfigError("give --arch NAME and/or --criterion NAME")
+    if criterion is not None:
+        _criterion_info(criterion)
+    if arch is None:
+        return
     import torch
 
     from prunebench import registry
@@ -209,6 +216,28 @@ def info(
             m = modules[n]
             table.add_row(n, str(m.out_channels), "×".join(map(str, m.kernel_size)))
         out.print(table)
+
+
+def _criterion_info(name: str) -> None:
+    import dataclasses
+
+    from prunebench import registry
+
+    cls = registry.criteria.get(name)
+    entry = registry.criteria.entries()[name]
+    out.print(f"[bold]{name}[/] ({cls.kind.value}{', needs calibration data' if cls.needs_data else ''}) "
+              f"from {entry.distribution} {entry.version}")
+    out.print(f"  {cls.summary}", highlight=False)
+    if cls.reference:
+        out.print(f"  reference: {cls.reference}", highlight=False)
+    table = Table("hyper-parameter (--param KEY=VALUE)", "type", "default")
+    for f in dataclasses.fields(cls.Params):
+        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        table.add_row(f.name, str(typ), repr(f.default))
+    if dataclasses.fields(cls.Params):
+        out.print(table)
+    else:
+        out.print("  no hyper-parameters")
 
 
 @app.command()

@@ -105,3 +105,10 @@ def test_errors_print_one_line_and_exit_2():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "resnet56" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_lists_criterion_hyper_parameters():
+    res = invoke("info", "--criterion", "coring")
+    assert res.exit_code == 0, res.output
+    assert "distance" in res.output and "'vbd'" in res.output and "rank" in res.output
+    assert "Did you mean 'coring'" in str(invoke("info", "--criterion", "corng").exception)
