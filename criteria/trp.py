@@ -282,12 +282,13 @@ class TRP(TransformCriterion):
         period: int = 20
         #: "channel": N x (C k_h k_w) matrices; "spatial": (C k_h) x (N k_w).
         scheme: str = "channel"
-        #: Share of the ledger's remaining post-baseline epochs spent on TRP training.
-        train_fraction: float = 1.0
+        #: Share of the ledger's remaining post-baseline epochs spent on TRP training; the rest
+        #: fine-tunes the factorised model (0.5 measured best under short budgets: docs/criteria/trp.md).
+        train_fraction: float = 0.5
         #: Project during training at the energy whose factorisation meets the run's target
         #: (found by bisection on the model before training), when that is below ``energy``:
         #: the harness fixes the compression, so training should aim at the rank it will get.
-        match_target: bool = True
+        match_target: bool = False
 
         def __post_init__(self) -> None:
             check_energy(self.energy, "trp energy")

@@ -194,7 +194,8 @@ def test_hooked_training_lowers_energy_ranks(scheme: str) -> None:
 def test_training_epochs_draw_from_the_ledger() -> None:
     model = Tiny()
     ctx = make_ctx(model, torch.randn(1, 3, 16, 16), epochs=10.0)
-    assert TRP().training_epochs(ctx) == 10.0
+    assert TRP().training_epochs(ctx) == 5.0  # half the ledger by default
+    assert TRP.from_kwargs(train_fraction=1.0).training_epochs(ctx) == 10.0
     ctx.ledger.draw(4.0, "other")
     assert TRP.from_kwargs(train_fraction=0.5).training_epochs(ctx) == 3.0
     assert TRP.from_kwargs(train_fraction=0.0).training_epochs(ctx) == 0.0
@@ -313,8 +314,8 @@ def test_knob_and_defaults() -> None:
         "nuclear": 3e-4,
         "period": 20,
         "scheme": "channel",
-        "train_fraction": 1.0,
-        "match_target": True,
+        "train_fraction": 0.5,
+        "match_target": False,
     }
     assert TRP.from_kwargs(period="5", scheme="spatial").params.period == 5
     model = Tiny()
@@ -336,7 +337,7 @@ def test_training_projects_at_the_energy_that_meets_the_target():
         device=torch.device("cpu"), seed=0, prunable=[], protected=["fc"], ledger=EpochLedger(1.0),
         reduction=meter.reduction, reduction_of=lambda kept: 0.0, train=lambda *a, **k: None, log=lambda m: None,
     )
-    crit = TRP.from_kwargs()
+    crit = TRP.from_kwargs(match_target=True)
     crit.training_hooks(model, ctx)
     e = crit.train_energy
     assert e < 0.9
