@@ -208,27 +208,32 @@ def _plot(dataset: str, arch: str, budget: str, page: pd.DataFrame) -> bytes | N
     if macs["ratio"].nunique() < 2:
         return None
     try:
+        import matplotlib
         import matplotlib.style
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return None
     with matplotlib.style.context("default"):
-        fig = Figure(figsize=(6.4, 4.4), dpi=100)
+        fig = Figure(figsize=(8.4, 4.6), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        for criterion in sorted(macs["criterion"].unique()):
+        names = sorted(macs["criterion"].unique())
+        palette = matplotlib.colormaps["tab20"].colors  # distinct colours for up to 20 criteria
+        markers = "os^Dv<>pPX*h"
+        for i, criterion in enumerate(names):
             pts = (macs[macs["criterion"] == criterion].groupby("ratio")
                    .agg(x=("macs_down", "mean"), y=("final", "mean"), s=("final", "std")).reset_index())
             control = criterion == "random" or criterion.startswith("scratch")  # controls: dashed
-            ax.errorbar(pts["x"], pts["y"], yerr=pts["s"].fillna(0.0), marker="o", capsize=3, label=criterion,
+            ax.errorbar(pts["x"], pts["y"], yerr=pts["s"].fillna(0.0), marker=markers[i % len(markers)],
+                        capsize=3, label=criterion, color=palette[(2 * i) % 20 + (2 * i) // 20 % 2],
                         linestyle="--" if control else "-")
         ax.axhline(macs["baseline"].mean(), color="grey", linestyle="--", linewidth=1, label="baseline")
         ax.set_xlabel("MACs reduction (%)")
         ax.set_ylabel("final top-1 (%)")
         ax.set_title(f"{dataset} · {arch} · budget {budget}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
