@@ -101,7 +101,7 @@ def test_plot_is_a_deterministic_png_without_versions_or_dates(records):
     a = build(records)["digits-resnet20.smoke.png"]
     b = build(records)["digits-resnet20.smoke.png"]
     assert a == b
-    assert png_size(a) == (640, 440)
+    assert png_size(a) == (840, 460)
     for needle in (b"matplotlib", b"Software", b"2026", b"Creation"):
         assert needle not in a
 
