@@ -63,7 +63,7 @@ def _parse(key: str, value, current):
 
 BUDGETS: dict[str, Budget] = {
     "smoke": Budget(
-        name="smoke", baseline_epochs=3, finetune_epochs=1, batch_size=64, lr=0.02, finetune_lr=0.01,
+        name="smoke", baseline_epochs=3, finetune_epochs=2, batch_size=64, lr=0.02, finetune_lr=0.02,
         momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
         train_subset=512, test_subset=256, calibration_size=128, latency_repeats=5,
     ),

@@ -37,7 +37,7 @@ def test_run_writes_a_complete_valid_record(smoke_run):
     assert rec["status"] == "complete" and validate(rec) == []
     assert abs(rec["achieved"]["macs_reduction"] - 0.5) <= 0.01
     assert rec["macs"]["after"] < rec["macs"]["before"]
-    assert rec["ledger"]["spent"] == {"finetune": 1.0}
+    assert rec["ledger"]["spent"] == {"finetune": 2.0}
     assert 0 <= rec["oneshot"]["top1"] <= 100 and 0 <= rec["final"]["top1"] <= 100
     assert rec["baseline"]["top1"] > 30  # digits is learnable even on the smoke budget
     assert rec["latency"]["before"]["batch1_ms"] > 0

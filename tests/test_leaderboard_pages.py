@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from prunebench.budgets import BUDGETS
 from prunebench.cli import app
 from prunebench.leaderboard import budget_label, build, check_stale, write
 from prunebench.records import write_atomic
 
-SMOKE = {"name": "smoke", "baseline_epochs": 3, "finetune_epochs": 1, "batch_size": 64, "lr": 0.02,
-         "finetune_lr": 0.01, "schedule": "onecycle", "train_subset": 512, "test_subset": 256}
+SMOKE = BUDGETS["smoke"].resolved()  # a record of the unmodified preset
 
 # final top-1 at MACs -30/-50/-70 % per criterion: l1 best, random worst
 FINALS = {"l1": (88.0, 84.0, 78.0), "random": (85.0, 80.0, 70.0), "scratch": (86.0, 81.0, 74.0)}
@@ -71,7 +71,9 @@ def test_index_pages_csv_and_plot(records):
     page = files["digits-resnet20.md"]
     # header: hardware, budget, dates, versions
     assert "Test CPU 3000" in page
-    assert "Budget `smoke`: baseline 3 ep (lr 0.02, onecycle), fine-tune 1 ep (lr 0.01), batch 64" in page
+    b = SMOKE
+    assert (f"Budget `smoke`: baseline {b['baseline_epochs']:g} ep (lr {b['lr']:g}, {b['schedule']}), "
+            f"fine-tune {b['finetune_epochs']:g} ep (lr {b['finetune_lr']:g}), batch {b['batch_size']}") in page
     assert "2026-03-01 – 2026-03-02 (18 records)" in page
     assert "prunebench 0.1.0, torch 2.9.0, torch-pruning 1.6.0" in page
     assert "![final top-1 vs MACs reduction, budget smoke](digits-resnet20.smoke.png)" in page

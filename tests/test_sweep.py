@@ -160,7 +160,8 @@ def test_scratch_control_record(smoke):
     (rand,) = [r for r in records(results).values() if r["criterion"] == "random"]
     assert "-scratch-" in scratch["run_id"] and scratch["architecture_from"] == "random"
     assert scratch["oneshot"] is None and "no one-shot stage" in scratch["note"]
-    assert scratch["ledger"]["spent"] == {"scratch": 2} and scratch["ledger"]["total_epochs"] == 2  # 1 + 1 epochs
+    total = scratch["budget"]["baseline_epochs"] + scratch["budget"]["finetune_epochs"]  # the whole budget
+    assert scratch["ledger"]["spent"] == {"scratch": total} and scratch["ledger"]["total_epochs"] == total
     assert scratch["widths"] == rand["widths"]  # the same compressed architecture (random, same seed)
     assert scratch["macs"] == rand["macs"] and scratch["final"] != rand["final"]
 
