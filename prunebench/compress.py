@@ -363,11 +363,9 @@ def compress(
 
     if isinstance(criterion, AllocateCriterion):
         kept = criterion.allocate(model, ctx)
-        missing = [n for n in ctx.prunable if n not in kept]
         unknown = [n for n in kept if n not in set(ctx.prunable)]
         if unknown:
             raise PluginError(f"criterion {criterion.name!r} allocated non-prunable layers: {unknown[:5]}")
-        del missing  # layers left out keep all their channels
         plan = prune_kept(model, ctx.example_inputs, kept)
         achieved = meter.reduction(model)
         if not meter.within(achieved):

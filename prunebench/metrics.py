@@ -85,35 +85,22 @@ class Latency:
     repeats: int
 
 
-@torch.no_grad()
-def measure_latency(
-    model: nn.Module, example: Tensor, batch_size: int = 1, repeats: int = 20, warmup: int = 5
-) -> Latency:
-    """Median wall time of ``repeats`` forward passes after ``warmup`` (CUDA events on GPU)."""
-    was_training = model.training
-    model.eval()
-    x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
-    dev = x.device
-    for _ in range(warmup):
+def _timed_forward(model: nn.Module, x: Tensor) -> float:
+    """Milliseconds for one forward pass (CUDA events on GPU, wall clock on CPU)."""
+    if x.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         model(x)
-    times = []
-    if dev.type == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(x)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        name = torch.cuda.get_device_name(dev)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
-        name = cpu_name()
-    model.train(was_training)
-    return Latency(device=name, batch_size=batch_size, median_ms=statistics.median(times), repeats=repeats)
+        end.record()
+        torch.cuda.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    model(x)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _device_name(x: Tensor) -> str:
+    return torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else cpu_name()
 
 
 @torch.no_grad()
@@ -127,28 +114,33 @@ def measure_latency_pair(
     for m in models:
         m.eval()
     x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
-    cuda = x.device.type == "cuda"
     for _ in range(warmup):
         for m in models:
             m(x)
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         for m, t in zip(models, times, strict=True):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                m(x)
-                end.record()
-                torch.cuda.synchronize()
-                t.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                m(x)
-                t.append((time.perf_counter() - t0) * 1000.0)
+            t.append(_timed_forward(m, x))
     for m, mode in zip(models, modes, strict=True):
         m.train(mode)
-    name = torch.cuda.get_device_name(x.device) if cuda else cpu_name()
-    return tuple(Latency(name, batch_size, statistics.median(t), repeats) for t in times)  # type: ignore[return-value]
+    name = _device_name(x)
+    return Latency(name, batch_size, statistics.median(times[0]), repeats), \
+        Latency(name, batch_size, statistics.median(times[1]), repeats)
+
+
+def measure_latency(
+    model: nn.Module, example: Tensor, batch_size: int = 1, repeats: int = 20, warmup: int = 5
+) -> Latency:
+    """Median time of ``repeats`` forward passes of one model after ``warmup``."""
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        x = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
+        for _ in range(warmup):
+            model(x)
+        times = [_timed_forward(model, x) for _ in range(repeats)]
+        model.train(was_training)
+    return Latency(_device_name(x), batch_size, statistics.median(times), repeats)
 
 
 def cpu_name() -> str:

@@ -114,11 +114,13 @@ def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits, DeviceD
     return splits, data
 
 
+_FINETUNE_SCHEDULE = {"step": "step", "constant": "constant"}
+
+
 def recipe(budget: Budget, stage: str, epochs: float) -> Recipe:
     lr = budget.lr if stage == "baseline" else budget.finetune_lr
-    schedule = budget.schedule if stage == "baseline" else ("constant" if budget.schedule == "constant" else "cosine")
-    if budget.schedule == "step":
-        schedule = "step"
+    # fine-tuning keeps step and constant schedules; one-cycle baselines fine-tune with cosine decay
+    schedule = budget.schedule if stage == "baseline" else _FINETUNE_SCHEDULE.get(budget.schedule, "cosine")
     return Recipe(
         epochs=epochs, lr=lr, batch_size=budget.batch_size, momentum=budget.momentum,
         weight_decay=budget.weight_decay, schedule=schedule, milestones=budget.milestones,
