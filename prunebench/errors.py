@@ -26,6 +26,10 @@ class PluginError(PrunebenchError):
     """A plug-in failed to load or violates the criterion contract."""
 
 
+class DivergedError(PrunebenchError):
+    """Training produced a non-finite loss or non-finite weights; the run's numbers are void."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest matches, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
