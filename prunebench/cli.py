@@ -282,20 +282,24 @@ def leaderboard(
 ) -> None:
     """Aggregate result records into leaderboard pages: an index, one markdown page and CSV per
     (dataset, arch), and accuracy-vs-MACs plots where there are several targets."""
-    from prunebench.leaderboard import build, check_stale, write
+    from rich.markup import escape
+
+    from prunebench.leaderboard import build, check_stale, problems, write
 
     if not records.is_dir():
         raise ConfigError(f"no records directory {records} (run `prunebench run ...` first, or pass --records)")
+    for name, why in problems(records):
+        err.print(f"skipped {escape(str(records / name))}: {escape(why)}", highlight=False, soft_wrap=True)
     if check:
         stale = check_stale(records, out_dir)
         if stale:
-            err.print("[red]leaderboard is stale:[/] " + ", ".join(stale) + " — run `prunebench leaderboard`")
+            err.print("[red]leaderboard is stale:[/] " + escape(", ".join(stale)) + " — run `prunebench leaderboard`")
             raise typer.Exit(1)
         out.print("leaderboard is up to date")
         return
     files = write(build(records), out_dir)
     for f in files:
-        out.print(f"wrote {f}")
+        out.print(f"wrote {escape(str(f))}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

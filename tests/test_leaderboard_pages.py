@@ -84,9 +84,13 @@ def test_index_pages_csv_and_plot(records):
     rows70 = [line for line in sections[2].splitlines() if line.startswith("| ")][1:]
     assert [r.split("|")[2].strip() for r in rows70] == ["l1", "scratch", "random"]
     l1 = [c.strip() for c in rows70[0].split("|")[1:-1]]
-    assert l1 == ["1", "l1", "78.50 ± 0.71", "-12.00", "47.00", "70.0%", "68.0%", "1.70×", "0.25", "2"]
+    # seeds 78, 79 vs random's 70, 71: Welch's t = 8 / sqrt(0.5/2 + 0.5/2) on 2 df
+    assert l1 == ["1", "l1", "78.50 ± 0.71", "-12.00", "47.00", "—", "yes (p=0.004)", "70.0%", "68.0%", "1.70×",
+                  "0.25", "2"]
     scratch = [c.strip() for c in rows70[1].split("|")[1:-1]]
     assert scratch[1] == "scratch" and scratch[4] == "—"
+    random = [c.strip() for c in rows70[2].split("|")[1:-1]]
+    assert random[1] == "random" and random[6] == "control"
 
     csv = pd.read_csv(io.StringIO(files["digits-resnet20.csv"]))
     assert len(csv) == 9 and set(csv["criterion"]) == {"l1", "random", "scratch"}

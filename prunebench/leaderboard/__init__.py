@@ -1,0 +1,69 @@
+"""Leaderboard pages built from result records (PROTOCOL.md, Leaderboard).
+
+``build(records_dir)`` returns ``{file name: content}``:
+
+* ``README.md``: an index of the pages (and the record files that could not be used);
+* ``<dataset>-<arch>.md``: the page's provenance (hardware, budgets, baselines, dates,
+  versions), then per (budget, target) a ranked table — final top-1 mean ± std over seeds,
+  Δ vs baseline, one-shot and one-shot +BN top-1, whether the row beats ``random`` (Welch's
+  t-test), MACs ↓, params ↓, measured speed-up, criterion time, seeds — and, in a separate
+  table, the numbers the papers published for that architecture;
+* ``<dataset>-<arch>.csv`` and ``results.csv``: the rows as CSV;
+* ``<dataset>-<arch>.<budget>.png``: final top-1 vs MACs reduction when there are ≥ 2 targets.
+
+Output is deterministic (sorted rows, fixed precision, dates taken from the records, PNGs
+without metadata), so ``check_stale`` can compare committed files byte for byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from prunebench.leaderboard.output import obsolete, page_stem, read_records, slug, write
+from prunebench.leaderboard.output import stale as _stale
+from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER, _labels, index, page
+from prunebench.leaderboard.plots import tradeoff_png
+from prunebench.leaderboard.rows import budget_label, frame
+
+__all__ = ["MARKER", "budget_label", "build", "check_stale", "obsolete", "problems", "write"]
+
+
+def _csv(rows: list[dict]) -> str:
+    return pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(index=False, lineterminator="\n") if rows else ""
+
+
+def build(records_dir: Path) -> dict[str, str | bytes]:
+    """Return {file name: content} for the leaderboard directory."""
+    records, bad = read_records(records_dir)
+    df = frame(records)
+    files: dict[str, str | bytes] = {"README.md": index(df, bad)}
+    all_rows: list[dict] = []
+    if not df.empty:
+        for (dataset, arch), p in sorted(df.groupby(["dataset", "arch"]), key=lambda kv: kv[0]):
+            stem = page_stem(dataset, arch)
+            plots = {}
+            for budget in sorted(p["budget"].unique()):
+                b = p[p["budget"] == budget]
+                png = tradeoff_png(dataset, arch, budget, b, _labels(b)[0])
+                if png is not None:
+                    name = f"{stem}.{slug(budget)}.png"
+                    files[name] = png
+                    plots[budget] = name
+            md, rows = page(dataset, arch, p, stem, plots)
+            files[f"{stem}.md"] = md
+            files[f"{stem}.csv"] = _csv(rows)
+            all_rows += rows
+    files["results.csv"] = _csv(all_rows)
+    return files
+
+
+def problems(records_dir: Path) -> list[tuple[str, str]]:
+    """``(file name, reason)`` for every record file the leaderboard skips."""
+    return read_records(records_dir)[1]
+
+
+def check_stale(records_dir: Path, out_dir: Path) -> list[str]:
+    """Names of generated files that differ from (or are missing in, or are left over in) ``out_dir``."""
+    return _stale(build(records_dir), out_dir)

@@ -1,0 +1,35 @@
+"""Fabricated result records for leaderboard tests (no training involved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prunebench.budgets import BUDGETS
+from prunebench.records import write_atomic
+
+SMOKE = BUDGETS["smoke"].resolved()
+
+
+def rec(criterion="l1", seed=0, final=80.0, ratio=0.5, **over):
+    r = {
+        "schema": "prunebench-result/1", "run_id": f"{criterion}-{seed}-{final}", "status": "complete",
+        "criterion": criterion, "criterion_kind": "score", "criterion_params": {}, "arch": "resnet20",
+        "dataset": "digits", "budget": SMOKE, "target": {"metric": "macs", "ratio": ratio, "tolerance": 0.01},
+        "seed": seed, "allocation": "uniform", "started": "2026-01-01T00:00:00+00:00",
+        "finished": "2026-01-02T00:00:00+00:00", "versions": {"torch": "2", "prunebench": "0.1.0"},
+        "hardware": {"device": "cpu"}, "baseline": {"top1": 90.0}, "oneshot": {"top1": 50.0},
+        "final": {"top1": final}, "macs": {"before": 100, "after": 50}, "params": {"before": 10, "after": 5},
+        "achieved": {"macs_reduction": ratio, "params_reduction": ratio},
+        "latency": {"speedup_batch1": 1.5, "after": {"device": "test-cpu"}}, "criterion_seconds": 0.1,
+        "ledger": {}, "widths": {},
+    }
+    r.update(over)
+    return r
+
+
+def put(folder: Path, name: str, record: dict) -> None:
+    write_atomic(folder / f"{name}.json", record)
+
+
+def table_rows(page: str) -> list[list[str]]:
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in page.splitlines() if line.startswith("| ")][1:]
