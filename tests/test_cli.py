@@ -47,6 +47,27 @@ def test_run_writes_a_complete_valid_record(smoke_run):
     assert info["meta"]["run_id"] == rec["run_id"]
 
 
+def test_the_saved_model_is_the_one_the_record_scores(smoke_run):
+    """Reloaded from its file and evaluated on the run's test split, the compressed model
+    scores exactly the record's final top-1."""
+    from prunebench.budgets import BUDGETS
+    from prunebench.runner import RunConfig, load_data
+
+    results, _ = smoke_run
+    rec = json.loads(next(results.glob("*.json")).read_text())
+    model, _ = load_compressed(results / rec["model_file"])
+    model.eval()
+    cfg = RunConfig(criterion="l1", arch="resnet20", budget=BUDGETS["smoke"], dataset="digits")
+    _, data = load_data(cfg, torch.device("cpu"))
+    assert data.test_x.shape[0] == rec["data"]["test_images"]
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, data.test_x.shape[0], 512):
+            logits = model(data.normalise(data.test_x[start:start + 512]))
+            correct += int((logits.argmax(1) == data.test_y[start:start + 512]).sum())
+    assert round(100.0 * correct / data.test_x.shape[0], 4) == rec["final"]["top1"]
+
+
 def test_rerun_skips_complete_record(smoke_run):
     results, _ = smoke_run
     res = invoke("run", "--criterion", "l1", "--arch", "resnet20", "--dataset", "digits", "--budget", "smoke",

@@ -8,7 +8,7 @@ from torch import nn
 
 from prunebench import registry
 from prunebench.compress import Meter, compress
-from prunebench.errors import ConfigError, TargetMissedError
+from prunebench.errors import ConfigError, PluginError, TargetMissedError
 from prunebench.protocols import CompressionContext, EpochLedger, ScoreCriterion, Target
 from prunebench.surgery import pruning_units
 from prunebench.testing import TinyNet
@@ -40,19 +40,22 @@ def test_macs_target_met_within_one_point(criterion, allocation, ratio):
 
 
 def test_params_target_and_profile_allocation():
+    """profile: every layer removes its profile ratio times one common factor (to a channel)."""
     arch = registry.architectures.get("resnet20")
     model = arch.build(num_classes=10, in_channels=1).eval()
     prunable = arch.prunable(model)
+    channels = {n: model.get_submodule(n).out_channels for n in prunable}
     ctx, meter = make_ctx(model, prunable, Target("params", 0.4))
-    # prune late layers twice as hard as early ones
-    profile = {name: (0.2 if name.startswith("layer1") else 0.4) for name in prunable}
+    profile = {n: {"layer1": 0.1, "layer2": 0.3, "layer3": 0.6}[n.split(".")[0]] for n in prunable}
     result = compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter,
                       allocation="profile", profile=profile)
     assert abs(result.achieved - 0.4) <= 0.01
-    modules = dict(model.named_modules())
-    early = [modules[n].out_channels / 16 for n in prunable if n.startswith("layer1")]
-    late = [modules[n].out_channels / 64 for n in prunable if n.startswith("layer3")]
-    assert max(early) >= min(late)
+    removed = {n: c - model.get_submodule(n).out_channels for n, c in channels.items()}
+    factor = sum(removed.values()) / sum(profile[n] * c for n, c in channels.items())
+    for n, c in channels.items():  # rounding to whole channels, plus at most one channel of top-up
+        assert abs(removed[n] - factor * profile[n] * c) <= 1.5, (n, removed, factor)
+    # uniform would remove about the same share everywhere; the profile asks for 1 : 3 : 6
+    assert removed["layer1.0.conv1"] / 16 < 0.5 * removed["layer2.0.conv1"] / 32 < removed["layer3.0.conv1"] / 64
 
 
 def test_profile_with_unknown_layer_is_rejected():
@@ -97,18 +100,47 @@ def test_coupled_prunable_layers_form_one_unit():
     assert roots["conv1"] == ("conv1",)
 
 
-def test_wrong_score_length_is_reported():
-    class Bad(ScoreCriterion):
-        name = "bad"
+class _Ones(ScoreCriterion):
+    name = "bad"
 
-        def scores(self, model, layers, calibration):
-            return {n: torch.ones(3) for n in layers}
+    def scores(self, model, layers, calibration):
+        modules = dict(model.named_modules())
+        return {n: torch.ones(modules[n].out_channels) for n in layers}
 
+
+class _Short(_Ones):
+    def scores(self, model, layers, calibration):
+        return {n: torch.ones(3) for n in layers}
+
+
+class _NaN(_Ones):
+    def scores(self, model, layers, calibration):
+        out = super().scores(model, layers, calibration)
+        out["layer2.1.conv1"][5] = float("nan")
+        return out
+
+
+class _Missing(_Ones):
+    def scores(self, model, layers, calibration):
+        out = super().scores(model, layers, calibration)
+        del out["layer3.2.conv1"]
+        return out
+
+
+@pytest.mark.parametrize("criterion, message", [
+    (_Short, "criterion 'bad' returned 3 scores for 'layer1.0.conv1', which has 16 output channels"),
+    (_NaN, "criterion 'bad' returned non-finite scores for 'layer2.1.conv1'"),
+    (_Missing, "criterion 'bad' returned no scores for layer 'layer3.2.conv1'"),
+], ids=["length", "nan", "missing"])
+def test_bad_scores_are_a_plugin_error(criterion, message):
     arch = registry.architectures.get("resnet20")
     model = arch.build(num_classes=10, in_channels=1).eval()
     ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.3))
-    with pytest.raises(Exception, match="returned 3 scores for 'layer1.0.conv1', which has 16 output channels"):
-        compress(Bad(), model, ctx, meter)
+    before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    with pytest.raises(PluginError) as exc:
+        compress(criterion(), model, ctx, meter)
+    assert message in str(exc.value)
+    assert {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)} == before
 
 
 def test_random_depends_on_seed():
