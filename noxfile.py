@@ -17,9 +17,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def slow(session: nox.Session) -> None:
-    """Tests marked slow (bigger models, real data); set PRUNEBENCH_DATA for the data ones."""
+    """Tests marked slow (bigger models) or data (real data: set PRUNEBENCH_DATA, or they skip)."""
     session.install("-e", ".[dev]")
-    session.run("python", "-m", "pytest", "-q", "-m", "slow", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-m", "slow or data", *session.posargs)
 
 
 @nox.session

@@ -43,6 +43,23 @@ def real_data_root() -> Path:
     return Path(root)
 
 
+_deselected: list[pytest.Item] = []
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    _deselected.extend(items)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say how many tests were left out and how to run them (-ra lists skips with their reasons)."""
+    marked = [item for item in _deselected if item.get_closest_marker("slow") or item.get_closest_marker("data")]
+    if marked:
+        terminalreporter.write_line(
+            f"{len(marked)} tests marked slow or data not selected (-m {config.option.markexpr!r}); "
+            "`nox -s slow` runs them"
+        )
+
+
 # tests/plugin_example is a separate package with its own test; test_plugin_package.py
 # installs it and runs that test in a subprocess.
 collect_ignore = ["plugin_example"]
