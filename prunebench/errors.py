@@ -30,6 +30,16 @@ class DivergedError(PrunebenchError):
     """Training produced a non-finite loss or non-finite weights; the run's numbers are void."""
 
 
+class CheckpointError(PrunebenchError):
+    """A checkpoint cannot be used: unreadable, truncated, not plain tensors (loading it would
+    run code), built for another architecture, or holding non-finite weights. Names the file."""
+
+
+class RecordError(PrunebenchError):
+    """A result record cannot be read or written where it belongs; names the file (and, for a
+    write, where the record was saved instead)."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest matches, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from prunebench.errors import RecordError
+from prunebench.files import replace_atomically
 
 SCHEMA = "prunebench-result/1"
 
@@ -85,20 +88,27 @@ def hardware(device: Any) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, record: Mapping[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True, default=_jsonable)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``record`` as strict JSON (non-finite floats become ``null``), atomically and
+    with the mode the umask gives new files."""
+    data = dumps(record)
+    return replace_atomically(Path(path), lambda f: f.write(data))
+
+
+def dumps(record: Mapping[str, Any]) -> bytes:
+    """The bytes of a record file: sorted keys, indented, strict JSON, final newline."""
+    text = json.dumps(_finite(record), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
+    return (text + "\n").encode()
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities have no JSON spelling: they are written as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
@@ -115,11 +125,59 @@ def validate(record: Mapping[str, Any]) -> list[str]:
     return [k for k in need if k not in record]
 
 
-def load_records(directory: Path) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class RecordProblem:
+    """A file in a records directory that is not a usable record, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def read_record(path: Path) -> dict[str, Any] | RecordProblem:
+    """The record in ``path``, or a :class:`RecordProblem` saying why it cannot be used:
+    unreadable, truncated or invalid JSON, not a JSON object, another schema, or missing
+    fields (those every record has; for a complete record also its results)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        return RecordProblem(path, f"unreadable ({type(exc).__name__}: {exc})")
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RecordProblem(path, f"not valid JSON, perhaps truncated ({exc})")
+    if not isinstance(rec, dict):
+        return RecordProblem(path, f"not a result record (a JSON {type(rec).__name__}, not an object)")
+    if rec.get("schema") != SCHEMA:
+        return RecordProblem(path, f"not a result record (schema {rec.get('schema')!r}, expected {SCHEMA!r})")
+    need = REQUIRED + (COMPLETE_REQUIRED if rec.get("status") == "complete" else ())
+    missing = [k for k in need if k not in rec]
+    if missing:
+        return RecordProblem(path, f"{rec.get('status', 'unknown')} record lacks {', '.join(missing)}")
+    return rec
+
+
+def scan_records(directory: Path) -> Iterator[dict[str, Any] | RecordProblem]:
+    """Every ``*.json`` file of ``directory`` in name order: the record, or the
+    :class:`RecordProblem` that makes it unusable. Never raises for a bad file, so one bad
+    file cannot block a page built from the others."""
     for p in sorted(Path(directory).glob("*.json")):
-        with open(p) as f:
-            rec = json.load(f)
-        if rec.get("schema") == SCHEMA:
+        yield read_record(p)
+
+
+def load_records(directory: Path) -> Iterator[dict[str, Any]]:
+    """The records of ``directory``; JSON files of another schema are skipped. A file that
+    cannot be parsed raises :class:`RecordError` naming it (see :func:`scan_records` to skip
+    and report such files instead)."""
+    for p in sorted(Path(directory).glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RecordError(f"{p}: not a readable record ({type(exc).__name__}: {exc})") from None
+        if isinstance(rec, dict) and rec.get("schema") == SCHEMA:
             yield rec
 
 

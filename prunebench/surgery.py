@@ -17,8 +17,6 @@ three, so it loads with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +137,13 @@ def replay(model: nn.Module, example_inputs: Tensor, plan: Sequence[Mapping[str,
     return model
 
 
-def save_compressed(
-    path: Path, arch: str, arch_kwargs: Mapping[str, Any], plan: Sequence[Mapping[str, Any]],
-    model: nn.Module, input_shape: Sequence[int], meta: Mapping[str, Any] | None = None,
-) -> None:
-    """Atomically write (architecture, plan, state dict) — loadable with weights_only=True."""
-    payload = {
-        "format": "prunebench-compressed/1",
+def compressed_payload(
+    arch: str, arch_kwargs: Mapping[str, Any], plan: Sequence[Mapping[str, Any]], model: nn.Module,
+    input_shape: Sequence[int], meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """(architecture, plan, state dict) as plain data — loadable with weights_only=True."""
+    return {
+        "format": FORMAT,
         "arch": arch,
         "arch_kwargs": json.dumps(dict(arch_kwargs)),
         "input_shape": list(input_shape),
@@ -153,34 +151,62 @@ def save_compressed(
         "meta": json.dumps(dict(meta or {})),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    atomic_torch_save(payload, path)
+
+
+def save_compressed(
+    path: Path, arch: str, arch_kwargs: Mapping[str, Any], plan: Sequence[Mapping[str, Any]],
+    model: nn.Module, input_shape: Sequence[int], meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Atomically write (architecture, plan, state dict) — loadable with weights_only=True."""
+    atomic_torch_save(compressed_payload(arch, arch_kwargs, plan, model, input_shape, meta), path)
+
+
+FORMAT = "prunebench-compressed/1"
+_FIELDS = ("arch", "arch_kwargs", "input_shape", "plan", "meta", "state_dict")
 
 
 def load_compressed(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a compressed model from architecture + plan + state dict."""
-    from prunebench import registry
+    """Rebuild a compressed model from architecture + plan + state dict.
 
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if payload.get("format") != "prunebench-compressed/1":
-        raise ConfigError(f"{path} is not a prunebench compressed-model file")
+    Loads with ``weights_only=True``; a file that is not a prunebench compressed model (or is
+    truncated, or whose plan or weights do not fit its architecture) raises a one-line
+    :class:`~prunebench.errors.CheckpointError` naming it.
+    """
+    from prunebench import checkpoints, registry
+    from prunebench.errors import CheckpointError
+
+    what = "compressed model"
+    payload = checkpoints.read(path, what)
+    if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a prunebench compressed-model file (no format {FORMAT!r})")
+    missing = [k for k in _FIELDS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{what} {path} lacks {', '.join(missing)}")
+    try:
+        arch_kwargs = json.loads(payload["arch_kwargs"])
+        plan = json.loads(payload["plan"])
+        meta = json.loads(payload["meta"])
+        shape = [int(v) for v in payload["input_shape"]]
+        if not isinstance(arch_kwargs, dict) or not isinstance(plan, list) or len(shape) < 2:
+            raise ValueError("arch_kwargs must be an object, plan a list, input_shape [N, C, ...]")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{what} {path} has malformed fields ({exc})") from None
     arch = registry.architectures.get(payload["arch"])
-    model = arch.build(**json.loads(payload["arch_kwargs"]))
-    example = torch.zeros(1, *payload["input_shape"][1:])
-    plan = json.loads(payload["plan"])
-    replay(model, example, plan)
-    model.load_state_dict(payload["state_dict"])
-    info = {"arch": payload["arch"], "plan": plan, "meta": json.loads(payload["meta"])}
+    try:
+        model = arch.build(**arch_kwargs)
+        replay(model, torch.zeros(1, *shape[1:]), plan)
+    except (ConfigError, PluginError, KeyError, IndexError, TypeError, ValueError, AttributeError,
+            RuntimeError) as exc:
+        raise CheckpointError(f"{what} {path}: its plan does not apply to {payload['arch']} "
+                              f"({type(exc).__name__}: {exc})") from None
+    checkpoints.load_state(model, path, what, payload={"state_dict": payload["state_dict"]})
+    model.to(map_location)
+    info = {"arch": payload["arch"], "plan": plan, "meta": meta}
     return model, info
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to a temporary file, then move it into place (mode per the umask)."""
+    from prunebench.files import replace_atomically
+
+    replace_atomically(Path(path), lambda f: torch.save(obj, f))

@@ -4,21 +4,21 @@ Decoding tens of thousands of JPEGs takes seconds; loading the decoded uint8 ten
 with ``torch.load(..., weights_only=True)`` takes a fraction of a second. Entries are named
 after the source path and stamped with the source's size and mtime; a changed source gets a
 new entry and the stale one is removed. Writes go to a temporary file first and are moved
-into place with ``os.replace``, so a reader never sees half a file.
+into place with ``os.replace`` (:mod:`prunebench.files`), so a reader never sees half a file,
+and get the mode the umask gives new files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from prunebench.datasets import cache_dir
 from prunebench.datasets.base import DataSplits
+from prunebench.files import replace_atomically
 
 FORMAT = 1  # bump when the cached layout or the decoding changes
 
@@ -65,22 +65,11 @@ def save(path: Path, stamp: str, splits: DataSplits) -> None:
         "mean": [float(v) for v in splits.mean],
         "std": [float(v) for v in splits.std],
     }
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        replace_atomically(path, lambda f: torch.save(data, f))
     except OSError as exc:
         warnings.warn(f"could not write dataset cache {path}: {exc}", stacklevel=3)
         return
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     prefix = path.name[: path.name.rindex("-") + 1]  # same kind, source name and path digest
     for old in path.parent.glob(prefix + "*.pt"):
         if old != path:

@@ -6,16 +6,18 @@ https://www.cs.toronto.edu/~kriz/cifar.html. Files expected under the data root:
     cifar-10-batches-py/data_batch_1 .. data_batch_5, test_batch   (or cifar-10-python.tar.gz)
     cifar-100-python/train, test, meta                             (or cifar-100-python.tar.gz)
 
-An archive found in the root is extracted next to it. When neither is there, the official
-archive is downloaded (``download=True``, the default; md5-checked) and, failing that, a
-:class:`DataNotFoundError` names the exact files expected.
+An archive found in the root is checked against the published md5 and extracted next to
+it. When neither is there, the official archive is downloaded (``download=True``, the
+default; md5-checked) and, failing that, a :class:`DataNotFoundError` names the exact files
+expected. The batch files are unpickled by :mod:`prunebench.datasets.safe_pickle`, which
+admits only the numpy reconstruction the real files need, so a crafted file in the data
+root cannot run code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tarfile
 import urllib.request
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import Any
 
 from prunebench.datasets import channel_stats, data_root, dataset_options
 from prunebench.datasets.base import Dataset, DataSplits
+from prunebench.datasets.safe_pickle import load_file
 from prunebench.errors import ConfigError, DataNotFoundError
 
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -100,6 +103,27 @@ def _download(url: str, dest: Path, md5: str, timeout: float = DOWNLOAD_TIMEOUT_
         part.unlink(missing_ok=True)
 
 
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(archive: Path, rel: _Release) -> None:
+    """A local archive must be the published one before anything in it is extracted."""
+    try:
+        got = md5sum(archive)
+    except OSError as exc:
+        raise DataNotFoundError(f"cannot read {archive}: {exc.strerror or exc}") from None
+    if got != rel.md5:
+        raise DataNotFoundError(
+            f"{archive} is not the official {rel.title} archive: its md5 is {got}, the published one is "
+            f"{rel.md5} ({rel.url}). Delete it, or replace it with the official file"
+        )
+
+
 def _extract(archive: Path, into: Path) -> None:
     try:
         with tarfile.open(archive, mode="r:*") as tf:
@@ -140,6 +164,7 @@ def _ensure_files(root: Path, rel: _Release, download: bool) -> Path:
             _download(rel.url, archive, rel.md5)
         except Exception as exc:  # offline, firewalled, read-only root, bad checksum...
             raise _not_found(root, rel, f"downloading failed ({type(exc).__name__}: {exc})") from exc
+    _verify(archive, rel)
     _extract(archive, root)
     missing = _missing(folder, rel)
     if missing:
@@ -148,8 +173,7 @@ def _ensure_files(root: Path, rel: _Release, download: bool) -> Path:
 
 
 def _unpickle(path: Path) -> dict[bytes, Any]:
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="bytes")
+    data = load_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} is not a CIFAR python-version file (expected a pickled dict)")
     return data
@@ -166,11 +190,17 @@ def _read_batches(folder: Path, files: tuple[str, ...], label_key: bytes):  # ->
             raise ConfigError(
                 f"{folder / fname} lacks the keys b'data' and {label_key!r} of the CIFAR python format"
             )
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[label_key], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(f"{folder / fname}: data or labels are not numbers ({exc})") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ConfigError(f"{folder / fname}: data has shape {data.shape}, expected [N, 3072]")
+        if labels.ndim != 1:
+            raise ConfigError(f"{folder / fname}: labels have shape {labels.shape}, expected [N]")
         xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch[label_key], dtype=np.int64))
+        ys.append(labels)
     x = torch.from_numpy(np.concatenate(xs))
     y = torch.from_numpy(np.concatenate(ys))
     if len(x) != len(y):
@@ -185,7 +215,10 @@ def _load(rel: _Release, root: Path | None, download: bool) -> DataSplits:
     test_x, test_y = _read_batches(folder, rel.test_files, rel.label_key)
     meta = folder / rel.meta_file
     if meta.is_file():
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(meta)[rel.names_key]]
+        names = _unpickle(meta).get(rel.names_key)
+        if not isinstance(names, list):
+            raise ConfigError(f"{meta} lacks the list {rel.names_key!r} of class names")
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     else:
         classes = list(CIFAR10_CLASSES)
     for split, y in (("train", train_y), ("test", test_y)):

@@ -1,0 +1,121 @@
+"""Safe checkpoint loading: plain tensors only, checked before use, one-line errors.
+
+Every checkpoint prunebench reads (``--baseline FILE``, cached baselines, compressed models)
+goes through :func:`read`, which loads with ``torch.load(..., weights_only=True)``: a file
+that would need arbitrary code to unpickle is refused, and torch's advice to retry with
+``weights_only=False`` is never passed on. :func:`load_state` then checks that the state
+dict holds only finite tensors and fits the model (names and shapes) before loading it.
+Every failure is a :class:`~prunebench.errors.CheckpointError` that names the file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunebench.errors import CheckpointError
+
+#: torch's wording around a refused global; only the sentence naming the refused thing is kept
+_TORCH_ADVICE = re.compile(r"weights_only|Weights only|trusted source|file an issue|documentation of torch\.load",
+                           re.IGNORECASE)
+
+
+def read(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every way a file can fail to load
+        raise CheckpointError(f"{what} {path} {_why(exc)}") from None
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc)
+    if "Weights only load failed" in text:
+        reason = "; ".join(
+            line.strip().removeprefix("WeightsUnpickler error:").strip()
+            for line in text.splitlines() if line.strip() and not _TORCH_ADVICE.search(line)
+        )
+        return ("holds more than plain tensors, and loading it would run code from the file; refused "
+                f"({reason or 'unsupported pickle content'}). Save it as a state dict of tensors")
+    if isinstance(exc, PermissionError):
+        return f"cannot be read ({exc.strerror or exc})"
+    if isinstance(exc, EOFError | OSError) or "central directory" in text or "PytorchStreamReader" in text:
+        return "is truncated or corrupt (not a complete PyTorch checkpoint); delete it or save it again"
+    first = text.splitlines()[0][:120] if text.strip() else ""
+    return f"is not a PyTorch checkpoint (unreadable as one: {type(exc).__name__}{': ' + first if first else ''})"
+
+
+def state_dict(payload: Any, path: str | Path, what: str = "checkpoint") -> dict[str, Tensor]:
+    """The state dict in a loaded checkpoint: ``payload["state_dict"]`` or the payload itself."""
+    state = payload.get("state_dict", payload) if isinstance(payload, Mapping) else payload
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"{what} {path} holds no state dict (a mapping of parameter names to tensors), "
+                              f"but {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{what} {path} is not a state dict: entry {bad[0]!r} is not a named tensor")
+    return dict(state)
+
+
+def non_finite(named: Mapping[str, Tensor] | Any) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, or None."""
+    for name, t in named.items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(state: Mapping[str, Tensor], path: str | Path, what: str = "checkpoint") -> None:
+    name = non_finite(state)
+    if name is not None:
+        raise CheckpointError(f"{what} {path} has non-finite values in {name!r} (the training that produced "
+                              "it diverged); it cannot be used")
+
+
+def check_fits(model: nn.Module, state: Mapping[str, Tensor], path: str | Path, what: str = "checkpoint") -> None:
+    """Every tensor of the model is in ``state`` with the same shape, and nothing else is."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    raise CheckpointError(f"{what} {path} does not fit the model ({type(model).__name__}): " + "; ".join(parts)
+                          + ". Is it a checkpoint of another architecture or dataset?")
+
+
+def load_state(model: nn.Module, path: str | Path, what: str = "checkpoint",
+               payload: Any | None = None) -> dict[str, Any]:
+    """Load ``path`` (or an already read ``payload``) into ``model`` after checking that it
+    holds finite tensors that fit the model. Returns the checkpoint's other entries."""
+    if payload is None:
+        payload = read(path, what)
+    state = state_dict(payload, path, what)
+    check_finite(state, path, what)
+    check_fits(model, state, path, what)
+    model.load_state_dict(state)
+    return {k: v for k, v in payload.items() if k != "state_dict"} if isinstance(payload, Mapping) else {}
+
+
+def finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
