@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from prunebench.errors import ConfigError, suggest
@@ -26,6 +27,9 @@ class Budget:
     latency_repeats: int
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_budget(self)
+
     def override(self, **changes: str | float | int | None) -> Budget:
         fields = {f.name: f for f in dataclasses.fields(self)}
         typed = {}
@@ -40,6 +44,50 @@ class Budget:
 
     def resolved(self) -> dict:
         return dataclasses.asdict(self)
+
+
+SCHEDULES = ("step", "onecycle", "cosine", "constant")
+
+
+def check_budget(b: Budget) -> None:
+    """Every field in its range, so a bad override fails before any work (ConfigError)."""
+    def bad(key: str, need: str) -> ConfigError:
+        return ConfigError(f"budget {b.name!r}: {key} {need}, got {getattr(b, key)!r}")
+
+    def number(key: str) -> float:
+        value = getattr(b, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad(key, "must be a finite number")
+        return value
+
+    def integer(key: str, low: int) -> None:
+        value = getattr(b, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(key, f"must be an integer >= {low}")
+
+    for key in ("baseline_epochs", "finetune_epochs", "weight_decay"):
+        if number(key) < 0:
+            raise bad(key, "must be >= 0")
+    for key in ("lr", "finetune_lr"):
+        if number(key) <= 0:
+            raise bad(key, "must be > 0")
+    if not 0 <= number("momentum") < 1:
+        raise bad("momentum", "must lie in [0, 1)")
+    if not 0 <= number("label_smoothing") < 1:
+        raise bad("label_smoothing", "must lie in [0, 1)")
+    integer("batch_size", 1)
+    integer("calibration_size", 1)
+    integer("latency_repeats", 1)
+    for key in ("train_subset", "test_subset"):
+        if getattr(b, key) is not None:
+            integer(key, 1)
+    if b.schedule not in SCHEDULES:
+        raise ConfigError(f"budget {b.name!r}: unknown schedule {b.schedule!r}.{suggest(str(b.schedule), SCHEDULES)} "
+                          f"Available: {', '.join(SCHEDULES)}")
+    ms = b.milestones
+    if not isinstance(ms, tuple) or any(isinstance(m, bool) or not isinstance(m, int | float) or not 0 < m < 1
+                                        for m in ms) or list(ms) != sorted(ms):
+        raise bad("milestones", "must be increasing fractions of training in (0, 1), e.g. 0.5,0.75")
 
 
 def _parse(key: str, value, current):

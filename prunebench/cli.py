@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from prunebench.errors import ConfigError, PrunebenchError
@@ -73,12 +73,11 @@ def run(
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
     from prunebench.runner import RunConfig, execute
+    from prunebench.validation import load_profile
 
     profile = None
     if layer_ratios is not None:
-        if not layer_ratios.exists():
-            raise ConfigError(f"--layer-ratios file {layer_ratios} does not exist")
-        profile = {str(k): float(v) for k, v in json.loads(layer_ratios.read_text()).items()}
+        profile = load_profile(layer_ratios)
         allocation = "profile"
     cfg = RunConfig(
         criterion=criterion, arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
@@ -95,9 +94,9 @@ def run(
             f"baseline {record['baseline']['top1']:.2f}% → one-shot {record['oneshot']['top1']:.2f}% → "
             f"final {record['final']['top1']:.2f}% at {record['achieved']['macs_reduction']:.1%} MACs ↓, "
             f"{record['achieved']['params_reduction']:.1%} params ↓",
-            highlight=False,
+            highlight=False, markup=False,
         )
-    out.print(f"record: {path}", highlight=False)
+    out.print(f"record: {path}", highlight=False, markup=False)
 
 
 @app.command()
@@ -133,7 +132,7 @@ def sweep(
         out.print(f"{len(listing)} runs in {spec.results_dir}: {done} complete, {len(listing) - done} pending",
                   highlight=False, markup=False, soft_wrap=True)
         for rid, status in listing:
-            out.print(f"{status:<8}  {rid}", highlight=False, soft_wrap=True)
+            out.print(f"{status:<8}  {rid}", highlight=False, markup=False, soft_wrap=True)
         return
     try:
         outcomes = run_sweep(spec, executor=executor, address=address, max_parallel=max_parallel, verbose=verbose,
@@ -142,7 +141,7 @@ def sweep(
         err.print("interrupted: run the same command again to resume (complete runs are skipped)", highlight=False)
         raise typer.Exit(130) from None
     out.print(summary(outcomes), highlight=False, markup=False, soft_wrap=True)
-    if any(o.status == "failed" for o in outcomes):
+    if any(o.status in ("failed", "diverged") for o in outcomes):
         raise typer.Exit(1)
 
 
@@ -166,12 +165,12 @@ def list_(kind: Annotated[str, typer.Argument(help="criteria | architectures | d
     table = Table("name", "kind: summary" if kind == "criteria" else "description", "from", "status")
     for item in reg.listing():
         if item.broken:
-            desc, status = "", f"[red]broken[/]: {item.error}"
+            desc, status = "", f"[red]broken[/]: {escape(item.error or '')}"
         elif kind == "criteria":
-            desc, status = f"{item.obj.kind.value}: {item.obj.summary}", "ok"
+            desc, status = escape(f"{item.obj.kind.value}: {item.obj.summary}"), "ok"
         else:
-            desc, status = item.obj.description, "ok"
-        table.add_row(item.name, desc, f"{item.distribution} {item.version}", status)
+            desc, status = escape(item.obj.description), "ok"
+        table.add_row(escape(item.name), desc, escape(f"{item.distribution} {item.version}"), status)
     out.print(table)
 
 
@@ -202,19 +201,19 @@ def info(
     x = torch.zeros(1, in_channels, size, size)
     macs, params = count_macs(model, x), count_params(model)
     prunable = a.prunable(model)
-    out.print(f"[bold]{a.name}[/]: {a.description}")
+    out.print(f"[bold]{escape(a.name)}[/]: {escape(a.description)}")
     out.print(f"  input {in_channels}×{size}×{size}, {num_classes} classes")
     out.print(f"  MACs   {macs / 1e6:.2f}M  ({macs:,})")
     out.print(f"  params {params / 1e6:.2f}M  ({params:,})")
-    out.print(f"  prunable convs {len(prunable)}; protected {', '.join(a.protected(model))}")
+    out.print(f"  prunable convs {len(prunable)}; protected {', '.join(a.protected(model))}", markup=False)
     if a.pruning_note:
-        out.print(f"  note: {a.pruning_note}")
+        out.print(f"  note: {a.pruning_note}", markup=False)
     if layers:
         modules = dict(model.named_modules())
         table = Table("layer", "out channels", "kernel")
         for n in prunable:
             m = modules[n]
-            table.add_row(n, str(m.out_channels), "×".join(map(str, m.kernel_size)))
+            table.add_row(escape(n), str(m.out_channels), "×".join(map(str, m.kernel_size)))
         out.print(table)
 
 
@@ -225,15 +224,15 @@ def _criterion_info(name: str) -> None:
 
     cls = registry.criteria.get(name)
     entry = registry.criteria.entries()[name]
-    out.print(f"[bold]{name}[/] ({cls.kind.value}{', needs calibration data' if cls.needs_data else ''}) "
-              f"from {entry.distribution} {entry.version}")
-    out.print(f"  {cls.summary}", highlight=False)
+    out.print(f"[bold]{escape(name)}[/] ({cls.kind.value}{', needs calibration data' if cls.needs_data else ''}) "
+              f"from {escape(entry.distribution)} {escape(entry.version)}")
+    out.print(f"  {cls.summary}", highlight=False, markup=False)
     if cls.reference:
-        out.print(f"  reference: {cls.reference}", highlight=False)
+        out.print(f"  reference: {cls.reference}", highlight=False, markup=False)
     table = Table("hyper-parameter (--param KEY=VALUE)", "type", "default")
     for f in dataclasses.fields(cls.Params):
         typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        table.add_row(f.name, str(typ), repr(f.default))
+        table.add_row(escape(f.name), escape(str(typ)), escape(repr(f.default)))
     if dataclasses.fields(cls.Params):
         out.print(table)
     else:
@@ -258,20 +257,23 @@ def baseline(
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
     from prunebench.runner import RunConfig, evaluate, get_baseline, load_data, resolve_device
+    from prunebench.validation import check_run
 
     cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
                     seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir, device=device)
+    check_run(cfg)
     dev = resolve_device(device)
     splits, data = load_data(cfg, dev)
     torch.manual_seed(seed)  # as `run` does, so both train the identical baseline
     model = registry.architectures.get(arch).build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(dev)
     info_ = get_baseline(cfg, model, splits, data, Reporter())
     acc = evaluate(model.to(dev), data, splits.num_classes)
-    out.print(f"baseline {arch}/{dataset}/{budget}/seed {seed}: top-1 {acc['top1']:.2f}% ({info_['source']})")
+    out.print(f"baseline {arch}/{dataset}/{budget}/seed {seed}: top-1 {acc['top1']:.2f}% ({info_['source']})",
+              markup=False)
     if "key" in info_:
         from prunebench.datasets import cache_dir
 
-        out.print(f"checkpoint: {cache_dir() / 'baselines' / (info_['key'] + '.pt')}")
+        out.print(f"checkpoint: {cache_dir() / 'baselines' / (info_['key'] + '.pt')}", markup=False)
 
 
 @app.command()
@@ -282,8 +284,6 @@ def leaderboard(
 ) -> None:
     """Aggregate result records into leaderboard pages: an index, one markdown page and CSV per
     (dataset, arch), and accuracy-vs-MACs plots where there are several targets."""
-    from rich.markup import escape
-
     from prunebench.leaderboard import build, check_stale, problems, write
 
     if not records.is_dir():
@@ -302,11 +302,64 @@ def leaderboard(
         out.print(f"wrote {escape(str(f))}", highlight=False, soft_wrap=True)
 
 
+records_app = typer.Typer(no_args_is_help=True, help="Check result records, or migrate them to the current run-id rule.")
+app.add_typer(records_app, name="records")
+
+
+@records_app.command("check")
+def records_check(
+    directory: Annotated[Path, typer.Argument(help="directory of result records")] = Path("results"),
+) -> None:
+    """List every file in DIRECTORY that is not a usable record, and why (exit 1 if any)."""
+    from prunebench.records import RecordProblem, scan_records
+
+    if not directory.is_dir():
+        raise ConfigError(f"no records directory {directory}")
+    found = list(scan_records(directory))
+    problems = [r for r in found if isinstance(r, RecordProblem)]
+    for p in problems:
+        err.print(f"bad record: {p}", markup=False, highlight=False, soft_wrap=True)
+    counts: dict[str, int] = {}
+    for r in found:
+        if not isinstance(r, RecordProblem):
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no records"
+    out.print(f"{directory}: {summary}; {len(problems)} unusable file(s)", markup=False, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+@records_app.command("migrate")
+def records_migrate(
+    directory: Annotated[Path, typer.Argument(help="directory of result records")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; change nothing")] = False,
+) -> None:
+    """Rename records (and models) written under an older run-id rule to their current ids.
+
+    Each record's configuration is rebuilt from its fields and must reproduce its old id;
+    records that do not are reported and left alone (docs/guarantees.md)."""
+    from prunebench.migrate import apply, plan
+
+    if not directory.is_dir():
+        raise ConfigError(f"no records directory {directory}")
+    changes = plan(directory)
+    todo = [c for c in changes if c.action in ("rename", "merge", "add identity")]
+    for c in changes:
+        if dry_run or c.action in ("skip", "current"):
+            out.print(c.line(), markup=False, highlight=False, soft_wrap=True)
+    if not dry_run:
+        apply(directory, todo, log=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True))
+    skipped = sum(c.action == "skip" for c in changes)
+    verb = "would change" if dry_run else "changed"
+    out.print(f"{len(changes)} files: {verb} {len(todo)}, {sum(c.action == 'current' for c in changes)} current, "
+              f"{skipped} left as they are", markup=False, highlight=False)
+
+
 def main() -> None:
     try:
         app()
     except PrunebenchError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -54,6 +54,9 @@ class Target:
             raise ConfigError(
                 f"target ratio is the fraction removed and must lie in (0, 1), got {self.ratio}"
             )
+        if not 0.0 <= self.tolerance < 1.0:  # also rejects NaN
+            raise ConfigError(f"target tolerance is |achieved - target| allowed and must lie in [0, 1), "
+                              f"got {self.tolerance}")
 
 
 @dataclass

@@ -7,12 +7,20 @@ package declares its own, so the third-party path is the one every run exercises
 Entries load lazily: listing names imports nothing, and a plug-in that fails to import
 is reported as broken (with the reason) instead of breaking the listing. Unknown names
 fail with close-match suggestions and the list of available names.
+
+Name clashes are never resolved silently. When a third-party distribution registers a name
+that a built-in already has, the built-in is used and the other entry is listed as broken
+("name clash"); ``PRUNEBENCH_PREFER="NAME=DISTRIBUTION,..."`` explicitly chooses the other
+one. When two third-party distributions register one name and neither is preferred, the
+name cannot be used until one is. A run's id and record name the distribution of every
+plug-in that is not built in.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -21,6 +29,9 @@ from prunebench.errors import ConfigError, PluginError, suggest
 
 T = TypeVar("T")
 
+BUILTIN = "prunebench"  # the distribution whose entry points are the built-ins
+PREFER_ENV = "PRUNEBENCH_PREFER"
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -28,6 +39,7 @@ class Entry:
     value: str  # "module:attr"
     distribution: str
     version: str
+    clash: str | None = None  # why this name cannot be used as it stands (a clash nobody settled)
 
 
 @dataclass(frozen=True)
@@ -51,20 +63,61 @@ class Registry(Generic[T]):
         self.kind = kind
         self._validate = validate
         self._extra: dict[str, Entry] = {}
-        self._loaded: dict[str, T] = {}
+        self._loaded: dict[tuple[str, str], T] = {}  # (name, PRUNEBENCH_PREFER) -> object
 
     def entries(self) -> dict[str, Entry]:
-        found: dict[str, Entry] = {}
+        """The entry used for each name (clashes settled as the module docstring says)."""
+        return self._resolve()[0]
+
+    def shadowed(self) -> list[tuple[Entry, str]]:
+        """Entries not used because another distribution has their name, with the reason."""
+        return self._resolve()[1]
+
+    def _resolve(self) -> tuple[dict[str, Entry], list[tuple[Entry, str]]]:
+        candidates: dict[str, list[Entry]] = {}
         for ep in md.entry_points(group=self.group):
             dist = getattr(ep, "dist", None)
-            found[ep.name] = Entry(
+            entry = Entry(
                 name=ep.name,
                 value=ep.value,
                 distribution=dist.metadata["Name"] if dist is not None else "?",
                 version=dist.version if dist is not None else "?",
             )
-        found.update(self._extra)
-        return dict(sorted(found.items()))
+            same = candidates.setdefault(ep.name, [])
+            if all(e.distribution != entry.distribution for e in same):
+                same.append(entry)
+        prefer = preferences()
+        chosen: dict[str, Entry] = {}
+        shadowed: list[tuple[Entry, str]] = []
+        for name, entries in candidates.items():
+            if len(entries) == 1:
+                chosen[name] = entries[0]
+                continue
+            dists = [e.distribution for e in entries]
+            picked = [e for e in entries if e.distribution == prefer.get(name)]
+            builtin = [e for e in entries if e.distribution == BUILTIN]
+            if name in prefer and not picked:
+                chosen[name] = Entry(name, "", " / ".join(dists), "", clash=(
+                    f"{PREFER_ENV} chooses {prefer[name]!r} for {self.kind} {name!r}, but it is provided by "
+                    f"{' and '.join(dists)}"))
+                continue
+            if picked or builtin:
+                winner = (picked or builtin)[0]
+                why = f"chosen by {PREFER_ENV}" if picked else "the built-in is used"
+                chosen[name] = winner
+                for e in entries:
+                    if e is not winner:
+                        fix = ("the built-in is not used" if e.distribution == BUILTIN else
+                               f"this one is not used. Rename its entry point, or set "
+                               f"{PREFER_ENV}={name}={e.distribution} to use it instead")
+                        shadowed.append((e, f"name clash: {winner.distribution} {winner.version} also provides "
+                                            f"{self.kind} {name!r} ({why}); {fix}"))
+                continue
+            chosen[name] = Entry(name, "", " / ".join(dists), "", clash=(
+                f"name clash: {self.kind} {name!r} is provided by {' and '.join(dists)}; choose one with "
+                f"{PREFER_ENV}={name}={dists[0]}"))
+        chosen.update(self._extra)
+        return dict(sorted(chosen.items())), shadowed
 
     def names(self) -> list[str]:
         return list(self.entries())
@@ -72,16 +125,20 @@ class Registry(Generic[T]):
     def register(self, name: str, value: str, distribution: str = "<runtime>") -> None:
         """Add a ``module:attr`` entry at run time (tests, notebooks)."""
         self._extra[name] = Entry(name, value, distribution, "")
-        self._loaded.pop(name, None)
+        for key in [k for k in self._loaded if k[0] == name]:
+            del self._loaded[key]
 
     def get(self, name: str) -> T:
-        if name in self._loaded:
-            return self._loaded[name]
+        key = (name, os.environ.get(PREFER_ENV, ""))
+        if key in self._loaded:
+            return self._loaded[key]
         entries = self.entries()
         if name not in entries:
             available = ", ".join(entries) or "(none installed)"
             raise ConfigError(f"unknown {self.kind} {name!r}.{suggest(name, entries)} Available: {available}")
         entry = entries[name]
+        if entry.clash is not None:
+            raise PluginError(entry.clash)
         try:
             obj = _load(entry.value)
         except Exception as exc:  # noqa: BLE001 - any import failure is the plug-in's
@@ -93,10 +150,11 @@ class Registry(Generic[T]):
             obj = self._validate(name, obj)
         except PluginError as exc:
             raise PluginError(f"{exc} [plug-in {name!r} from {entry.distribution} {entry.version}]") from None
-        self._loaded[name] = obj
+        self._loaded[key] = obj
         return obj
 
     def listing(self) -> list[Listing]:
+        """Every entry, working or broken; entries shadowed by a name clash are listed as broken."""
         out = []
         for name, entry in self.entries().items():
             try:
@@ -104,7 +162,26 @@ class Registry(Generic[T]):
             except PluginError as exc:
                 obj, err = None, str(exc)
             out.append(Listing(name, entry.distribution, entry.version, obj, err))
-        return out
+        for entry, why in self.shadowed():
+            out.append(Listing(entry.name, entry.distribution, entry.version, None, why))
+        return sorted(out, key=lambda item: (item.name, item.error is not None))
+
+    def provider(self, name: str) -> str | None:
+        """The distribution that provides ``name`` when it is not built in (None for built-ins)."""
+        entry = self.entries().get(name)
+        if entry is None or entry.distribution == BUILTIN:
+            return None
+        return entry.distribution
+
+
+def preferences() -> dict[str, str]:
+    """``PRUNEBENCH_PREFER="NAME=DISTRIBUTION,..."``: which distribution wins a name clash."""
+    out = {}
+    for item in os.environ.get(PREFER_ENV, "").split(","):
+        name, sep, dist = item.partition("=")
+        if sep and name.strip() and dist.strip():
+            out[name.strip()] = dist.strip()
+    return out
 
 
 def _load(value: str) -> Any:

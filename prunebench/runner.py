@@ -1,8 +1,13 @@
 """One run of the protocol: baseline → calibration → compress → one-shot → fine-tune → record.
 
 Every stage follows PROTOCOL.md; the test split is only used for evaluation, and final
-(not best) accuracy is reported. Any exception still produces a record with status
-``failed`` and the error, written atomically.
+(not best) accuracy is reported. The whole configuration is checked before any work
+(:mod:`prunebench.validation`), the run holds ``<results>/<run_id>.lock`` while it executes,
+every training stage and the compression are checked for divergence
+(:mod:`prunebench.divergence`), and checkpoints are loaded only as checked plain tensors
+(:mod:`prunebench.checkpoints`). Any exception still produces a record, with status
+``failed`` (or ``diverged``) and the error, stored by :func:`prunebench.store.commit`, which
+never lets it replace a complete record.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import time
 import traceback
 from collections.abc import Mapping
@@ -21,18 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunebench import registry
+from prunebench import checkpoints, divergence, registry, store
 from prunebench.budgets import Budget
 from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
 from prunebench.engine import DeviceData, Recipe, train
-from prunebench.errors import ConfigError
-from prunebench.locks import hold
+from prunebench.errors import CheckpointError, ConfigError, DivergedError
+from prunebench.locks import FileLock, hold
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.records import hardware, is_complete, now, run_id, versions, write_atomic
-from prunebench.surgery import atomic_torch_save, save_compressed
+from prunebench.records import hardware, is_complete, now, run_id, versions
+from prunebench.surgery import atomic_torch_save, compressed_payload
+from prunebench.validation import check_dataset_options, check_run
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,18 @@ class RunConfig:
     scratch: bool = False  # control: the compressed architecture re-initialised and trained from scratch
 
     def identity(self) -> dict[str, Any]:
-        """What determines the result (paths and flags excluded) — hashed into the run id."""
+        """What determines the result (paths and flags excluded) — hashed into the run id.
+
+        Criterion hyper-parameters enter resolved (defaults filled in, values typed), dataset
+        options typed, so a run given its defaults explicitly is the same run; plug-ins not
+        built into prunebench enter with the distribution that provides them.
+        """
         identity = {
             "criterion": self.criterion,
-            "criterion_params": dict(sorted(self.criterion_params.items())),
+            "criterion_params": resolved_params(self.criterion, self.criterion_params),
             "arch": self.arch,
             "dataset": self.dataset,
-            "dataset_options": dict(sorted(self.dataset_options.items())),
+            "dataset_options": dict(sorted(check_dataset_options(self.dataset, self.dataset_options).items())),
             "budget": self.budget.resolved(),
             "target": dataclasses.asdict(self.target),
             "seed": self.seed,
@@ -77,7 +89,28 @@ class RunConfig:
         }
         if self.scratch:  # only when set, so the ids of all other runs stay what they were
             identity.update(criterion="scratch", scratch=True, architecture_from=self.criterion)
+        providers = plugin_providers(self)
+        if providers:  # likewise only for plug-ins from other distributions
+            identity["plugins"] = providers
         return identity
+
+
+def resolved_params(criterion: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The criterion's hyper-parameters with defaults filled in and values typed."""
+    cls = registry.criteria.get(criterion)
+    return dict(sorted(cls.from_kwargs(seed=0, **dict(params)).describe().items()))
+
+
+def plugin_providers(cfg: RunConfig) -> dict[str, str]:
+    """``{"criterion": distribution, ...}`` for the plug-ins of ``cfg`` that are not built in."""
+    out = {}
+    for kind, reg, name in (("criterion", registry.criteria, cfg.criterion),
+                            ("architecture", registry.architectures, cfg.arch),
+                            ("dataset", registry.datasets, cfg.dataset)):
+        dist = reg.provider(name)
+        if dist is not None:
+            out[kind] = dist
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,16 +184,17 @@ def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
 def get_baseline(
     cfg: RunConfig, model: nn.Module, splits: DataSplits, data: DeviceData, rep: Reporter
 ) -> dict[str, Any]:
-    """Load ``--baseline FILE``, a cached checkpoint, or train and cache one."""
+    """Load ``--baseline FILE``, a cached checkpoint, or train and cache one.
+
+    A given file must hold finite tensors that fit the architecture (else a one-line
+    :class:`CheckpointError` naming it); a cached one that does not is moved aside and the
+    baseline retrained; a baseline whose training diverges is never cached.
+    """
     from prunebench.datasets import cache_dir
 
     if cfg.baseline is not None:
         path = Path(cfg.baseline)
-        if not path.exists():
-            raise ConfigError(f"--baseline {path} does not exist")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
-        model.load_state_dict(state)
+        checkpoints.load_state(model, path, "--baseline")
         return {"source": str(path), "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
     # one process trains a given baseline; another that needs it waits here, then loads it
@@ -171,21 +205,46 @@ def get_baseline(
 def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceData, rep: Reporter,
                                 path: Path) -> dict[str, Any]:
     if path.exists():
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(payload["state_dict"])
-        rep.log(f"baseline: reusing cached checkpoint {path}")
-        return {"source": "cache", "key": path.stem, "trained_seconds": float(payload.get("seconds", 0.0))}
+        cached = _load_cached_baseline(model, path, rep)
+        if cached is not None:
+            rep.log(f"baseline: reusing cached checkpoint {path}")
+            seconds = cached.get("seconds", 0.0)
+            return {"source": "cache", "key": path.stem,
+                    "trained_seconds": float(seconds) if checkpoints.finite_number(seconds) else 0.0}
     t0 = time.perf_counter()
     stats = train(
         model, data, recipe(cfg.budget, "baseline", cfg.budget.baseline_epochs), cfg.seed,
         progress=rep.train_callback(), description="baseline",
     )
+    divergence.check_training(model, stats, "baseline training", _lr_hint(cfg.budget, "lr"))
     seconds = time.perf_counter() - t0
     atomic_torch_save(
         {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
     )
     rep.log(f"baseline: trained in {seconds:.1f}s, cached at {path}")
-    return {"source": "trained", "key": path.stem, "trained_seconds": round(seconds, 3), **stats}
+    return {"source": "trained", "key": path.stem, "trained_seconds": round(seconds, 3),
+            **{k: v for k, v in stats.items() if checkpoints.finite_number(v)}}
+
+
+def _load_cached_baseline(model: nn.Module, path: Path, rep: Reporter) -> dict[str, Any] | None:
+    """The cached checkpoint loaded into ``model``; None (after moving the file aside to
+    ``<name>.corrupt``) when it is unreadable, does not fit, or holds non-finite weights."""
+    try:
+        return checkpoints.load_state(model, path, "cached baseline")
+    except CheckpointError as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+            moved = f"moved to {aside}"
+        except OSError as move_exc:
+            raise CheckpointError(f"{exc}; it could not be moved aside ({move_exc.strerror or move_exc}): "
+                                  f"delete {path} and run again") from None
+        rep.log(f"baseline: {exc}; {moved}, training it again")
+        return None
+
+
+def _lr_hint(budget: Budget, field_name: str) -> str:
+    return f"lower the learning rate (now {field_name}={getattr(budget, field_name):g}; --set {field_name}=...)"
 
 
 def latency_block(baseline: nn.Module, compressed: nn.Module, example: torch.Tensor, repeats: int,
@@ -216,50 +275,80 @@ def widths(model: nn.Module, layers: list[str]) -> dict[str, int]:
     return {n: int(modules[n].out_channels) for n in layers if n in modules and hasattr(modules[n], "out_channels")}
 
 
-def execute(cfg: RunConfig, reporter: Reporter | None = None) -> tuple[dict[str, Any], Path]:
-    """Run the protocol once and write the record. Returns (record, record path)."""
+def execute(cfg: RunConfig, reporter: Reporter | None = None, *, locked: bool = False) -> tuple[dict[str, Any], Path]:
+    """Run the protocol once and store the record. Returns (record, record path).
+
+    The configuration is checked and the results directory probed before any work. The run
+    holds ``<results>/<run_id>.lock`` while it executes (waiting for another process that
+    holds it); a caller that already holds it passes ``locked=True``.
+    """
     rep = reporter or Reporter()
+    check_run(cfg)
+    device = resolve_device(cfg.device)
+    identity = cfg.identity()
+    rid = run_id(identity)
+    results = Path(cfg.results_dir)
+    out_path = store.record_path(results, rid)
+    if is_complete(out_path) and not cfg.force:
+        return _already_complete(out_path, rep)
+    store.check_results_dir(results)
+    if locked:
+        return _execute_holding_lock(cfg, rep, device, identity, rid)
+    lock = FileLock(results / f"{rid}.lock")
+    if not lock.acquire(blocking=False):
+        rep.log(f"another process is running {rid} (it holds {lock.path}); waiting for it to finish")
+        lock.acquire()
+    try:
+        if is_complete(out_path) and not cfg.force:  # it may have just completed it
+            return _already_complete(out_path, rep)
+        return _execute_holding_lock(cfg, rep, device, identity, rid)
+    finally:
+        lock.release()
+
+
+def _already_complete(path: Path, rep: Reporter) -> tuple[dict[str, Any], Path]:
+    rep.log(f"already complete: {path} (use --force to re-run)")
+    with open(path) as f:
+        return json.load(f), path
+
+
+def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, identity: dict[str, Any],
+                          rid: str) -> tuple[dict[str, Any], Path]:
+    results = Path(cfg.results_dir)
+    store.remove_partial_files(results, rid)
     crit_cls = registry.criteria.get(cfg.criterion)
     criterion = crit_cls.from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
     arch = registry.architectures.get(cfg.arch)
-    registry.datasets.get(cfg.dataset)
-    identity = cfg.identity()
-    rid = run_id(identity)
-    out_path = Path(cfg.results_dir) / f"{rid}.json"
-    if out_path.exists() and is_complete(out_path) and not cfg.force:
-        rep.log(f"already complete: {out_path} (use --force to re-run)")
-        with open(out_path) as f:
-            return json.load(f), out_path
-
     record: dict[str, Any] = {
         "schema": "prunebench-result/1", "run_id": rid, "status": "running",
         "criterion": cfg.criterion, "criterion_kind": crit_cls.kind.value,
         "criterion_params": criterion.describe(), "arch": cfg.arch, "dataset": cfg.dataset,
         "dataset_options": dict(cfg.dataset_options), "budget": cfg.budget.resolved(),
         "target": dataclasses.asdict(cfg.target), "seed": cfg.seed, "allocation": cfg.allocation,
-        "max_layer_ratio": cfg.max_layer_ratio,
+        "max_layer_ratio": cfg.max_layer_ratio, "layer_ratios": dict(cfg.layer_ratios) if cfg.layer_ratios else None,
         "shots": cfg.shots, "shot_epochs": cfg.shot_epochs, "started": now(), "versions": versions(),
-        "plugins": plugin_versions(cfg),
+        "plugins": plugin_versions(cfg), "identity": identity,
     }
     if cfg.scratch:
         record.update(criterion="scratch", architecture_from=cfg.criterion)
-    device = resolve_device(cfg.device)
     record["hardware"] = hardware(device)
     rep.header(record)
     try:
-        _execute(cfg, criterion, arch, device, record, rep, rid)
+        model = _execute(cfg, criterion, arch, device, record, rep, rid)
         record["status"] = "complete"
     except BaseException as exc:
-        record["status"] = "failed"
+        record["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=20)
         record["finished"] = now()
-        write_atomic(out_path, record)
-        rep.log(f"run failed; record written to {out_path}")
+        try:
+            path = store.commit(results, rid, record, None, rep.log)
+            rep.log(f"run {record['status']}; record written to {path}")
+        except OSError as write_exc:  # the run's own error matters more; say what was lost
+            rep.log(f"run {record['status']}; its record could not be written ({write_exc})")
         raise
     record["finished"] = now()
-    write_atomic(out_path, record)
-    return record, out_path
+    return record, store.commit(results, rid, record, model, rep.log)
 
 
 def plugin_versions(cfg: RunConfig) -> dict[str, str]:
@@ -271,7 +360,8 @@ def plugin_versions(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> None:
+def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> dict[str, Any]:
+    """The stages; fills ``record`` and returns the compressed-model payload to store."""
     torch.manual_seed(cfg.seed)
     budget = cfg.budget
     rep.stage("data")
@@ -306,9 +396,10 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
     def ctx_train(m: nn.Module, epochs: float, hooks=None, purpose: str = "compress") -> None:
         ledger.draw(epochs, purpose)
         t0 = time.perf_counter()
-        train(m, data, recipe(budget, "finetune", epochs), cfg.seed + 7, hooks=hooks,
-              progress=rep.train_callback(), description=purpose)
+        stats = train(m, data, recipe(budget, "finetune", epochs), cfg.seed + 7, hooks=hooks,
+                      progress=rep.train_callback(), description=purpose)
         train_seconds["value"] += time.perf_counter() - t0
+        divergence.check_training(m, stats, f"{purpose} training", _lr_hint(budget, "finetune_lr"))
 
     target = cfg.target
     meter = Meter(baseline_model, example, target)
@@ -329,6 +420,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
                       shots=cfg.shots, shot_epochs=cfg.shot_epochs)
     compress_seconds = time.perf_counter() - t0
     model = result.model.to(device)
+    _check_compressed(model, calibration.images[:8], criterion.name)
     record["criterion_seconds"] = round(compress_seconds - train_seconds["value"], 4)
     record["compress_train_seconds"] = round(train_seconds["value"], 4)
     record["compress_peak_memory_mb"] = peak_memory_mb(device)
@@ -361,13 +453,29 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> N
     record["widths"] = widths(model, prunable)
     record["plan_steps"] = len(result.plan)
     record["peak_memory_mb"] = peak_memory_mb(device)
-    model_path = Path(cfg.results_dir) / "models" / f"{rid}.pt"
-    save_compressed(
-        model_path, cfg.arch, {"num_classes": splits.num_classes, "in_channels": splits.in_channels},
+    _check_accuracies(record)
+    record["model_file"] = f"models/{rid}.pt"  # relative to the record's folder
+    rep.log(f"final top-1 {record['final']['top1']:.2f}% (baseline {record['baseline']['top1']:.2f}%)")
+    return compressed_payload(
+        cfg.arch, {"num_classes": splits.num_classes, "in_channels": splits.in_channels},
         result.plan, model, list(example.shape), meta={"run_id": rid},
     )
-    record["model_file"] = str(model_path.relative_to(cfg.results_dir))  # relative to the record's folder
-    rep.log(f"final top-1 {record['final']['top1']:.2f}% (baseline {record['baseline']['top1']:.2f}%)")
+
+
+def _check_compressed(model: nn.Module, probe: torch.Tensor, criterion: str) -> None:
+    """Compression (scores, compensation, factorisation, training drawn from the ledger) must
+    leave finite weights and finite outputs."""
+    hint = f"criterion {criterion!r} produced them"
+    divergence.check_model(model, "compression", hint)
+    if probe.numel():
+        divergence.check_outputs(model, probe, "compression", hint)
+
+
+def _check_accuracies(record: dict[str, Any]) -> None:
+    for stage in ("baseline", "oneshot", "final"):
+        block = record.get(stage)
+        if block is not None and not all(checkpoints.finite_number(v) for v in block.values()):
+            raise DivergedError(f"{stage} accuracy is not a finite number: {block}")
 
 
 def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, record: dict[str, Any],
@@ -380,8 +488,9 @@ def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, recor
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(),
-          description="scratch")
+    stats = train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(),
+                  description="scratch")
+    divergence.check_training(model, stats, "scratch training", _lr_hint(cfg.budget, "lr"))
     record["oneshot"] = None
     record["note"] = (f"scratch control: architecture from {cfg.criterion}, re-initialised and trained "
                       f"{epochs:g} epochs with the baseline recipe; no one-shot stage")

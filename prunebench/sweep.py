@@ -25,11 +25,13 @@ from typing import Any
 
 from prunebench import registry
 from prunebench.budgets import Budget, get_budget
-from prunebench.errors import ConfigError, suggest
+from prunebench.errors import ConfigError, DivergedError, suggest
 from prunebench.locks import FileLock
 from prunebench.protocols import Target
 from prunebench.records import is_complete, run_id
 from prunebench.runner import RunConfig
+from prunebench.store import check_results_dir
+from prunebench.validation import ALLOCATIONS, check_device, check_run, load_profile
 
 try:
     import tomllib
@@ -38,7 +40,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 CONTROLS = ("random", "scratch")
 EXECUTORS = ("local", "ray")
-ALLOCATIONS = ("uniform", "global", "profile")
 
 #: allowed keys, per table of the config file
 TOP_KEYS = (
@@ -164,10 +165,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
     allocation = _str(doc.get("allocation", "uniform"), "allocation")
     layer_ratios = None
     if "layer_ratios" in doc:
-        ratios_file = base / _str(doc["layer_ratios"], "layer_ratios")
-        if not ratios_file.is_file():
-            raise ConfigError(f"layer_ratios file {ratios_file} does not exist")
-        layer_ratios = {str(k): float(v) for k, v in json.loads(ratios_file.read_text()).items()}
+        layer_ratios = load_profile(base / _str(doc["layer_ratios"], "layer_ratios"), "layer_ratios")
         allocation = "profile"
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"unknown allocation {allocation!r}.{suggest(allocation, ALLOCATIONS)} "
@@ -176,16 +174,19 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         raise ConfigError("allocation 'profile' needs per-layer ratios: set layer_ratios = \"FILE.json\"")
 
     if results_dir is None:
-        results_dir = base / doc["results_dir"] if "results_dir" in doc else Path("results")
-    return Sweep(
+        results_dir = base / _str(doc["results_dir"], "results_dir") if "results_dir" in doc else Path("results")
+    sweep = Sweep(
         criteria=criteria, architectures=architectures, budget=budget, dataset=dataset,
         dataset_options=dataset_options, targets=targets, seeds=seeds, controls=controls,
         allocation=allocation, max_layer_ratio=_float(doc.get("max_layer_ratio", 0.9), "max_layer_ratio"),
         layer_ratios=layer_ratios, shots=_int(doc.get("shots", 1), "shots"),
         shot_epochs=_float(doc.get("shot_epochs", 0.0), "shot_epochs"),
-        device=_str(doc.get("device", "auto"), "device"),
+        device=check_device(_str(doc.get("device", "auto"), "device")),
         data_dir=data_dir if data_dir is not None else file_data_dir, results_dir=Path(results_dir),
     )
+    for cfg in sweep.runs():  # every run of the grid, checked as `prunebench run` checks one
+        check_run(cfg)
+    return sweep
 
 
 def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -288,7 +289,7 @@ class Outcome:
     """What happened to one run in this sweep."""
 
     run_id: str
-    status: str  # complete | failed | skipped | busy (locked by another process; retried at the end)
+    status: str  # complete | failed | diverged | skipped | busy (locked by another process; retried at the end)
     seconds: float = 0.0
     error: str | None = None
     note: str = ""
@@ -313,22 +314,15 @@ def run_one(cfg: RunConfig, blocking: bool = False, verbose: bool = False) -> Ou
     try:
         if is_complete(results / f"{rid}.json"):  # checked under the lock: it may have just finished
             return Outcome(rid, "skipped", note="already complete")
-        _remove_partial_files(results, rid)
         t0 = time.perf_counter()
         try:
-            record, _ = execute(cfg, Reporter(quiet=not verbose))
+            record, _ = execute(cfg, Reporter(quiet=not verbose), locked=True)
         except Exception as exc:  # noqa: BLE001 - the runner has written a failed record
-            return Outcome(rid, "failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+            status = "diverged" if isinstance(exc, DivergedError) else "failed"
+            return Outcome(rid, status, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
         return Outcome(rid, record["status"], time.perf_counter() - t0)
     finally:
         lock.release()
-
-
-def _remove_partial_files(results: Path, rid: str) -> None:
-    """Temp files of this run left by a killed process (safe: we hold the run's lock)."""
-    for pattern in (f".{rid}.json.*.tmp", f"models/.{rid}.pt.*.tmp"):
-        for p in results.glob(pattern):
-            p.unlink(missing_ok=True)
 
 
 def prepare_baseline(cfg: RunConfig) -> str:
@@ -378,6 +372,7 @@ def run_sweep(
         raise ConfigError("the local executor runs one run at a time; use --executor ray for parallel runs")
     runs = sweep.runs()
     ids = [cfg_run_id(cfg) for cfg in runs]
+    check_results_dir(sweep.results_dir)
     outcomes: dict[str, Outcome] = {}
     pending = []
     for rid, cfg in zip(ids, runs, strict=True):
@@ -428,6 +423,10 @@ def summary(outcomes: Sequence[Outcome]) -> str:
 
     rows = [[o.run_id, o.status, f"{o.seconds:.1f}" if o.seconds else "", o.error or o.note] for o in outcomes]
     counts = {s: sum(o.status == s for o in outcomes) for s in ("complete", "failed", "skipped")}
+    diverged = sum(o.status == "diverged" for o in outcomes)
+    if diverged:
+        counts = {"complete": counts["complete"], "failed": counts["failed"], "diverged": diverged,
+                  "skipped": counts["skipped"]}
     table = tabulate(rows, headers=["run", "status", "seconds", "note"], tablefmt="simple", disable_numparse=True)
     return table + "\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" ({len(outcomes)} runs)"
 

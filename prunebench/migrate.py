@@ -1,0 +1,211 @@
+"""Bringing result records written under an older run-id rule to the current one.
+
+A run id hashes the run's identity (:meth:`prunebench.runner.RunConfig.identity`). The
+current rule hashes criterion hyper-parameters *resolved* (defaults filled in, values
+typed), dataset options typed, and the distribution of any plug-in that is not built in;
+the older rule hashed hyper-parameters and options as they were given. A record written
+under the older rule would therefore not be found by a re-run of its configuration, and
+its run would execute again. Records written under the current rule store the hashed
+identity as ``record["identity"]``.
+
+``prunebench records migrate DIR [--dry-run]`` rewrites such records explicitly: it rebuilds
+each record's configuration from its fields, checks that those fields reproduce the
+record's old id (trying the ways its hyper-parameters could have been given), and only then
+renames ``<old id>.json`` and ``models/<old id>.pt`` to the new id, storing the identity.
+Records it cannot verify (a profile run whose record lacks its layer ratios, a criterion
+that is not installed, hand-edited fields) are reported and left as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunebench import checkpoints
+from prunebench.budgets import Budget, get_budget
+from prunebench.errors import PrunebenchError
+from prunebench.protocols import Target
+from prunebench.records import RecordProblem, read_record, run_id, write_atomic
+from prunebench.surgery import atomic_torch_save
+
+
+class CannotMigrate(Exception):
+    """The record's fields do not determine its run under the current rule."""
+
+
+@dataclass(frozen=True)
+class Change:
+    path: Path
+    old_id: str
+    new_id: str | None
+    action: str  # current | add identity | rename | merge | skip
+    reason: str = ""
+
+    def line(self) -> str:
+        if self.action == "rename":
+            return f"rename   {self.old_id} -> {self.new_id}"
+        if self.action == "merge":
+            return f"merge    {self.old_id} -> {self.new_id} ({self.reason})"
+        if self.action == "add identity":
+            return f"identity {self.old_id} (id unchanged; the identity is added to the record)"
+        if self.action == "current":
+            return f"current  {self.old_id}"
+        return f"skip     {self.path.name}: {self.reason}"
+
+
+def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
+    """The run configuration a record describes (paths and flags excluded)."""
+    from prunebench.runner import RunConfig
+
+    try:
+        scratch = rec["criterion"] == "scratch"
+        criterion = rec.get("architecture_from", "random") if scratch else rec["criterion"]
+        fields = dict(rec["budget"])
+        base = get_budget(fields.pop("name"))
+        known = {f.name for f in dataclasses.fields(Budget)}
+        budget = dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in fields.items() if k in known})
+        source = (rec.get("baseline_info") or {}).get("source")
+        if rec.get("allocation") == "profile" and not rec.get("layer_ratios"):
+            raise CannotMigrate("a profile run whose record does not store its layer ratios")
+        return RunConfig(
+            criterion=criterion, arch=rec["arch"], budget=budget, dataset=rec["dataset"],
+            target=Target(**rec["target"]), seed=rec["seed"], criterion_params=dict(rec["criterion_params"]),
+            dataset_options=dict(rec.get("dataset_options") or {}), allocation=rec.get("allocation", "uniform"),
+            max_layer_ratio=rec.get("max_layer_ratio", 0.9), layer_ratios=rec.get("layer_ratios"),
+            shots=rec.get("shots", 1), shot_epochs=rec.get("shot_epochs", 0.0),
+            baseline=Path(source) if source not in (None, "cache", "trained") else None, scratch=scratch,
+        )
+    except (KeyError, TypeError, PrunebenchError) as exc:
+        raise CannotMigrate(f"its fields do not describe a run ({type(exc).__name__}: {exc})") from None
+
+
+def _given_variants(resolved: Mapping[str, Any]):
+    """The ways hyper-parameters could have been given: each one absent, typed, or as a string."""
+    keys = sorted(resolved)
+    choices = [(None, resolved[k], str(resolved[k]).lower() if isinstance(resolved[k], bool) else str(resolved[k]))
+               for k in keys]
+    for combo in itertools.product(*[range(3)] * len(keys)):
+        yield {k: choices[i][c] for i, (k, c) in enumerate(zip(keys, combo, strict=True)) if c != 0}
+
+
+def verify_old_id(rec: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:
+    """Do the record's fields, hashed by the old rule, give its run id?"""
+    old = {k: v for k, v in identity.items() if k != "plugins"}
+    old["dataset_options"] = dict(sorted((rec.get("dataset_options") or {}).items()))
+    for given in _given_variants(identity["criterion_params"]):
+        if run_id({**old, "criterion_params": dict(sorted(given.items()))}) == rec["run_id"]:
+            return True
+    return False
+
+
+def plan(directory: Path) -> list[Change]:
+    """What :func:`apply` would do to each record of ``directory``."""
+    changes = []
+    targets: dict[str, Path] = {}
+    for path in sorted(Path(directory).glob("*.json")):
+        rec = read_record(path)
+        if isinstance(rec, RecordProblem):
+            changes.append(Change(path, path.stem, None, "skip", rec.reason))
+            continue
+        old = rec["run_id"]
+        try:
+            identity = json.loads(json.dumps(config_from_record(rec).identity(), default=str))
+        except (CannotMigrate, PrunebenchError) as exc:
+            changes.append(Change(path, old, None, "skip", str(exc)))
+            continue
+        new = run_id(identity)
+        if rec.get("identity") == identity and new == old:
+            changes.append(Change(path, old, new, "current"))
+        elif new != old and not verify_old_id(rec, identity):
+            changes.append(Change(path, old, None, "skip", "its fields do not reproduce its run id "
+                                  "(edited by hand, or written by another version); left as is"))
+        elif new == old:
+            changes.append(Change(path, old, new, "add identity"))
+        else:
+            clash = targets.get(new) or (Path(directory) / f"{new}.json" if (Path(directory) / f"{new}.json").exists()
+                                         else None)
+            changes.append(Change(path, old, new, "merge" if clash else "rename",
+                                  f"{clash.name} is the same run under the current rule" if clash else ""))
+        targets.setdefault(new, path)
+    return changes
+
+
+def apply(directory: Path, changes: list[Change], log: Callable[[str], None] = print) -> None:
+    """Carry out ``changes`` (from :func:`plan`). A run that ends up with two records keeps the
+    complete one finished last; the other goes to ``attempts/<run id>/``."""
+    from prunebench.store import archive
+
+    directory = Path(directory)
+    for ch in changes:
+        if ch.action in ("current", "skip"):
+            continue
+        rec = read_record(ch.path)
+        assert isinstance(rec, dict)
+        new = ch.new_id
+        assert new is not None
+        identity = json.loads(json.dumps(config_from_record(rec).identity(), default=str))
+        moved = {**rec, "run_id": new, "identity": identity}
+        if new != ch.old_id:
+            moved["migrated_from"] = ch.old_id
+        old_model = directory / "models" / f"{ch.old_id}.pt"
+        if rec.get("model_file"):
+            moved["model_file"] = f"models/{new}.pt"
+        dest = directory / f"{new}.json"
+        if ch.action == "merge" and dest.exists():
+            current = read_record(dest)
+            if isinstance(current, dict) and _keeps(current, moved):
+                archive(directory, new, {**moved, "model_file": None}, note=f"merged by migration from {ch.old_id}")
+                _remove(ch.path, old_model)
+                log(f"{ch.line()}: kept {dest.name}")
+                continue
+            if isinstance(current, dict):
+                archive(directory, new, {**current, "model_file": None}, note="merged by migration")
+        if old_model.is_file() and new != ch.old_id:
+            _rewrite_model(old_model, directory / "models" / f"{new}.pt", new)
+        write_atomic(dest, moved)
+        if new != ch.old_id:
+            _remove(ch.path, old_model)
+            _move_attempts(directory, ch.old_id, new)
+        log(ch.line())
+
+
+def _keeps(current: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Does ``current`` win over ``other`` as the record of their run?"""
+    def rank(r: Mapping[str, Any]) -> tuple[bool, str]:
+        return r.get("status") == "complete", str(r.get("finished", ""))
+
+    return rank(current) >= rank(other)
+
+
+def _rewrite_model(src: Path, dest: Path, new_id: str) -> None:
+    payload = checkpoints.read(src, "compressed model")
+    if isinstance(payload, dict) and isinstance(payload.get("meta"), str):
+        meta = json.loads(payload["meta"])
+        payload = {**payload, "meta": json.dumps({**meta, "run_id": new_id})}
+    atomic_torch_save(payload, dest)
+
+
+def _remove(record: Path, model: Path) -> None:
+    record.unlink(missing_ok=True)
+    model.unlink(missing_ok=True)
+
+
+def _move_attempts(directory: Path, old: str, new: str) -> None:
+    src = directory / "attempts" / old
+    if not src.is_dir():
+        return
+    dest = directory / "attempts" / new
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        target = dest / p.name
+        if not target.exists():
+            os.replace(p, target)
+    if not any(src.iterdir()):
+        src.rmdir()

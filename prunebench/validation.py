@@ -1,0 +1,143 @@
+"""Checks of a whole run configuration, made before any work starts.
+
+``prunebench run`` and ``prunebench sweep`` both call :func:`check_run` on every run before
+any data is loaded or any file is written, so a typo or an impossible value is a one-line
+:class:`ConfigError` (with a suggestion for misspelt names) instead of a failed record after
+minutes or hours of training. Budgets and targets check their own fields when built
+(:class:`prunebench.budgets.Budget`, :class:`prunebench.protocols.Target`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prunebench import registry
+from prunebench.errors import ConfigError, suggest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prunebench.runner import RunConfig
+
+ALLOCATIONS = ("uniform", "global", "profile")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_allocation(name: Any) -> str:
+    if name not in ALLOCATIONS:
+        raise ConfigError(f"unknown allocation {name!r}.{suggest(str(name), ALLOCATIONS)} "
+                          f"Available: {', '.join(ALLOCATIONS)}")
+    return name
+
+
+def check_device(name: Any) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or another device string torch accepts.
+    (Whether a CUDA device is present is checked when the run starts, on the machine that runs it.)"""
+    if name == "auto":
+        return name
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        hint = " For a GPU use 'cuda' (or 'cuda:N')." if str(name).lower().startswith("gpu") else ""
+        raise ConfigError(f"unknown device {name!r}.{suggest(str(name), DEVICES)}{hint} "
+                          "Use auto, cpu, cuda or cuda:N") from None
+    return name
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_profile(profile: Any, source: str = "layer-ratio profile") -> dict[str, float]:
+    """A profile is a JSON object ``{layer: fraction}``: finite fractions in [0, 1], not all zero."""
+    if not isinstance(profile, Mapping):
+        raise ConfigError(f"{source} must be a JSON object {{\"layer\": fraction removed, ...}}, "
+                          f"got a {type(profile).__name__}")
+    if not profile:
+        raise ConfigError(f"{source} names no layer")
+    out = {}
+    for key, value in profile.items():
+        if not _number(value):
+            raise ConfigError(f"{source}: the ratio of {key!r} must be a number in [0, 1], got {value!r}")
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{source}: the ratio of {key!r} must lie in [0, 1], got {value}")
+        out[str(key)] = float(value)
+    if not any(out.values()):
+        raise ConfigError(f"{source}: every ratio is 0, so it prunes nothing; give relative ratios above 0")
+    return out
+
+
+def load_profile(path: str | Path, source: str = "--layer-ratios") -> dict[str, float]:
+    """Read and check a layer-ratio profile file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{source} file {path} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{source} file {path} is not valid JSON ({exc})") from None
+    return check_profile(doc, f"{source} file {path}")
+
+
+def check_dataset_options(dataset: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Known option names (with suggestions) and values of the right type; returns them typed."""
+    from prunebench.datasets import _coerce
+
+    ds = registry.datasets.get(dataset)
+    accepted = getattr(ds.load, "options", None)
+    if accepted is None:  # a plug-in loader that does not declare its options
+        return dict(options)
+    out = {}
+    for key, value in options.items():
+        if key not in accepted:
+            raise ConfigError(f"dataset {dataset!r} has no option {key!r}.{suggest(key, accepted)} "
+                              f"Accepted options: {', '.join(accepted) or 'none'}.")
+        out[key] = _coerce(dataset, key, value, accepted[key])
+    return out
+
+
+def _prunable_layers(arch_name: str) -> list[str]:
+    arch = registry.architectures.get(arch_name)
+    return list(arch.prunable(arch.build(num_classes=10, in_channels=3)))
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Everything about ``cfg`` that can be known before loading data; raises ConfigError."""
+    criterion = registry.criteria.get(cfg.criterion)
+    criterion.from_kwargs(seed=0, **dict(cfg.criterion_params))
+    registry.architectures.get(cfg.arch)
+    check_dataset_options(cfg.dataset, cfg.dataset_options)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    check_allocation(cfg.allocation)
+    if not _number(cfg.max_layer_ratio) or not 0.0 < cfg.max_layer_ratio <= 1.0:
+        raise ConfigError(f"max_layer_ratio is the most of a layer that may be removed and must lie in (0, 1], "
+                          f"got {cfg.max_layer_ratio!r}")
+    if cfg.allocation == "profile" and not cfg.layer_ratios:
+        raise ConfigError("allocation 'profile' needs per-layer ratios (--layer-ratios FILE)")
+    if cfg.layer_ratios is not None:
+        if cfg.allocation != "profile":
+            raise ConfigError(f"layer ratios were given, but the allocation is {cfg.allocation!r}; use 'profile'")
+        profile = check_profile(cfg.layer_ratios)
+        layers = _prunable_layers(cfg.arch)
+        unknown = [k for k in profile if k not in layers]
+        if unknown:
+            raise ConfigError(f"the layer-ratio profile names layers that {cfg.arch} cannot prune: "
+                              f"{', '.join(unknown[:5])}.{suggest(unknown[0], layers)} "
+                              f"See `prunebench info --arch {cfg.arch} --layers`")
+    if isinstance(cfg.shots, bool) or not isinstance(cfg.shots, int) or cfg.shots < 1:
+        raise ConfigError(f"shots must be an integer of at least 1, got {cfg.shots!r}")
+    if not _number(cfg.shot_epochs) or cfg.shot_epochs < 0:
+        raise ConfigError(f"shot_epochs must be a number of epochs >= 0, got {cfg.shot_epochs!r}")
+    between = (cfg.shots - 1) * cfg.shot_epochs
+    if criterion.kind.value == "score" and between > cfg.budget.finetune_epochs + 1e-9:
+        raise ConfigError(f"{cfg.shots} shots with {cfg.shot_epochs:g} epochs between them need {between:g} "
+                          f"epochs, but the budget's ledger holds {cfg.budget.finetune_epochs:g} (finetune_epochs)")
+    check_device(cfg.device)
+    if cfg.baseline is not None and not Path(cfg.baseline).is_file():
+        raise ConfigError(f"--baseline {cfg.baseline} does not exist" if not Path(cfg.baseline).exists()
+                          else f"--baseline {cfg.baseline} is not a file")

@@ -1,0 +1,193 @@
+"""Promise: no good record is lost.
+
+A complete record is never replaced by an attempt that did not complete, its model file is
+never orphaned, replaced records are kept in a history, an unusable results directory is
+found before any work, and a record that cannot be written where it belongs is saved
+elsewhere with a message saying where.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _support import TINY, copy_results, invoke, records, run_args
+
+import prunebench.runner as runner_mod
+from prunebench.errors import ConfigError
+
+
+def snapshot(results: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(results)): p.read_bytes() for p in results.rglob("*") if p.is_file()}
+
+
+def attempts(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((results / "attempts").rglob("*.json"))]
+
+
+def test_a_failed_forced_rerun_keeps_the_complete_record_and_its_model(complete_run, profile_file, tmp_path,
+                                                                       monkeypatch):
+    results = copy_results(complete_run, tmp_path / "r")
+    before = snapshot(results)
+    (rid,) = records(results)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the machine fell over while measuring latency")
+
+    monkeypatch.setattr(runner_mod, "latency_block", broken)  # late: after fine-tuning
+    res = invoke(*run_args(results, "--layer-ratios", profile_file, "--force"))
+    assert isinstance(res.exception, RuntimeError)
+    after = snapshot(results)
+    assert after[f"{rid}.json"] == before[f"{rid}.json"]  # the complete record, byte for byte
+    assert after[f"models/{rid}.pt"] == before[f"models/{rid}.pt"]  # and the model it names
+    (failed,) = attempts(results)
+    assert failed["status"] == "failed" and "fell over" in failed["error"] and failed["run_id"] == rid
+
+
+def test_a_forced_rerun_interrupted_during_fine_tuning_keeps_the_complete_record(complete_run, profile_file,
+                                                                                 tmp_path, monkeypatch):
+    results = copy_results(complete_run, tmp_path / "r")
+    before = snapshot(results)
+    (rid,) = records(results)
+    real_train = runner_mod.train
+
+    def interrupted(model, data, recipe, seed, **kwargs):
+        if kwargs.get("description") == "finetune":
+            raise KeyboardInterrupt  # what Ctrl-C raises in the training loop
+        return real_train(model, data, recipe, seed, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "train", interrupted)
+    res = invoke(*run_args(results, "--layer-ratios", profile_file, "--force"))
+    assert res.exit_code != 0
+    after = snapshot(results)
+    assert after[f"{rid}.json"] == before[f"{rid}.json"] and after[f"models/{rid}.pt"] == before[f"models/{rid}.pt"]
+    (interrupted_attempt,) = attempts(results)
+    assert interrupted_attempt["status"] == "failed" and "KeyboardInterrupt" in interrupted_attempt["error"]
+
+
+def test_ctrl_c_on_a_forced_rerun_keeps_the_complete_record(complete_run, profile_file, tmp_path):
+    """A real SIGINT to `prunebench run --force`, delivered while the run waits for its baseline
+    (whose lock this test holds, so the moment is certain)."""
+    import torch
+
+    from prunebench.budgets import get_budget
+    from prunebench.datasets import cache_dir
+    from prunebench.locks import FileLock
+    from prunebench.runner import RunConfig, baseline_key, load_data
+
+    results = copy_results(complete_run, tmp_path / "r")
+    before = snapshot(results)
+    (rid,) = records(results)
+    cfg = RunConfig(criterion="l1", arch="resnet20", budget=get_budget("smoke", TINY))
+    splits, _ = load_data(cfg, torch.device("cpu"))
+    lock = FileLock(cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt.lock")
+    assert lock.acquire(blocking=False)
+    try:
+        args = [a for a in run_args(results, "--layer-ratios", profile_file, "--force") if a != "-q"]
+        proc = subprocess.Popen([sys.executable, "-m", "prunebench", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for line in proc.stderr:  # stage rules go to stderr
+                if "baseline" in line:
+                    time.sleep(1.0)  # now waiting for the lock
+                    proc.send_signal(signal.SIGINT)
+                    break
+            proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    after = snapshot(results)
+    assert after[f"{rid}.json"] == before[f"{rid}.json"] and after[f"models/{rid}.pt"] == before[f"models/{rid}.pt"]
+    (interrupted,) = attempts(results)
+    assert interrupted["status"] == "failed" and "KeyboardInterrupt" in interrupted["error"]
+    assert not [p for p in results.rglob("*") if p.name.endswith((".tmp", ".lock"))]
+
+
+def test_a_completed_forced_rerun_replaces_the_record_and_keeps_the_old_one_in_the_history(
+        complete_run, profile_file, tmp_path):
+    results = copy_results(complete_run, tmp_path / "r")
+    (rid,) = records(results)
+    old = records(results)[rid]
+    res = invoke(*run_args(results, "--layer-ratios", profile_file, "--force"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    new = records(results)[rid]
+    assert new["status"] == "complete" and new["started"] >= old["started"]
+    (superseded,) = attempts(results)
+    assert superseded["status"] == "complete" and superseded["final"] == old["final"]
+    assert superseded["model_file"] is None and "superseded" in superseded["archived"]
+
+
+def test_a_failed_record_is_kept_in_the_history_when_a_later_attempt_replaces_it(tmp_path, monkeypatch):
+    results = tmp_path / "r"
+    def flaky(*args, **kwargs):
+        raise OSError("flaky network filesystem")
+
+    monkeypatch.setattr(runner_mod, "compress", flaky)
+    assert isinstance(invoke(*run_args(results)).exception, OSError)
+    (failed,) = records(results).values()
+    assert failed["status"] == "failed"
+    monkeypatch.undo()
+    res = invoke(*run_args(results))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    (complete,) = records(results).values()
+    assert complete["status"] == "complete"
+    assert [a["status"] for a in attempts(results)] == ["failed"]
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_an_unusable_results_dir_is_reported_before_any_work(tmp_path, monkeypatch, where):
+    (tmp_path / "taken").write_text("not a directory\n")
+    results = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "results"
+    monkeypatch.setattr(runner_mod, "load_data", lambda *a, **k: pytest.fail("work started"))
+    res = invoke(*run_args(results))
+    assert isinstance(res.exception, ConfigError), repr(res.exception)
+    assert "results directory" in str(res.exception) and str(tmp_path / "taken") in str(res.exception)
+
+
+def test_a_record_that_cannot_be_written_is_saved_elsewhere_and_the_error_says_where(tmp_path, monkeypatch):
+    """A full disk at the very end: the finished run is not lost."""
+    results = tmp_path / "r"
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(results)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    res = invoke(*run_args(results))
+    msg = str(res.exception)
+    assert res.exit_code != 0 and "No space left on device" in msg and "saved to" in msg, repr(res.exception)
+    saved = Path(msg.split("saved to ")[1].split(" instead")[0])
+    (rec,) = records(saved).values()
+    assert rec["status"] == "complete" and (saved / rec["model_file"]).is_file()
+    assert not list(results.glob("*.json")) and not list(results.rglob("*.tmp"))
+
+
+def test_a_killed_run_leaves_no_partial_record(tmp_path, monkeypatch):
+    """Whatever stops a run, a record file is complete JSON or absent (atomic writes)."""
+    from prunebench.records import write_atomic
+
+    path = tmp_path / "r.json"
+    write_atomic(path, {"status": "complete"})
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, {"status": "failed"})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"status": "complete"}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
