@@ -15,9 +15,12 @@ import torch
 from _support import PROFILE, copy_results, invoke, records
 
 from prunebench.budgets import get_budget
+from prunebench.migrate import plan
 from prunebench.records import run_id
 from prunebench.runner import RunConfig
 from prunebench.surgery import load_compressed
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rid(**kw) -> str:
@@ -81,3 +84,8 @@ def test_a_record_whose_fields_do_not_reproduce_its_id_is_left_alone(complete_ru
     res = invoke("records", "migrate", results)
     assert res.exit_code == 0 and "do not reproduce its run id" in res.output
     assert [p.stem for p in results.glob("*.json")] == [old_id]
+
+
+def test_the_committed_leaderboard_records_follow_the_current_id_rule():
+    changes = plan(REPO / "leaderboard" / "records")
+    assert changes and {c.action for c in changes} == {"current"}, [c.line() for c in changes if c.action != "current"]
