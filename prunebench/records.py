@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -88,27 +87,14 @@ def hardware(device: Any) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, record: Mapping[str, Any]) -> Path:
-    """Write ``record`` as strict JSON (non-finite floats become ``null``), atomically and
-    with the mode the umask gives new files."""
+    """Write ``record`` atomically, with the mode the umask gives new files."""
     data = dumps(record)
     return replace_atomically(Path(path), lambda f: f.write(data))
 
 
 def dumps(record: Mapping[str, Any]) -> bytes:
-    """The bytes of a record file: sorted keys, indented, strict JSON, final newline."""
-    text = json.dumps(_finite(record), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
-    return (text + "\n").encode()
-
-
-def _finite(obj: Any) -> Any:
-    """NaN and infinities have no JSON spelling: they are written as null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+    """The bytes of a record file: sorted keys, indented, final newline."""
+    return (json.dumps(record, indent=2, sort_keys=True, default=_jsonable) + "\n").encode()
 
 
 def _jsonable(obj: Any) -> Any:

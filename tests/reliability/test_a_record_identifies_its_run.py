@@ -15,7 +15,6 @@ import torch
 from _support import PROFILE, copy_results, invoke, records
 
 from prunebench.budgets import get_budget
-from prunebench.migrate import plan
 from prunebench.records import run_id
 from prunebench.runner import RunConfig
 from prunebench.surgery import load_compressed
@@ -87,5 +86,7 @@ def test_a_record_whose_fields_do_not_reproduce_its_id_is_left_alone(complete_ru
 
 
 def test_the_committed_leaderboard_records_follow_the_current_id_rule():
+    from prunebench.migrate import plan
+
     changes = plan(REPO / "leaderboard" / "records")
     assert changes and {c.action for c in changes} == {"current"}, [c.line() for c in changes if c.action != "current"]
