@@ -52,6 +52,8 @@ def temp_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, file_mode())
+    except OSError:  # a filesystem that does not take modes (some network mounts): keep its own
+        pass
     finally:
         os.close(fd)
     return Path(tmp)

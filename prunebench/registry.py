@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -64,6 +65,7 @@ class Registry(Generic[T]):
         self._validate = validate
         self._extra: dict[str, Entry] = {}
         self._loaded: dict[tuple[str, str], T] = {}  # (name, PRUNEBENCH_PREFER) -> object
+        self._resolved: tuple[tuple, tuple[dict[str, Entry], list[tuple[Entry, str]]]] | None = None
 
     def entries(self) -> dict[str, Entry]:
         """The entry used for each name (clashes settled as the module docstring says)."""
@@ -74,6 +76,16 @@ class Registry(Generic[T]):
         return self._resolve()[1]
 
     def _resolve(self) -> tuple[dict[str, Entry], list[tuple[Entry, str]]]:
+        # scanning the installed distributions takes milliseconds and run ids ask often: cache
+        # per search path and preference (a distribution installed into a folder already on
+        # the path while this process runs is seen by the next process)
+        key = (tuple(sys.path), os.environ.get(PREFER_ENV, ""))
+        if self._resolved is None or self._resolved[0] != key:
+            self._resolved = (key, self._scan())
+        chosen, shadowed = self._resolved[1]
+        return dict(sorted({**chosen, **self._extra}.items())), list(shadowed)
+
+    def _scan(self) -> tuple[dict[str, Entry], list[tuple[Entry, str]]]:
         candidates: dict[str, list[Entry]] = {}
         for ep in md.entry_points(group=self.group):
             dist = getattr(ep, "dist", None)
@@ -116,7 +128,6 @@ class Registry(Generic[T]):
             chosen[name] = Entry(name, "", " / ".join(dists), "", clash=(
                 f"name clash: {self.kind} {name!r} is provided by {' and '.join(dists)}; choose one with "
                 f"{PREFER_ENV}={name}={dists[0]}"))
-        chosen.update(self._extra)
         return dict(sorted(chosen.items())), shadowed
 
     def names(self) -> list[str]:

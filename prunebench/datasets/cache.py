@@ -37,12 +37,13 @@ def load(path: Path, stamp: str) -> dict[str, Any] | None:
     """The cached fields, or None when there is no usable entry (missing, stale, corrupt)."""
     if not path.is_file():
         return None
-    import torch
+    from prunebench.checkpoints import read
+    from prunebench.errors import CheckpointError
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file: rebuild it
-        warnings.warn(f"ignoring unreadable dataset cache {path}: {exc}", stacklevel=3)
+        data = read(path, "dataset cache")
+    except CheckpointError as exc:  # a corrupt or foreign file: rebuild it
+        warnings.warn(f"ignoring unreadable dataset cache ({exc})", stacklevel=3)
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("stamp") != stamp:
         return None

@@ -267,3 +267,15 @@ def test_load_compressed_on_a_bad_file_is_a_one_line_error_naming_it(tmp_path, k
     with pytest.raises(PrunebenchError) as exc:
         load_compressed(path)
     assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_malicious_dataset_cache_entry_is_ignored_without_torchs_hint(tmp_path):
+    from prunebench.datasets import cache
+
+    path = tmp_path / "entry.pt"
+    torch.save({"train_x": Evil(tmp_path / "ran")}, path)
+    with pytest.warns(UserWarning) as warned:
+        assert cache.load(path, "stamp") is None  # rebuilt from the source instead
+    message = str(warned[0].message)
+    assert str(path) in message and "refused" in message and "weights_only" not in message
+    assert not (tmp_path / "ran").exists()
