@@ -81,13 +81,12 @@ def temp_files(results: Path) -> list[str]:
     return sorted(str(p.relative_to(results)) for p in results.rglob("*.tmp"))
 
 
-def assert_one_complete_record(results: Path, temp_files_removed: bool = True) -> dict:
+def assert_one_complete_record(results: Path) -> dict:
     (raw,) = top_records(results).values()
     record = json.loads(raw)
     assert record["status"] == "complete" and validate(record) == []
     assert (results / record["model_file"]).is_file()
-    if temp_files_removed:
-        assert temp_files(results) == []
+    assert temp_files(results) == []
     return record
 
 
@@ -146,11 +145,9 @@ def test_a_kill_during_the_record_write_is_resumed_by_run(tmp_path):
     killed_at_the_record_rename(results, *RUN, "--results-dir", results)
     res = invoke(*RUN, "--results-dir", results)
     assert res.exit_code == 0, res.output + repr(res.exception)
-    assert_one_complete_record(results, temp_files_removed=False)  # see the next test
+    assert_one_complete_record(results)
 
 
-@pytest.mark.xfail(strict=True, reason="`prunebench run` leaves a killed run's temporary files; the sweep "
-                                       "removes them before it runs the run again")
 def test_run_removes_the_temporary_files_of_a_killed_run(tmp_path):
     results = tmp_path / "results"
     assert invoke(*RUN, "--results-dir", results).exit_code == 0
@@ -165,7 +162,7 @@ def test_a_truncated_record_is_run_again_by_run(tmp_path):
     name = truncate_the_record(results)
     res = invoke(*RUN, "--results-dir", results)
     assert res.exit_code == 0, res.output + repr(res.exception)
-    assert assert_one_complete_record(results, temp_files_removed=False)["run_id"] == Path(name).stem
+    assert assert_one_complete_record(results)["run_id"] == Path(name).stem
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
