@@ -8,7 +8,6 @@ columns), and removes only the files of generated pages that no longer exist.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from typing import Any
 
 from prunebench.errors import ConfigError
 from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER
-from prunebench.records import SCHEMA, validate
+from prunebench.records import RecordProblem, read_record
 
 
 def slug(*parts: str) -> str:
@@ -30,31 +29,20 @@ def page_stem(dataset: str, arch: str) -> str:
 
 
 def read_records(directory: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, str]]]:
-    """``(records, problems)``: every readable prunebench record as ``(file name, record)``, and
+    """``(records, problems)``: every usable prunebench record as ``(file name, record)``, and
     ``(file name, reason)`` for each ``*.json`` file that is not one (sorted by name)."""
     records, problems = [], []
     for path in sorted(Path(directory).glob("*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            problems.append((path.name, f"not readable JSON ({type(exc).__name__}: {exc})"))
-            continue
-        if not isinstance(rec, dict):
-            problems.append((path.name, f"a JSON {type(rec).__name__}, not a record object"))
-            continue
-        if rec.get("schema") != SCHEMA:
-            problems.append((path.name, f"schema {rec.get('schema')!r}, expected {SCHEMA!r}"))
-            continue
-        missing = validate(rec)
-        if missing:
-            problems.append((path.name, f"{rec.get('status', '?')} record missing {', '.join(missing)}"))
+        item = read_record(path)
+        if isinstance(item, RecordProblem):
+            problems.append((path.name, item.reason))
             continue
         try:
-            _check_shapes(rec)
+            _check_shapes(item)
         except (KeyError, TypeError, ValueError) as exc:
             problems.append((path.name, f"malformed field ({type(exc).__name__}: {exc})"))
             continue
-        records.append((path.name, rec))
+        records.append((path.name, item))
     return records, problems
 
 

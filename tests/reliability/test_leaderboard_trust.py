@@ -65,7 +65,7 @@ def test_one_bad_record_is_reported_and_skipped_without_blocking_the_pages(tmp_p
     for name in ("truncated.json", "list.json", "missing.json", "badfield.json"):
         assert f"skipped {records / name}" in res.output
     index = (tmp_path / "lb" / "README.md").read_text()
-    assert "## Records not used" in index and "- `missing.json`: complete record missing final" in index
+    assert "## Records not used" in index and "- `missing.json`: complete record lacks final" in index
     assert table_rows((tmp_path / "lb" / "digits-resnet20.md").read_text())[0][2] == "80.00"
 
 
