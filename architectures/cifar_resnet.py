@@ -1,4 +1,4 @@
-"""CIFAR ResNet-20/32/56/110 with option-A (parameter-free) shortcuts.
+"""CIFAR ResNet-20/32/44/56/110 with option-A (parameter-free) shortcuts.
 
 He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016, Sec. 4.2:
 a 3x3 stem with 16 filters, three stages of ``n`` BasicBlocks with 16/32/64 channels
@@ -22,6 +22,7 @@ __all__ = [
     "PadShortcut",
     "RESNET20",
     "RESNET32",
+    "RESNET44",
     "RESNET56",
     "RESNET110",
     "build_resnet",
@@ -166,5 +167,6 @@ def _make(depth: int) -> Architecture:
 
 RESNET20 = _make(20)
 RESNET32 = _make(32)
+RESNET44 = _make(44)
 RESNET56 = _make(56)
 RESNET110 = _make(110)

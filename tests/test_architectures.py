@@ -31,6 +31,7 @@ IMAGENET_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "tv_vgg16_bn"
 CIFAR_COUNTS: dict[str, tuple[int, int]] = {
     "resnet20": (40_551_050, 269_722),
     "resnet32": (68_862_602, 464_154),
+    "resnet44": (97_174_154, 658_586),
     "resnet56": (125_485_706, 853_018),
     "resnet110": (252_887_690, 1_727_962),
     "vgg16_bn": (313_740_810, 14_991_946),
@@ -56,6 +57,7 @@ PROTOCOL_TABLE: dict[str, tuple[float, float]] = {
 N_PRUNABLE: dict[str, int] = {
     "resnet20": 9,
     "resnet32": 15,
+    "resnet44": 21,
     "resnet56": 27,
     "resnet110": 54,
     "vgg16_bn": 13,
