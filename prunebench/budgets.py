@@ -26,6 +26,10 @@ class Budget:
     calibration_size: int  # images of the training split shown to criteria
     latency_repeats: int
     label_smoothing: float = 0.0
+    # pretrained baselines (--baseline pretrained) whose training data differ from the run's:
+    # the adaptation fine-tune on the run's training split (cosine decay from adapt_lr)
+    adapt_epochs: float = 1.0
+    adapt_lr: float = 0.01
 
     def __post_init__(self) -> None:
         check_budget(self)
@@ -65,10 +69,10 @@ def check_budget(b: Budget) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise bad(key, f"must be an integer >= {low}")
 
-    for key in ("baseline_epochs", "finetune_epochs", "weight_decay"):
+    for key in ("baseline_epochs", "finetune_epochs", "weight_decay", "adapt_epochs"):
         if number(key) < 0:
             raise bad(key, "must be >= 0")
-    for key in ("lr", "finetune_lr"):
+    for key in ("lr", "finetune_lr", "adapt_lr"):
         if number(key) <= 0:
             raise bad(key, "must be > 0")
     if not 0 <= number("momentum") < 1:
@@ -88,6 +92,10 @@ def check_budget(b: Budget) -> None:
     if not isinstance(ms, tuple) or any(isinstance(m, bool) or not isinstance(m, int | float) or not 0 < m < 1
                                         for m in ms) or list(ms) != sorted(ms):
         raise bad("milestones", "must be increasing fractions of training in (0, 1), e.g. 0.5,0.75")
+
+
+#: budget fields that only matter to runs from a pretrained baseline (left out of other runs' ids)
+ADAPTATION_FIELDS = ("adapt_epochs", "adapt_lr")
 
 
 def _parse(key: str, value, current):
@@ -110,6 +118,12 @@ def _parse(key: str, value, current):
 
 
 BUDGETS: dict[str, Budget] = {
+    # The first run (`prunebench run` without --budget): a converged digits baseline in well under a minute.
+    "demo": Budget(
+        name="demo", baseline_epochs=10, finetune_epochs=3, batch_size=64, lr=0.05, finetune_lr=0.01,
+        momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
+        train_subset=None, test_subset=None, calibration_size=256, latency_repeats=5,
+    ),
     "smoke": Budget(
         name="smoke", baseline_epochs=3, finetune_epochs=2, batch_size=64, lr=0.02, finetune_lr=0.02,
         momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
@@ -120,6 +134,14 @@ BUDGETS: dict[str, Budget] = {
         name="cpu", baseline_epochs=10, finetune_epochs=3, batch_size=128, lr=0.1, finetune_lr=0.01,
         momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
         train_subset=5000, test_subset=2000, calibration_size=512, latency_repeats=20,
+    ),
+    # Pretrained baselines on a CPU (--baseline pretrained): the full test split, a fraction of an epoch
+    # of fine-tuning on the full training split; trains no baseline of its own (baseline_epochs=0).
+    "cpu-pretrained": Budget(
+        name="cpu-pretrained", baseline_epochs=0, finetune_epochs=0.25, batch_size=128, lr=0.1, finetune_lr=0.01,
+        momentum=0.9, weight_decay=5e-4, schedule="cosine", milestones=(),
+        train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=20,
+        adapt_epochs=1.0, adapt_lr=0.01,
     ),
     "fast": Budget(
         name="fast", baseline_epochs=30, finetune_epochs=15, batch_size=256, lr=0.2, finetune_lr=0.02,
@@ -132,6 +154,10 @@ BUDGETS: dict[str, Budget] = {
         train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=100,
     ),
 }
+
+
+#: the budget of `prunebench run` and `prunebench baseline` without --budget
+DEFAULT_BUDGET = "demo"
 
 
 def get_budget(name: str, overrides: dict[str, str] | None = None) -> Budget:

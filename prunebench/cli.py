@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from prunebench.budgets import DEFAULT_BUDGET
 from prunebench.errors import ConfigError, PrunebenchError
 
 app = typer.Typer(
@@ -21,7 +22,7 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-KINDS = ("criteria", "architectures", "datasets", "budgets")
+KINDS = ("criteria", "architectures", "datasets", "budgets", "pretrained")
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -32,6 +33,15 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
             raise ConfigError(f"{what} must look like KEY=VALUE, got {item!r}")
         result[key.strip().replace("-", "_")] = value.strip()
     return result
+
+
+def _baseline_option(value: str | None) -> Path | str | None:
+    """``--baseline``: 'pretrained', or a checkpoint file that must exist."""
+    from prunebench.runner import PRETRAINED
+
+    if value is None or value == PRETRAINED:
+        return value
+    return Path(value)
 
 
 def _target(target_macs: float | None, target_params: float | None, tolerance: float):
@@ -52,7 +62,7 @@ def run(
     target_macs: Annotated[float | None, typer.Option(help="fraction of baseline MACs to remove (default 0.5)")] = None,
     target_params: Annotated[float | None, typer.Option(help="fraction of baseline params to remove")] = None,
     tolerance: Annotated[float, typer.Option(help="allowed |achieved - target|")] = 0.01,
-    budget: Annotated[str, typer.Option("--budget", "-b", help="smoke | fast | standard")] = "smoke",
+    budget: Annotated[str, typer.Option("--budget", "-b", help="prunebench list budgets")] = DEFAULT_BUDGET,
     seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="criterion hyper-parameter KEY=VALUE")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="budget override KEY=VALUE, e.g. finetune_epochs=3")] = None,
@@ -64,7 +74,9 @@ def run(
     shot_epochs: Annotated[float, typer.Option(help="training between shots, drawn from the fine-tune ledger")] = 0.0,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     results_dir: Annotated[Path, typer.Option(help="where result records go")] = Path("results"),
-    baseline: Annotated[Path | None, typer.Option(help="use this baseline checkpoint instead of training one")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        help="'pretrained' (the model zoo's checkpoint for the arch and dataset) or a checkpoint FILE, "
+             "instead of training a baseline")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     force: Annotated[bool, typer.Option(help="re-run even if a complete record exists")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -85,13 +97,16 @@ def run(
         criterion_params=_pairs(param, "--param"), dataset_options=_pairs(dataset_option, "--dataset-option"),
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
-        results_dir=results_dir, baseline=baseline, device=device, force=force,
+        results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force,
     )
     record, path = execute(cfg, Reporter(quiet=quiet))
     if record["status"] == "complete":
+        oneshot = "" if record.get("oneshot") is None else f"one-shot {record['oneshot']['top1']:.2f}% → "
+        if record.get("oneshot_bn"):
+            oneshot = oneshot.replace("% → ", f"% (BN re-estimated {record['oneshot_bn']['top1']:.2f}%) → ")
         out.print(
             f"{record['criterion']} on {record['arch']}/{record['dataset']}: "
-            f"baseline {record['baseline']['top1']:.2f}% → one-shot {record['oneshot']['top1']:.2f}% → "
+            f"baseline {record['baseline']['top1']:.2f}% → {oneshot}"
             f"final {record['final']['top1']:.2f}% at {record['achieved']['macs_reduction']:.1%} MACs ↓, "
             f"{record['achieved']['params_reduction']:.1%} params ↓",
             highlight=False, markup=False,
@@ -146,8 +161,10 @@ def sweep(
 
 
 @app.command("list")
-def list_(kind: Annotated[str, typer.Argument(help="criteria | architectures | datasets | budgets")] = "criteria") -> None:
-    """List registered plug-ins (broken ones are shown with the reason)."""
+def list_(kind: Annotated[str, typer.Argument(
+        help="criteria | architectures | datasets | budgets | pretrained")] = "criteria") -> None:
+    """List registered plug-ins (broken ones are shown with the reason), budgets, or the
+    pretrained baselines of the model zoo."""
     from prunebench import registry
     from prunebench.budgets import BUDGETS
     from prunebench.errors import suggest
@@ -159,6 +176,16 @@ def list_(kind: Annotated[str, typer.Argument(help="criteria | architectures | d
         for b in BUDGETS.values():
             table.add_row(b.name, f"{b.baseline_epochs:g}", f"{b.finetune_epochs:g}", str(b.batch_size), f"{b.lr:g}",
                           b.schedule, f"{b.train_subset or 'full'}/{b.test_subset or 'full'}", str(b.calibration_size))
+        out.print(table)
+        return
+    if kind == "pretrained":
+        from prunebench import zoo
+
+        table = Table("arch", "datasets (adapted)", "file", "reported top-1", "licence")
+        for e in zoo.ENTRIES.values():
+            served = ", ".join(e.datasets) + "".join(f", {d} (adapted)" for d in e.adapt_to)
+            table.add_row(e.arch, served, e.file + (" (you supply it)" if e.user_supplied else ""),
+                          f"{e.reported_top1:g}% on {e.trained_on}", e.license.split(" ")[0])
         out.print(table)
         return
     reg = {"criteria": registry.criteria, "architectures": registry.architectures, "datasets": registry.datasets}[kind]
@@ -243,24 +270,28 @@ def _criterion_info(name: str) -> None:
 def baseline(
     arch: Annotated[str, typer.Option("--arch", "-a")],
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "digits",
-    budget: Annotated[str, typer.Option("--budget", "-b")] = "smoke",
+    budget: Annotated[str, typer.Option("--budget", "-b")] = DEFAULT_BUDGET,
     seed: Annotated[int, typer.Option("--seed", "-s")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set")] = None,
     dataset_option: Annotated[list[str] | None, typer.Option("--dataset-option")] = None,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA")] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained", help="the model zoo's checkpoint, adapted to the dataset where needed")] = False,
 ) -> None:
-    """Train (or find in the cache) the baseline for (arch, dataset, budget, seed)."""
+    """Train (or find in the cache) the baseline for (arch, dataset, budget, seed); with
+    --pretrained, load the zoo's checkpoint and run (or find) its adaptation."""
     import torch
 
     from prunebench import registry
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
-    from prunebench.runner import RunConfig, evaluate, get_baseline, load_data, resolve_device
+    from prunebench.runner import PRETRAINED, RunConfig, evaluate, get_baseline, load_data, resolve_device
     from prunebench.validation import check_run
 
     cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
-                    seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir, device=device)
+                    seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir,
+                    device=device, baseline=PRETRAINED if pretrained else None)
     check_run(cfg)
     dev = resolve_device(device)
     splits, data = load_data(cfg, dev)
@@ -268,8 +299,16 @@ def baseline(
     model = registry.architectures.get(arch).build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(dev)
     info_ = get_baseline(cfg, model, splits, data, Reporter())
     acc = evaluate(model.to(dev), data, splits.num_classes)
-    out.print(f"baseline {arch}/{dataset}/{budget}/seed {seed}: top-1 {acc['top1']:.2f}% ({info_['source']})",
-              markup=False)
+    if pretrained:
+        adapted = info_["adaptation"]
+        how = "no adaptation needed" if adapted is None else (
+            f"adapted {adapted['epochs']:g} epochs in {adapted['seconds']:.0f}s: "
+            f"{adapted['top1_before']:.2f}% → {adapted['top1_after']:.2f}%")
+        out.print(f"baseline {arch}/{dataset}/{budget}: pretrained {info_['zoo']['name']}, top-1 {acc['top1']:.2f}% "
+                  f"({how})", highlight=False, markup=False)
+    else:
+        out.print(f"baseline {arch}/{dataset}/{budget}/seed {seed}: top-1 {acc['top1']:.2f}% ({info_['source']})",
+                  markup=False)
     if "key" in info_:
         from prunebench.datasets import cache_dir
 

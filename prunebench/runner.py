@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from prunebench import checkpoints, divergence, registry, store
-from prunebench.budgets import Budget
+from prunebench.budgets import ADAPTATION_FIELDS, Budget
 from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
 from prunebench.engine import DeviceData, Recipe, train
@@ -59,10 +59,15 @@ class RunConfig:
     shot_epochs: float = 0.0
     data_dir: Path | None = None
     results_dir: Path = Path("results")
-    baseline: Path | None = None
+    baseline: Path | str | None = None  # a checkpoint file, or "pretrained" (the model zoo's entry)
     device: str = "auto"
     force: bool = False
     scratch: bool = False  # control: the compressed architecture re-initialised and trained from scratch
+
+    @property
+    def pretrained(self) -> bool:
+        """Does the run start from the model zoo's checkpoint (``--baseline pretrained``)?"""
+        return isinstance(self.baseline, str) and self.baseline == PRETRAINED
 
     def identity(self) -> dict[str, Any]:
         """What determines the result (paths and flags excluded) — hashed into the run id.
@@ -71,13 +76,17 @@ class RunConfig:
         options typed, so a run given its defaults explicitly is the same run; plug-ins not
         built into prunebench enter with the distribution that provides them.
         """
+        budget = self.budget.resolved()
+        if not self.pretrained:  # adaptation fields cannot change such a run: keep its id what it was
+            for key in ADAPTATION_FIELDS:
+                budget.pop(key)
         identity = {
             "criterion": self.criterion,
             "criterion_params": resolved_params(self.criterion, self.criterion_params),
             "arch": self.arch,
             "dataset": self.dataset,
             "dataset_options": dict(sorted(check_dataset_options(self.dataset, self.dataset_options).items())),
-            "budget": self.budget.resolved(),
+            "budget": budget,
             "target": dataclasses.asdict(self.target),
             "seed": self.seed,
             "allocation": self.allocation,
@@ -92,7 +101,16 @@ class RunConfig:
         providers = plugin_providers(self)
         if providers:  # likewise only for plug-ins from other distributions
             identity["plugins"] = providers
+        if self.pretrained:
+            from prunebench import zoo
+
+            entry = zoo.lookup(self.arch, self.dataset)
+            identity["pretrained"] = f"{entry.name}@{entry.sha256[:8]}"
         return identity
+
+
+#: ``RunConfig.baseline`` value that selects the model zoo's checkpoint
+PRETRAINED = "pretrained"
 
 
 def resolved_params(criterion: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,13 +156,25 @@ def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits, DeviceD
     tx, ty = subset(splits.train_x, splits.train_y, cfg.budget.train_subset, 0)
     vx, vy = subset(splits.test_x, splits.test_y, cfg.budget.test_subset, 1)
     c = splits.in_channels
+    mean, std = preprocessing(cfg, splits)
     data = DeviceData(
         train_x=tx.to(device), train_y=ty.to(device), test_x=vx.to(device), test_y=vy.to(device),
-        mean=torch.tensor(splits.mean, device=device).view(1, c, 1, 1),
-        std=torch.tensor(splits.std, device=device).view(1, c, 1, 1),
+        mean=torch.tensor(mean, device=device).view(1, c, 1, 1),
+        std=torch.tensor(std, device=device).view(1, c, 1, 1),
         hflip=splits.hflip,
     )
     return splits, data
+
+
+def preprocessing(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation (mean, std) for everything the run evaluates and trains: a pretrained
+    checkpoint's own, else the dataset's training-split statistics."""
+    if cfg.pretrained:
+        from prunebench import zoo
+
+        entry = zoo.lookup(cfg.arch, cfg.dataset)
+        return tuple(entry.mean), tuple(entry.std)
+    return tuple(splits.mean), tuple(splits.std)
 
 
 _FINETUNE_SCHEDULE = {"step": "step", "constant": "constant"}
@@ -184,7 +214,8 @@ def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
 def get_baseline(
     cfg: RunConfig, model: nn.Module, splits: DataSplits, data: DeviceData, rep: Reporter
 ) -> dict[str, Any]:
-    """Load ``--baseline FILE``, a cached checkpoint, or train and cache one.
+    """Load the model zoo's checkpoint (adapted where needed), ``--baseline FILE``, a cached
+    checkpoint, or train and cache one.
 
     A given file must hold finite tensors that fit the architecture (else a one-line
     :class:`CheckpointError` naming it); a cached one that does not is moved aside and the
@@ -192,10 +223,17 @@ def get_baseline(
     """
     from prunebench.datasets import cache_dir
 
+    if cfg.pretrained:
+        from prunebench.adaptation import pretrained_baseline
+
+        return pretrained_baseline(cfg, model, splits, data, rep)
     if cfg.baseline is not None:
         path = Path(cfg.baseline)
         checkpoints.load_state(model, path, "--baseline")
         return {"source": str(path), "trained_seconds": 0.0}
+    if cfg.budget.baseline_epochs <= 0:
+        raise ConfigError(f"budget {cfg.budget.name!r} trains no baseline (baseline_epochs=0): use --baseline "
+                          "pretrained or --baseline FILE, or set baseline_epochs")
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
     # one process trains a given baseline; another that needs it waits here, then loads it
     with hold(f"{path}.lock"):
@@ -432,6 +470,9 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     else:
         record["oneshot"] = evaluate(model, data, splits.num_classes)
         rep.log(f"one-shot top-1 {record['oneshot']['top1']:.2f}% (achieved {result.achieved:.2%} {target.metric} ↓)")
+        record["oneshot_bn"] = oneshot_bn(model, calibration, data, splits.num_classes)
+        if record["oneshot_bn"] is not None:
+            rep.log(f"one-shot + BN re-estimation top-1 {record['oneshot_bn']['top1']:.2f}%")
 
         rep.stage("fine-tune")
         remaining = ledger.remaining
@@ -472,10 +513,24 @@ def _check_compressed(model: nn.Module, probe: torch.Tensor, criterion: str) -> 
 
 
 def _check_accuracies(record: dict[str, Any]) -> None:
-    for stage in ("baseline", "oneshot", "final"):
+    for stage in ("baseline", "oneshot", "oneshot_bn", "final"):
         block = record.get(stage)
         if block is not None and not all(checkpoints.finite_number(v) for v in block.values()):
             raise DivergedError(f"{stage} accuracy is not a finite number: {block}")
+
+
+def oneshot_bn(model: nn.Module, calibration: Calibration, data: DeviceData,
+               num_classes: int) -> dict[str, float] | None:
+    """One-shot accuracy after re-estimating BatchNorm statistics on the calibration images
+    (adaptive BN, EagleEye). Measured on a copy: the fine-tune starts from the compressed model
+    as it is, so the one-shot and final columns do not depend on this one. None without BatchNorm."""
+    from prunebench.adaptive_bn import batchnorms, recalibrate_bn
+
+    if not batchnorms(model):
+        return None
+    probe = copy.deepcopy(model)
+    recalibrate_bn(probe, calibration.images, batch_size=calibration.batch_size)
+    return evaluate(probe, data, num_classes)
 
 
 def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, record: dict[str, Any],
@@ -492,6 +547,7 @@ def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, recor
                   description="scratch")
     divergence.check_training(model, stats, "scratch training", _lr_hint(cfg.budget, "lr"))
     record["oneshot"] = None
+    record["oneshot_bn"] = None
     record["note"] = (f"scratch control: architecture from {cfg.criterion}, re-initialised and trained "
                       f"{epochs:g} epochs with the baseline recipe; no one-shot stage")
     record["ledger"] = {"total_epochs": epochs, "spent": {"scratch": epochs},

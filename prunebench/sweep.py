@@ -29,7 +29,7 @@ from prunebench.errors import ConfigError, DivergedError, suggest
 from prunebench.locks import FileLock
 from prunebench.protocols import Target
 from prunebench.records import is_complete, run_id
-from prunebench.runner import RunConfig
+from prunebench.runner import PRETRAINED, RunConfig
 from prunebench.store import check_results_dir
 from prunebench.validation import ALLOCATIONS, check_device, check_run, load_profile
 
@@ -44,7 +44,7 @@ EXECUTORS = ("local", "ray")
 #: allowed keys, per table of the config file
 TOP_KEYS = (
     "description", "criteria", "architectures", "dataset", "targets", "seeds", "budget", "allocation",
-    "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir",
+    "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir", "baseline",
 )
 CRITERION_KEYS = ("name", "params")
 DATASET_KEYS = ("name", "options", "data_dir")
@@ -79,6 +79,7 @@ class Sweep:
     device: str = "auto"
     data_dir: Path | None = None
     results_dir: Path = Path("results")
+    baseline: Path | str | None = None  # "pretrained" (the model zoo) or a checkpoint file
 
     def runs(self) -> list[RunConfig]:
         """Every run of the grid, in a stable order, each once (a control that is also listed
@@ -87,7 +88,7 @@ class Sweep:
             budget=self.budget, dataset=self.dataset, dataset_options=dict(self.dataset_options),
             allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, layer_ratios=self.layer_ratios,
             shots=self.shots, shot_epochs=self.shot_epochs, data_dir=self.data_dir,
-            results_dir=self.results_dir, device=self.device,
+            results_dir=self.results_dir, device=self.device, baseline=self.baseline,
         )
         out: dict[str, RunConfig] = {}
         for arch in self.architectures:
@@ -175,6 +176,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
 
     if results_dir is None:
         results_dir = base / _str(doc["results_dir"], "results_dir") if "results_dir" in doc else Path("results")
+    baseline = _baseline(doc.get("baseline"), base, architectures, dataset)
     sweep = Sweep(
         criteria=criteria, architectures=architectures, budget=budget, dataset=dataset,
         dataset_options=dataset_options, targets=targets, seeds=seeds, controls=controls,
@@ -183,6 +185,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         shot_epochs=_float(doc.get("shot_epochs", 0.0), "shot_epochs"),
         device=check_device(_str(doc.get("device", "auto"), "device")),
         data_dir=data_dir if data_dir is not None else file_data_dir, results_dir=Path(results_dir),
+        baseline=baseline,
     )
     for cfg in sweep.runs():  # every run of the grid, checked as `prunebench run` checks one
         check_run(cfg)
@@ -254,6 +257,23 @@ def _dataset(value: Any, base: Path) -> tuple[str, dict[str, Any], Path | None]:
                                   f"Accepted options: {', '.join(accepted) or 'none'}.")
     data_dir = base / _str(value["data_dir"], "dataset.data_dir") if "data_dir" in value else None
     return name, options, data_dir
+
+
+def _baseline(value: Any, base: Path, architectures: Sequence[str], dataset: str) -> Path | str | None:
+    """``baseline = "pretrained"`` (every architecture needs a zoo entry for the dataset) or a file."""
+    if value is None:
+        return None
+    value = _str(value, "baseline")
+    if value == PRETRAINED:
+        from prunebench import zoo
+
+        for arch in architectures:
+            zoo.lookup(arch, dataset)
+        return PRETRAINED
+    path = base / value
+    if not path.is_file():
+        raise ConfigError(f"baseline file {path} does not exist (or write baseline = \"pretrained\")")
+    return path
 
 
 def _targets(value: Any) -> tuple[Target, ...]:
@@ -343,17 +363,26 @@ def prepare_baseline(cfg: RunConfig) -> str:
         return f"failed: {type(exc).__name__}: {exc}"
     if info["source"] == "trained":
         return f"trained in {info['trained_seconds']:.1f}s"
+    if info["source"] == "pretrained":
+        adapted = info["adaptation"]
+        if adapted is None:
+            return f"pretrained {info['zoo']['name']}"
+        how = "loaded from the cache" if adapted["cached"] else f"in {adapted['seconds']:.1f}s"
+        return (f"pretrained {info['zoo']['name']}, adapted ({how}): top-1 {adapted['top1_before']:.2f}% → "
+                f"{adapted['top1_after']:.2f}%")
     return "loaded from the cache"
 
 
 def baseline_groups(runs: Iterable[RunConfig]) -> list[RunConfig]:
-    """One representative run per distinct baseline (runs with a given ``baseline`` file need none)."""
+    """One representative run per distinct baseline (runs with a given ``baseline`` file need none;
+    pretrained baselines are adapted with one seed for all run seeds)."""
     seen: dict[str, RunConfig] = {}
     for cfg in runs:
-        if cfg.baseline is not None:
+        if cfg.baseline is not None and not cfg.pretrained:
             continue
-        key = json.dumps([cfg.arch, cfg.dataset, dict(cfg.dataset_options), cfg.budget.resolved(), cfg.seed,
-                          str(cfg.data_dir)], sort_keys=True, default=str)
+        seed = None if cfg.pretrained else cfg.seed
+        key = json.dumps([cfg.arch, cfg.dataset, dict(cfg.dataset_options), cfg.budget.resolved(), seed,
+                          str(cfg.data_dir), cfg.pretrained], sort_keys=True, default=str)
         seen.setdefault(key, cfg)
     return list(seen.values())
 
@@ -387,7 +416,8 @@ def run_sweep(
         try:
             baselines = baseline_groups(pending)
             for cfg, what in zip(baselines, engine.baselines(baselines), strict=True):
-                log(f"baseline {cfg.arch}/{cfg.dataset}/{cfg.budget.name}/seed {cfg.seed}: {what}")
+                seed = "" if cfg.pretrained else f"/seed {cfg.seed}"
+                log(f"baseline {cfg.arch}/{cfg.dataset}/{cfg.budget.name}{seed}: {what}")
             done = 0
             for outcome in engine.runs(pending, blocking=False):
                 outcomes[outcome.run_id] = outcome
@@ -485,7 +515,8 @@ class _RayEngine:
     def _absolute(cfg: RunConfig) -> RunConfig:
         """Workers need not share the driver's working directory."""
         return dataclasses.replace(cfg, results_dir=Path(cfg.results_dir).absolute(),
-                                   data_dir=Path(cfg.data_dir).absolute() if cfg.data_dir else None)
+                                   data_dir=Path(cfg.data_dir).absolute() if cfg.data_dir else None,
+                                   baseline=cfg.baseline.absolute() if isinstance(cfg.baseline, Path) else cfg.baseline)
 
     def baselines(self, cfgs: Sequence[RunConfig]) -> list[str]:
         # distinct baselines never share a checkpoint, so they may train side by side
@@ -526,6 +557,7 @@ def describe(sweep: Sweep) -> dict[str, Any]:
         "targets": [f"{t.metric} -{t.ratio:.0%}" for t in sweep.targets], "seeds": list(sweep.seeds),
         "budget": sweep.budget.name + "".join(f" {k}={v}" for k, v in _overrides(sweep.budget).items()),
         "allocation": sweep.allocation, "results_dir": str(sweep.results_dir),
+        "baseline": str(sweep.baseline) if sweep.baseline is not None else "trained (cached per seed)",
     }
 
 

@@ -138,6 +138,13 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.shots} shots with {cfg.shot_epochs:g} epochs between them need {between:g} "
                           f"epochs, but the budget's ledger holds {cfg.budget.finetune_epochs:g} (finetune_epochs)")
     check_device(cfg.device)
-    if cfg.baseline is not None and not Path(cfg.baseline).is_file():
+    if cfg.pretrained:
+        from prunebench import zoo
+
+        zoo.lookup(cfg.arch, cfg.dataset)  # an unknown combination lists the entries
+    elif cfg.baseline is not None and not Path(cfg.baseline).is_file():
         raise ConfigError(f"--baseline {cfg.baseline} does not exist" if not Path(cfg.baseline).exists()
                           else f"--baseline {cfg.baseline} is not a file")
+    elif cfg.baseline is None and cfg.budget.baseline_epochs <= 0:
+        raise ConfigError(f"budget {cfg.budget.name!r} trains no baseline (baseline_epochs=0): use --baseline "
+                          "pretrained or --baseline FILE, or set baseline_epochs")

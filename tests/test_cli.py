@@ -39,6 +39,7 @@ def test_run_writes_a_complete_valid_record(smoke_run):
     assert rec["macs"]["after"] < rec["macs"]["before"]
     assert rec["ledger"]["spent"] == {"finetune": 2.0}
     assert 0 <= rec["oneshot"]["top1"] <= 100 and 0 <= rec["final"]["top1"] <= 100
+    assert 0 <= rec["oneshot_bn"]["top1"] <= 100 and "BN re-estimated" in output
     assert rec["baseline"]["top1"] > 30  # digits is learnable even on the smoke budget
     assert rec["latency"]["before"]["batch1_ms"] > 0
     assert set(rec["widths"]) == {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}
@@ -87,7 +88,8 @@ def test_leaderboard_from_run(smoke_run, tmp_path):
 
 
 def test_failed_run_leaves_a_failed_record(tmp_path):
-    res = invoke("run", "-c", "l1", "-a", "resnet20", "--target-macs", "0.97", "--results-dir", tmp_path, "-q")
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--budget", "smoke", "--target-macs", "0.97",
+                 "--results-dir", tmp_path, "-q")
     assert isinstance(res.exception, TargetMissedError)
     rec = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert rec["status"] == "failed" and "TargetMissedError" in rec["error"] and validate(rec) == []
@@ -95,13 +97,15 @@ def test_failed_run_leaves_a_failed_record(tmp_path):
 
 
 def test_unknown_names_suggest_alternatives(tmp_path):
-    res = invoke("run", "-c", "l2", "-a", "resnet20", "--results-dir", tmp_path)
+    res = invoke("run", "-c", "l2", "-a", "resnet20", "--budget", "smoke", "--results-dir", tmp_path)
     assert isinstance(res.exception, ConfigError) and "Did you mean 'l1'" in str(res.exception)
-    res = invoke("run", "-c", "l1", "-a", "resnet20", "--set", "finetune_epoch=2", "--results-dir", tmp_path)
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--budget", "smoke", "--set", "finetune_epoch=2",
+                 "--results-dir", tmp_path)
     assert "Did you mean 'finetune_epochs'" in str(res.exception)
-    res = invoke("run", "-c", "l1", "-a", "resnet20", "--param", "foo=1", "--results-dir", tmp_path)
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--budget", "smoke", "--param", "foo=1", "--results-dir", tmp_path)
     assert "no hyper-parameter 'foo'" in str(res.exception)
-    res = invoke("run", "-c", "l1", "-a", "resnet20", "--target-macs", "1.5", "--results-dir", tmp_path)
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--budget", "smoke", "--target-macs", "1.5",
+                 "--results-dir", tmp_path)
     assert "must lie in (0, 1)" in str(res.exception)
     assert not list(tmp_path.glob("*.json"))  # bad input is rejected before a run starts
 

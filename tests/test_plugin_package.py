@@ -37,7 +37,7 @@ def test_third_party_criterion_is_listed(installed):
 
 def test_third_party_criterion_runs_end_to_end(installed, tmp_path):
     proc = cli(installed, "run", "--criterion", "l2norm", "--param", "power=1", "--arch", "resnet20",
-               "--target-macs", "0.4", "--results-dir", str(tmp_path), "--quiet")
+               "--budget", "smoke", "--target-macs", "0.4", "--results-dir", str(tmp_path), "--quiet")
     assert proc.returncode == 0, proc.stderr
     rec = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert rec["status"] == "complete" and rec["criterion"] == "l2norm"

@@ -104,7 +104,7 @@ def test_a_random_criterion_and_the_random_control_are_one_run(tmp_path):
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"seed": [0]}, "unknown key 'seed' in the sweep config. Did you mean 'seeds'? Allowed keys: description, "),
+    ({"seed": [0]}, "unknown key 'seed' in the sweep config. Did you mean 'seeds' or 'baseline'? Allowed keys: description, "),
     ({"criteria": ["l2"]}, "unknown criterion 'l2'. Did you mean 'l1'"),
     ({"criteria": [{"name": "l1", "parms": {}}]}, "unknown key 'parms' in criteria[0]. Did you mean 'params'?"),
     ({"criteria": [{"name": "ht2", "params": {"energi": 0.5}}]}, "no hyper-parameter 'energi'. Did you mean 'energy'"),
@@ -159,7 +159,8 @@ def test_scratch_control_record(smoke):
     (scratch,) = [r for r in records(results).values() if r["criterion"] == "scratch"]
     (rand,) = [r for r in records(results).values() if r["criterion"] == "random"]
     assert "-scratch-" in scratch["run_id"] and scratch["architecture_from"] == "random"
-    assert scratch["oneshot"] is None and "no one-shot stage" in scratch["note"]
+    assert scratch["oneshot"] is None and scratch["oneshot_bn"] is None and "no one-shot stage" in scratch["note"]
+    assert rand["oneshot_bn"]["top1"] >= 0  # BN re-estimated on the calibration images, before fine-tuning
     total = scratch["budget"]["baseline_epochs"] + scratch["budget"]["finetune_epochs"]  # the whole budget
     assert scratch["ledger"]["spent"] == {"scratch": total} and scratch["ledger"]["total_epochs"] == total
     assert scratch["widths"] == rand["widths"]  # the same compressed architecture (random, same seed)
