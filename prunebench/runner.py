@@ -69,6 +69,16 @@ class RunConfig:
         """Does the run start from the model zoo's checkpoint (``--baseline pretrained``)?"""
         return isinstance(self.baseline, str) and self.baseline == PRETRAINED
 
+    def budget_fields(self) -> dict[str, Any]:
+        """The budget's resolved numbers that can affect this run (recorded, and hashed into the
+        id): the adaptation fields only for runs from a pretrained baseline, so that the ids and
+        records of all other runs stay what they were."""
+        budget = self.budget.resolved()
+        if not self.pretrained:
+            for key in ADAPTATION_FIELDS:
+                budget.pop(key)
+        return budget
+
     def identity(self) -> dict[str, Any]:
         """What determines the result (paths and flags excluded) — hashed into the run id.
 
@@ -76,10 +86,7 @@ class RunConfig:
         options typed, so a run given its defaults explicitly is the same run; plug-ins not
         built into prunebench enter with the distribution that provides them.
         """
-        budget = self.budget.resolved()
-        if not self.pretrained:  # adaptation fields cannot change such a run: keep its id what it was
-            for key in ADAPTATION_FIELDS:
-                budget.pop(key)
+        budget = self.budget_fields()
         identity = {
             "criterion": self.criterion,
             "criterion_params": resolved_params(self.criterion, self.criterion_params),
@@ -361,7 +368,7 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
         "schema": "prunebench-result/1", "run_id": rid, "status": "running",
         "criterion": cfg.criterion, "criterion_kind": crit_cls.kind.value,
         "criterion_params": criterion.describe(), "arch": cfg.arch, "dataset": cfg.dataset,
-        "dataset_options": dict(cfg.dataset_options), "budget": cfg.budget.resolved(),
+        "dataset_options": dict(cfg.dataset_options), "budget": cfg.budget_fields(),
         "target": dataclasses.asdict(cfg.target), "seed": cfg.seed, "allocation": cfg.allocation,
         "max_layer_ratio": cfg.max_layer_ratio, "layer_ratios": dict(cfg.layer_ratios) if cfg.layer_ratios else None,
         "shots": cfg.shots, "shot_epochs": cfg.shot_epochs, "started": now(), "versions": versions(),

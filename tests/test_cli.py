@@ -40,6 +40,7 @@ def test_run_writes_a_complete_valid_record(smoke_run):
     assert rec["ledger"]["spent"] == {"finetune": 2.0}
     assert 0 <= rec["oneshot"]["top1"] <= 100 and 0 <= rec["final"]["top1"] <= 100
     assert 0 <= rec["oneshot_bn"]["top1"] <= 100 and "BN re-estimated" in output
+    assert "adapt_epochs" not in rec["budget"]  # adaptation fields belong to runs from pretrained baselines
     assert rec["baseline"]["top1"] > 30  # digits is learnable even on the smoke budget
     assert rec["latency"]["before"]["batch1_ms"] > 0
     assert set(rec["widths"]) == {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}

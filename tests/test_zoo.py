@@ -133,6 +133,16 @@ def test_missing_names_the_exact_path_and_url(data_root):
     assert "downloading failed" in message
 
 
+def test_torchvision_weights_are_expected_where_torchvision_keeps_them(data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    entry = zoo.lookup("tv_resnet18", "imagefolder")
+    with pytest.raises(DataNotFoundError) as err:
+        resolve(entry, data_root, download=False)
+    hub = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(hub) in str(err.value) and entry.url in str(err.value)
+    assert str(data_root / "pretrained" / "resnet18-f37072fd.pth") in str(err.value)
+
+
 def test_downloaded_into_the_cache_with_its_licence_then_found_there(tmp_path, data_root):
     source = tmp_path / "server" / FILE
     (tmp_path / "server" / "LICENSE").parent.mkdir(parents=True)
@@ -260,7 +270,7 @@ def test_the_run_uses_the_checkpoints_preprocessing(registered, data_root, tmp_p
     assert info["zoo"]["name"] == "tiny20-test" and info["zoo"]["mean"] == [0.25]
     assert info["checkpoint"]["verified"] == "sha256" and info["checkpoint"]["found_in"] == "data root"
     assert record["status"] == "complete" and validate(record) == []
-
+    assert record["budget"]["adapt_epochs"] == 1.0  # recorded for runs from a pretrained baseline only
 
 def test_the_adaptation_is_recorded_cached_and_shared_by_seeds(data_root, tmp_path, monkeypatch):
     entry = entry_for(write_checkpoint(data_root / "pretrained" / FILE), datasets=(), adapt_to=("digits",),
@@ -288,10 +298,11 @@ def test_the_adaptation_is_recorded_cached_and_shared_by_seeds(data_root, tmp_pa
 def test_adaptation_fields_leave_other_runs_ids_alone():
     plain = RunConfig(criterion="l1", arch="resnet20", budget=get_budget("cpu"), dataset="cifar10-jpeg")
     changed = dataclasses.replace(plain, budget=plain.budget.override(adapt_epochs=5))
-    assert plain.identity() == changed.identity() and "adapt_epochs" not in plain.identity()["budget"]
+    assert plain.identity() == changed.identity() and "adapt_epochs" not in plain.budget_fields()
     pretrained = dataclasses.replace(plain, baseline=PRETRAINED)
     assert pretrained.identity()["pretrained"] == "resnet20-cifar10-idelbayev@12fca82f"
     assert pretrained.identity() != dataclasses.replace(pretrained, budget=changed.budget).identity()
+    assert pretrained.budget_fields()["adapt_epochs"] == 1.0
 
 
 def test_cli_without_the_file_names_the_exact_path(registered, data_root, tmp_path):
