@@ -101,14 +101,14 @@ def run(
     )
     record, path = execute(cfg, Reporter(quiet=quiet))
     if record["status"] == "complete":
-        oneshot = "" if record.get("oneshot") is None else f"one-shot {record['oneshot']['top1']:.2f}% → "
-        if record.get("oneshot_bn"):
-            oneshot = oneshot.replace("% → ", f"% (BN re-estimated {record['oneshot_bn']['top1']:.2f}%) → ")
+        stages = [f"baseline {record['baseline']['top1']:.2f}%"]
+        if record.get("oneshot") is not None:  # the scratch control has no one-shot stage
+            bn = f" (BN re-estimated {record['oneshot_bn']['top1']:.2f}%)" if record.get("oneshot_bn") else ""
+            stages.append(f"one-shot {record['oneshot']['top1']:.2f}%{bn}")
+        stages.append(f"final {record['final']['top1']:.2f}%")
         out.print(
-            f"{record['criterion']} on {record['arch']}/{record['dataset']}: "
-            f"baseline {record['baseline']['top1']:.2f}% → {oneshot}"
-            f"final {record['final']['top1']:.2f}% at {record['achieved']['macs_reduction']:.1%} MACs ↓, "
-            f"{record['achieved']['params_reduction']:.1%} params ↓",
+            f"{record['criterion']} on {record['arch']}/{record['dataset']}: {' → '.join(stages)} at "
+            f"{record['achieved']['macs_reduction']:.1%} MACs ↓, {record['achieved']['params_reduction']:.1%} params ↓",
             highlight=False, markup=False,
         )
     out.print(f"record: {path}", highlight=False, markup=False)
