@@ -28,8 +28,8 @@ class Budget:
     label_smoothing: float = 0.0
     # pretrained baselines (--baseline pretrained) whose training data differ from the run's:
     # the adaptation fine-tune on the run's training split (cosine decay from adapt_lr)
-    adapt_epochs: float = 1.0
-    adapt_lr: float = 0.01
+    adapt_epochs: float = 4.0
+    adapt_lr: float = 0.02
 
     def __post_init__(self) -> None:
         check_budget(self)
@@ -141,7 +141,7 @@ BUDGETS: dict[str, Budget] = {
         name="cpu-pretrained", baseline_epochs=0, finetune_epochs=0.25, batch_size=128, lr=0.1, finetune_lr=0.01,
         momentum=0.9, weight_decay=5e-4, schedule="cosine", milestones=(),
         train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=20,
-        adapt_epochs=1.0, adapt_lr=0.01,
+        adapt_epochs=4.0, adapt_lr=0.02,
     ),
     "fast": Budget(
         name="fast", baseline_epochs=30, finetune_epochs=15, batch_size=256, lr=0.2, finetune_lr=0.02,

@@ -138,3 +138,13 @@ def test_info_lists_criterion_hyper_parameters():
     assert res.exit_code == 0, res.output
     assert "distance" in res.output and "'vbd'" in res.output and "rank" in res.output
     assert "Did you mean 'coring'" in str(invoke("info", "--criterion", "corng").exception)
+
+
+@pytest.mark.slow
+def test_the_readme_main_job_starts_from_a_converged_baseline(tmp_path):
+    """`prunebench run --criterion l1 --arch resnet56 --dataset digits`, no --budget: the demo budget."""
+    res = invoke("run", "--criterion", "l1", "--arch", "resnet56", "--dataset", "digits", "--results-dir", tmp_path, "-q")
+    assert res.exit_code == 0, res.output
+    rec = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert rec["budget"]["name"] == "demo" and rec["data"]["train_images"] == 1437
+    assert rec["baseline"]["top1"] >= 95.0 and rec["final"]["top1"] >= 90.0

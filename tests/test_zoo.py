@@ -270,7 +270,7 @@ def test_the_run_uses_the_checkpoints_preprocessing(registered, data_root, tmp_p
     assert info["zoo"]["name"] == "tiny20-test" and info["zoo"]["mean"] == [0.25]
     assert info["checkpoint"]["verified"] == "sha256" and info["checkpoint"]["found_in"] == "data root"
     assert record["status"] == "complete" and validate(record) == []
-    assert record["budget"]["adapt_epochs"] == 1.0  # recorded for runs from a pretrained baseline only
+    assert record["budget"]["adapt_epochs"] == 4.0  # recorded for runs from a pretrained baseline only
 
 def test_the_adaptation_is_recorded_cached_and_shared_by_seeds(data_root, tmp_path, monkeypatch):
     entry = entry_for(write_checkpoint(data_root / "pretrained" / FILE), datasets=(), adapt_to=("digits",),
@@ -302,7 +302,7 @@ def test_adaptation_fields_leave_other_runs_ids_alone():
     pretrained = dataclasses.replace(plain, baseline=PRETRAINED)
     assert pretrained.identity()["pretrained"] == "resnet20-cifar10-idelbayev@12fca82f"
     assert pretrained.identity() != dataclasses.replace(pretrained, budget=changed.budget).identity()
-    assert pretrained.budget_fields()["adapt_epochs"] == 1.0
+    assert pretrained.budget_fields()["adapt_epochs"] == 4.0
 
 
 def test_cli_without_the_file_names_the_exact_path(registered, data_root, tmp_path):
