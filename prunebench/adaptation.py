@@ -20,15 +20,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
-from prunebench import zoo
+from prunebench import checkpoints, divergence, zoo
 from prunebench.engine import Recipe, train
+from prunebench.errors import CheckpointError
 from prunebench.locks import hold
 from prunebench.surgery import atomic_torch_save
 
@@ -104,12 +105,16 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
     path = cache_dir() / "baselines" / f"{key}.pt"
     with hold(f"{path}.lock"):  # one process adapts; the others wait here, then load its result
         if path.exists():
-            return _load_adapted(model, path, evaluated_on, splits.num_classes, data, block, rep)
+            cached = _load_adapted(model, path, evaluated_on, splits.num_classes, data, rep)
+            if cached is not None:
+                return cached
         top1_before = evaluate(model, data, splits.num_classes)["top1"]
         rep.log(f"adapting {entry.name} ({entry.trained_on} → {cfg.dataset}): {rcp.epochs:g} epochs, "
                 f"lr {rcp.lr:g} cosine, seed {ADAPT_SEED}; top-1 before {top1_before:.2f}%")
         t0 = time.perf_counter()
-        train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(), description="adapt")
+        stats = train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(), description="adapt")
+        divergence.check_training(model, stats, "adaptation",
+                                  f"lower the learning rate (now adapt_lr={rcp.lr:g}; --set adapt_lr=...)")
         seconds = round(time.perf_counter() - t0, 3)
         top1_after = evaluate(model, data, splits.num_classes)["top1"]
         block.update(top1_before=top1_before, top1_after=top1_after, seconds=seconds, key=key)
@@ -120,18 +125,30 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
 
 
 def _load_adapted(model: nn.Module, path: Path, evaluated_on: dict[str, Any], num_classes: int,
-                  data: DeviceData, block: dict[str, Any], rep: Reporter) -> dict[str, Any]:
+                  data: DeviceData, rep: Reporter) -> dict[str, Any] | None:
+    """The cached adaptation loaded into ``model`` (which holds the checkpoint), with its record
+    block; None, after moving the file aside to ``<name>.corrupt``, when it is unusable."""
     from prunebench.runner import evaluate
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    stored = json.loads(payload["adaptation"])
-    same_test = json.loads(payload["evaluated_on"]) == evaluated_on
+    what = "cached adapted baseline"
+    try:
+        payload = checkpoints.read(path, what)
+        stored = json.loads(payload["adaptation"])
+        same_test = json.loads(payload["evaluated_on"]) == evaluated_on
+        state = checkpoints.state_dict(payload, path, what)
+        checkpoints.check_finite(state, path, what)
+        checkpoints.check_fits(model, state, path, what)
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        rep.log(f"baseline: {what} {path} is unusable ({exc}); moved to {aside}, adapting again")
+        return None
     if not same_test:  # measured on another test split: measure both on this run's
         stored["top1_before"] = evaluate(model, data, num_classes)["top1"]
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(state)
     model.to(data.device)
     if not same_test:
         stored["top1_after"] = evaluate(model, data, num_classes)["top1"]
-        stored["test_images"] = block["test_images"]
+        stored["test_images"] = evaluated_on["test_images"]
     rep.log(f"baseline: reusing the adapted checkpoint {path}")
     return {**stored, "cached": True}

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from prunebench import registry, zoo
 from prunebench.budgets import get_budget
 from prunebench.cli import app
-from prunebench.errors import ConfigError, DataNotFoundError
+from prunebench.errors import CheckpointError, ConfigError, DataNotFoundError
 from prunebench.progress import Reporter
 from prunebench.records import validate
 from prunebench.runner import PRETRAINED, RunConfig, execute, load_data
@@ -220,9 +220,10 @@ def test_load_pretrained_loads_every_tensor(registered, data_root):
 
 def test_a_checkpoint_of_another_architecture_fails_in_one_line(registered, data_root):
     model = registry.architectures.get("resnet32").build(num_classes=10, in_channels=1)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(CheckpointError) as err:
         zoo.load_pretrained(registered, model, data_root)
-    assert "does not fit the architecture: missing layer1.3" in str(err.value) and "\n" not in str(err.value)
+    assert "does not fit the model (CifarResNet): missing: layer1.3" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 # --- runs from a pretrained baseline --------------------------------------------------------
@@ -293,6 +294,14 @@ def test_the_adaptation_is_recorded_cached_and_shared_by_seeds(data_root, tmp_pa
 
     other = run_config(tmp_path, data_root, adapt_epochs=2, adapt_lr=0.05)
     assert execute(other, Reporter(quiet=True))[0]["baseline_info"]["adaptation"]["key"] != adaptation["key"]
+
+    # a damaged cache file is moved aside and the adaptation runs again, to the same result
+    cached = tmp_path / "cache" / "baselines" / f"{adaptation['key']}.pt"
+    cached.write_bytes(b"not a checkpoint")
+    third, _ = execute(run_config(tmp_path, data_root, seed=2, adapt_epochs=1, adapt_lr=0.05), Reporter(quiet=True))
+    redone = third["baseline_info"]["adaptation"]
+    assert not redone["cached"] and redone["top1_after"] == adaptation["top1_after"]
+    assert cached.is_file() and cached.with_name(cached.name + ".corrupt").read_bytes() == b"not a checkpoint"
 
 
 def test_adaptation_fields_leave_other_runs_ids_alone():

@@ -17,7 +17,7 @@ from torch import nn
 from prunebench.errors import ConfigError
 from prunebench.zoo.entries import BUILTIN, IMAGENET_MEAN, IMAGENET_STD, ZooEntry
 from prunebench.zoo.files import Resolved, resolve
-from prunebench.zoo.keys import load_into, map_keys, state_dict_of
+from prunebench.zoo.keys import map_keys
 
 __all__ = [
     "ENTRIES", "IMAGENET_MEAN", "IMAGENET_STD", "Resolved", "ZooEntry", "available", "load_pretrained", "lookup",
@@ -44,21 +44,22 @@ def lookup(arch: str, dataset: str) -> ZooEntry:
 
 def load_pretrained(entry: ZooEntry, model: nn.Module, data_dir: str | Path | None = None,
                     num_classes: int | None = None) -> dict[str, Any]:
-    """Load the entry's checkpoint into ``model``; returns what the record stores about it."""
-    import torch
+    """Load the entry's checkpoint into ``model`` (weights-only, checked: finite tensors that fit
+    the model, else a one-line :class:`CheckpointError`); returns what the record stores about it."""
+    from prunebench import checkpoints
 
     if num_classes is not None and num_classes != entry.num_classes:
         raise ConfigError(f"pretrained baseline {entry.name} has {entry.num_classes} classes; "
                           f"the dataset has {num_classes}")
     found = resolve(entry, data_dir)
-    try:
-        payload = torch.load(found.path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a verified file that still fails to load
-        raise ConfigError(f"cannot load pretrained checkpoint {found.path}: {type(exc).__name__}: {exc}") from exc
-    state = map_keys(state_dict_of(payload, str(found.path)), entry.key_map)
-    load_into(model, state, f"pretrained checkpoint {found.path}")
+    what = f"pretrained checkpoint ({entry.name})"
+    payload = checkpoints.read(found.path, what)
+    state = map_keys(checkpoints.state_dict(payload, found.path, what), entry.key_map)
+    checkpoints.check_finite(state, found.path, what)
+    checkpoints.check_fits(model, state, found.path, what)
+    model.load_state_dict(state)
     info: dict[str, Any] = {"file": found.path.name, "found_in": found.origin, "sha256": found.sha256,
                             "verified": found.verified}
-    if isinstance(payload, dict) and "best_prec1" in payload:
+    if isinstance(payload, dict) and checkpoints.finite_number(payload.get("best_prec1")):
         info["stored_best_prec1"] = float(payload["best_prec1"])
     return info
