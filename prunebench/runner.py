@@ -238,9 +238,6 @@ def get_baseline(
         path = Path(cfg.baseline)
         checkpoints.load_state(model, path, "--baseline")
         return {"source": str(path), "trained_seconds": 0.0}
-    if cfg.budget.baseline_epochs <= 0:
-        raise ConfigError(f"budget {cfg.budget.name!r} trains no baseline (baseline_epochs=0): use --baseline "
-                          "pretrained or --baseline FILE, or set baseline_epochs")
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
     # one process trains a given baseline; another that needs it waits here, then loads it
     with hold(f"{path}.lock"):

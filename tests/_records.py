@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunebench.budgets import BUDGETS
+from prunebench.budgets import ADAPTATION_FIELDS, BUDGETS
 from prunebench.records import write_atomic
 
-SMOKE = BUDGETS["smoke"].resolved()
+# the budget as a run from a trained baseline records it (no adaptation fields)
+SMOKE = {k: v for k, v in BUDGETS["smoke"].resolved().items() if k not in ADAPTATION_FIELDS}
 
 
 def rec(criterion="l1", seed=0, final=80.0, ratio=0.5, **over):
