@@ -23,6 +23,7 @@ out = Console()
 err = Console(stderr=True)
 
 KINDS = ("criteria", "architectures", "datasets", "budgets", "pretrained")
+PRECISION_HELP = "training precision: auto (bf16 where the device computes it natively) | bf16 | fp32"
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -78,6 +79,7 @@ def run(
         help="'pretrained' (the model zoo's checkpoint for the arch and dataset) or a checkpoint FILE, "
              "instead of training a baseline")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     force: Annotated[bool, typer.Option(help="re-run even if a complete record exists")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -97,7 +99,7 @@ def run(
         criterion_params=_pairs(param, "--param"), dataset_options=_pairs(dataset_option, "--dataset-option"),
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
-        results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force,
+        results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
     )
     record, path = execute(cfg, Reporter(quiet=quiet))
     if record["status"] == "complete":
@@ -121,7 +123,10 @@ def sweep(
     executor: Annotated[str, typer.Option(help="local (sequential) | ray (one task per run)")] = "local",
     address: Annotated[str | None, typer.Option(help="ray: join this cluster (default: start a local instance)")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="where result records go (overrides the file)")] = None,
-    max_parallel: Annotated[int | None, typer.Option(help="ray: at most N runs at once")] = None,
+    max_parallel: Annotated[int | None, typer.Option(help="at most N runs at once")] = None,
+    runs_per_gpu: Annotated[int | None, typer.Option(
+        help="runs sharing each GPU (each CPU-only machine) at once; overrides the file's runs_per_gpu")] = None,
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP + "; overrides the file's")] = None,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every run's stages")] = False,
 ) -> None:
@@ -137,7 +142,8 @@ def sweep(
         raise ConfigError(f"unknown executor {executor!r}.{suggest(executor, EXECUTORS)} Available: {', '.join(EXECUTORS)}")
     if address and executor != "ray":
         raise ConfigError("--address joins a Ray cluster: use it with --executor ray")
-    spec = load_sweep(config, results_dir=results_dir, data_dir=data_dir)
+    spec = load_sweep(config, results_dir=results_dir, data_dir=data_dir, runs_per_gpu=runs_per_gpu,
+                      precision=precision)
     if dry_run:
         for key, value in describe(spec).items():
             out.print(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}",
@@ -278,6 +284,7 @@ def baseline(
     device: Annotated[str, typer.Option()] = "auto",
     pretrained: Annotated[bool, typer.Option(
         "--pretrained", help="the model zoo's checkpoint, adapted to the dataset where needed")] = False,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Train (or find in the cache) the baseline for (arch, dataset, budget, seed); with
     --pretrained, load the zoo's checkpoint and run (or find) its adaptation."""
@@ -291,7 +298,7 @@ def baseline(
 
     cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
                     seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir,
-                    device=device, baseline=PRETRAINED if pretrained else None)
+                    device=device, baseline=PRETRAINED if pretrained else None, precision=precision)
     check_run(cfg)
     dev = resolve_device(device)
     splits, data = load_data(cfg, dev)

@@ -2,8 +2,16 @@
 
 The whole (subset of the) dataset lives on the device as uint8; each step slices a batch,
 augments it there (random crop with zero padding, horizontal flip where label-preserving),
-normalises and trains. No DataLoader workers in the hot loop. On CUDA the model runs in
-channels_last with bf16 autocast. On CPU, runs are seeded and deterministic.
+normalises and trains. No DataLoader workers in the hot loop.
+
+Speed (:class:`TrainOptions`): with ``bf16`` precision (the default wherever the hardware
+computes bfloat16 natively, see :mod:`prunebench.precision`) the model runs under bf16
+autocast with channels_last activations. The loop never reads a device value back per
+step: the loss is accumulated on the device and read once per progress tick (every step
+on a CPU, where reading is free; every ``tick`` steps on CUDA), which is also where
+divergence is detected. On CUDA the augmentation's random numbers are drawn on the device.
+On a CPU, runs are seeded and deterministic, and ``fp32`` computes exactly what the plain
+loop (one ``float(loss)`` per step, no autocast) computes.
 """
 
 from __future__ import annotations
@@ -17,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunebench.errors import DivergedError
+from prunebench.precision import check_precision, resolve_precision
 from prunebench.protocols import TrainingHooks
+
+#: steps between host reads of the accumulated loss on CUDA (each read waits for the device)
+CUDA_TICK = 50
 
 
 @dataclass
@@ -40,22 +53,43 @@ class DeviceData:
         return self.train_x.device
 
 
+class Augmenter:
+    """Random crop with zero padding (size/8 pixels) and random horizontal flip for batches of
+    one shape; the index tensors are built once, the random offsets drawn from ``generator``
+    on the generator's device (on the GPU for a CUDA generator: no host-to-device copy)."""
+
+    def __init__(self, n: int, h: int, w: int, device: torch.device, hflip: bool) -> None:
+        self.n, self.h, self.w, self.hflip = n, h, w, hflip
+        self.pad = max(1, h // 8)
+        self.rows = torch.arange(h, device=device)[None, :]
+        self.cols = torch.arange(w, device=device)[None, :]
+        self.cols_flipped = self.cols.flip(1)
+        self.batch = torch.arange(n, device=device)[:, None, None]
+
+    def __call__(self, x: Tensor, generator: torch.Generator, channels_last: bool = False) -> Tensor:
+        n, _, h, w = x.shape
+        if (n, h, w) != (self.n, self.h, self.w):
+            raise ValueError(f"augmenter built for batches of {(self.n, self.h, self.w)}, got {(n, h, w)}")
+        pad, dev = self.pad, x.device
+        padded = F.pad(x, (pad, pad, pad, pad))
+        gdev = generator.device
+        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
+        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(dev)
+        cols = self.cols
+        if self.hflip:
+            flip = torch.rand(n, generator=generator, device=gdev).to(dev) < 0.5
+            cols = torch.where(flip[:, None], self.cols_flipped, self.cols)
+        rows = oy[:, None] + self.rows  # [n, h]
+        cols = ox[:, None] + cols  # [n, w]
+        out = padded.permute(0, 2, 3, 1)[self.batch, rows[:, :, None], cols[:, None, :]]  # [n, h, w, c]
+        # [n, c, h, w] in channels_last memory as it is, or copied to contiguous NCHW
+        return out.permute(0, 3, 1, 2) if channels_last else out.permute(0, 3, 1, 2).contiguous()
+
+
 def augment(x: Tensor, hflip: bool, generator: torch.Generator) -> Tensor:
     """Random crop with zero padding (size/8 pixels) and random horizontal flip, batched."""
     n, _, h, w = x.shape
-    pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dev = x.device
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device="cpu").to(dev)
-    rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])  # [n, h]
-    cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])  # [n, w]
-    if hflip:
-        flip = torch.rand(n, generator=generator, device="cpu").to(dev) < 0.5
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    idx_n = torch.arange(n, device=dev)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # [n, h, w, c]
-    return out.permute(0, 3, 1, 2).contiguous()
+    return Augmenter(n, h, w, x.device, hflip)(x, generator)
 
 
 @dataclass(frozen=True)
@@ -68,6 +102,28 @@ class Recipe:
     schedule: str
     milestones: tuple[float, ...] = ()
     label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How the engine computes; only ``precision`` changes the numbers.
+
+    ``precision``: ``auto`` | ``bf16`` | ``fp32`` (see :mod:`prunebench.precision`).
+    ``channels_last``: None follows the precision (on with bf16, and always on CUDA).
+    ``compile``: run the model through ``torch.compile`` (off: on a CPU it does not pay for its
+    compile time within a run, see docs/performance.md). ``tick``: steps between host reads
+    of the loss (progress and divergence checks); None is 1 on a CPU and ``CUDA_TICK`` on CUDA.
+    """
+
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    tick: int | None = None
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        if self.tick is not None and self.tick < 1:
+            raise ValueError(f"tick must be at least 1, got {self.tick}")
 
 
 def lr_at(recipe: Recipe, step: int, total: int) -> float:
@@ -87,6 +143,17 @@ def lr_at(recipe: Recipe, step: int, total: int) -> float:
     raise ValueError(f"unknown schedule {recipe.schedule!r}")
 
 
+def optimizer(model: nn.Module, recipe: Recipe, fused: bool = False) -> torch.optim.SGD:
+    """SGD (Nesterov when momentum > 0), no weight decay on biases and norm parameters.
+    ``fused`` (CUDA) updates every parameter in one kernel."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if fused else {}
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0, **extra)
+
+
 def train(
     model: nn.Module,
     data: DeviceData,
@@ -95,44 +162,59 @@ def train(
     hooks: TrainingHooks | None = None,
     progress: Callable[[str, int, int, float], None] | None = None,
     description: str = "train",
+    *,
+    options: TrainOptions | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place for ``recipe.epochs`` (fractions allowed). Returns last-epoch stats."""
+    """Train ``model`` in place for ``recipe.epochs`` (fractions allowed). Returns last-epoch stats.
+
+    ``progress(description, step, total, loss)`` is called every ``tick`` steps and after the
+    last one, with the mean loss since the previous call. Raises :class:`DivergedError`
+    naming ``description`` and the steps when that loss is not finite.
+    """
     hooks = hooks or TrainingHooks()
+    opts = options or TrainOptions()
     dev = data.device
     n = int(data.train_x.shape[0])
-    steps_per_epoch = max(1, n // recipe.batch_size)
+    bs = recipe.batch_size
+    steps_per_epoch = max(1, n // bs)
     total = int(round(recipe.epochs * steps_per_epoch))
     model.train()
     if total == 0:
         hooks.on_train_end(model)
         return {"steps": 0, "loss": float("nan")}
     cuda = dev.type == "cuda"
+    precision = resolve_precision(opts.precision, dev)
+    channels_last = opts.channels_last if opts.channels_last is not None else (precision == "bf16" or cuda)
+    tick = opts.tick or (CUDA_TICK if cuda else 1)
     if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes within a run: pick the fastest kernels once
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    step, loss_sum, seen, correct = 0, 0.0, 0, 0
+    opt = optimizer(model, recipe, fused=cuda)
+    forward = torch.compile(model) if opts.compile else model
+    # CPU: one CPU generator for permutations and augmentation (the seeded, reproducible path);
+    # CUDA: the same draws made on the device, so no random numbers cross to it per step
+    gen = torch.Generator(device=dev).manual_seed(seed) if cuda else torch.Generator().manual_seed(seed)
+    augmenter = Augmenter(min(bs, n), data.train_x.shape[2], data.train_x.shape[3], dev, data.hflip)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # device-side accumulators: read by the host only at ticks and at the end
+    window = torch.zeros((), dtype=torch.float64, device=dev)
+    last_loss = torch.zeros((), dtype=torch.float64, device=dev)
+    last_correct = torch.zeros((), dtype=torch.int64, device=dev)
+    window_start, seen, step = 1, 0, 0
     while step < total:
-        perm = torch.randperm(n, generator=gen).to(dev)
+        perm = torch.randperm(n, generator=gen, device=gen.device).to(dev)
         for b in range(steps_per_epoch):
             if step >= total:
                 break
-            idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-            x = data.normalise(augment(data.train_x[idx], data.hflip, gen))
+            idx = perm[b * bs : (b + 1) * bs]
+            x = data.normalise(augmenter(data.train_x[idx], gen, channels_last=channels_last))
             y = data.train_y[idx]
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(recipe, step, total)
             for g in opt.param_groups:
-                g["lr"] = lr_at(recipe, step, total)
+                g["lr"] = lr
             with autocast:
-                out = model(x)
+                out = forward(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=recipe.label_smoothing)
                 extra = hooks.extra_loss(model)
                 if extra is not None:
@@ -143,13 +225,25 @@ def train(
             opt.step()
             hooks.after_step(model, step)
             step += 1
+            value = loss.detach().double()
+            window += value
             if step > total - steps_per_epoch:  # stats over the last epoch
-                loss_sum += float(loss.detach()) * y.numel()
-                correct += int((out.argmax(1) == y).sum())
+                last_loss += value * y.numel()
+                last_correct += (out.argmax(1) == y).sum()
                 seen += y.numel()
-            if progress is not None:
-                progress(description, step, total, float(loss.detach()))
+            if step % tick == 0 or step == total:
+                mean = float(window) / (step - window_start + 1)  # the one host read per tick
+                if not math.isfinite(mean):
+                    where = f"step {step}" if step == window_start else f"steps {window_start}-{step}"
+                    raise DivergedError(
+                        f"{description} diverged: the training loss became {mean} in {where} of {total} "
+                        f"(learning rate {lr:.4g}); lower the learning rate or check the model")
+                if progress is not None:
+                    progress(description, step, total, mean)
+                window.zero_()
+                window_start = step + 1
     hooks.on_train_end(model)
-    if cuda:
+    if channels_last:
         model.to(memory_format=torch.contiguous_format)
-    return {"steps": float(total), "loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1)}
+    return {"steps": float(total), "loss": float(last_loss) / max(seen, 1),
+            "train_top1": 100.0 * int(last_correct) / max(seen, 1)}

@@ -40,7 +40,7 @@ class Reporter:
             f"  criterion {record['criterion']} ({record['criterion_kind']}) {record['criterion_params']}\n"
             f"  arch {record['arch']} · dataset {record['dataset']} · budget {record['budget']['name']} · "
             f"target {record['target']['metric']} -{record['target']['ratio']:.0%} · seed {record['seed']}\n"
-            f"  device {record['hardware']['device']} · torch {v['torch']} · torch-pruning {v['torch_pruning']} "
+            f"  device {record['hardware']['device']} · precision {record.get('precision', 'fp32')} · torch {v['torch']} · torch-pruning {v['torch_pruning']} "
             f"· tensorly {v['tensorly']}\n"
             f"  plug-ins: " + ", ".join(f"{k} ({d})" for k, d in record.get("plugins", {}).items()),
             highlight=False,

@@ -31,15 +31,38 @@ from prunebench import checkpoints, divergence, registry, store
 from prunebench.budgets import ADAPTATION_FIELDS, Budget
 from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
-from prunebench.engine import DeviceData, Recipe, train
+from prunebench.engine import DeviceData, Recipe, TrainOptions, train
 from prunebench.errors import CheckpointError, ConfigError, DivergedError
 from prunebench.locks import FileLock, hold
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
+from prunebench.precision import check_precision, resolve_precision
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 from prunebench.records import hardware, is_complete, now, run_id, versions
 from prunebench.surgery import atomic_torch_save, compressed_payload
 from prunebench.validation import check_dataset_options, check_run
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """What a run shares its device with: ``runs_per_device`` runs of one sweep at a time
+    (``executor``: ``run`` for ``prunebench run``, else the sweep's executor). Not part of the
+    run's identity: it changes timings (latency above all), not what is computed."""
+
+    runs_per_device: int = 1
+    executor: str = "run"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.runs_per_device, bool) or not isinstance(self.runs_per_device, int) \
+                or self.runs_per_device < 1:
+            raise ConfigError(f"runs per device must be a whole number of at least 1, got {self.runs_per_device!r}")
+
+    @property
+    def shared(self) -> bool:
+        return self.runs_per_device > 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"runs_per_device": self.runs_per_device, "executor": self.executor}
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,15 @@ class RunConfig:
     device: str = "auto"
     force: bool = False
     scratch: bool = False  # control: the compressed architecture re-initialised and trained from scratch
+    precision: str = "auto"  # auto | bf16 | fp32 (prunebench.precision); resolved for the run's device
+    sharing: Sharing = field(default_factory=Sharing)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+
+    def resolved_precision(self) -> str:
+        """``bf16`` or ``fp32``: what this run trains in on its device."""
+        return resolve_precision(self.precision, self.device)
 
     @property
     def pretrained(self) -> bool:
@@ -113,6 +145,9 @@ class RunConfig:
 
             entry = zoo.lookup(self.arch, self.dataset)
             identity["pretrained"] = f"{entry.name}@{entry.sha256[:8]}"
+        precision = self.resolved_precision()
+        if precision != "fp32":  # fp32 runs keep the ids they had before precision was a choice
+            identity["precision"] = precision
         return identity
 
 
@@ -214,6 +249,9 @@ def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
         "wd": b.weight_decay, "schedule": b.schedule, "milestones": b.milestones, "seed": cfg.seed,
         "ls": b.label_smoothing, "version": prunebench.__version__, "shape": list(splits.train_x.shape[1:]),
     }
+    precision = cfg.resolved_precision()
+    if precision != "fp32":  # fp32 baselines keep their cache keys
+        key["precision"] = precision
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{cfg.arch}-{cfg.dataset}-{b.name}-s{cfg.seed}-{digest}"
 
@@ -256,7 +294,7 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
     t0 = time.perf_counter()
     stats = train(
         model, data, recipe(cfg.budget, "baseline", cfg.budget.baseline_epochs), cfg.seed,
-        progress=rep.train_callback(), description="baseline",
+        progress=rep.train_callback(), description="baseline", options=train_options(cfg),
     )
     divergence.check_training(model, stats, "baseline training", _lr_hint(cfg.budget, "lr"))
     seconds = time.perf_counter() - t0
@@ -289,10 +327,16 @@ def _lr_hint(budget: Budget, field_name: str) -> str:
     return f"lower the learning rate (now {field_name}={getattr(budget, field_name):g}; --set {field_name}=...)"
 
 
+def train_options(cfg: RunConfig) -> TrainOptions:
+    return TrainOptions(precision=cfg.resolved_precision())
+
+
 def latency_block(baseline: nn.Module, compressed: nn.Module, example: torch.Tensor, repeats: int,
-                  throughput_batch: int) -> dict[str, Any]:
+                  throughput_batch: int, sharing: Sharing | None = None) -> dict[str, Any]:
     """Baseline and compressed latency, measured interleaved in this process at batch 1 and at a
-    throughput batch (plus CPU batch 1 for GPU runs)."""
+    throughput batch (plus CPU batch 1 for GPU runs). ``measured_under_sharing`` says whether
+    other runs shared the device meanwhile (absolute times are then inflated; the interleaved
+    ratios less so)."""
     def pair(b: nn.Module, c: nn.Module, x: torch.Tensor, batch: int, reps: int) -> tuple[float, float, str]:
         lb, lc = measure_latency_pair(b, c, x, batch_size=batch, repeats=reps)
         return round(lb.median_ms, 4), round(lc.median_ms, 4), lb.device
@@ -305,6 +349,7 @@ def latency_block(baseline: nn.Module, compressed: nn.Module, example: torch.Ten
         "speedup_batch1": round(b1 / max(c1, 1e-9), 4),
         "speedup_throughput": round(bt / max(ct, 1e-9), 4),
         "method": "interleaved medians",
+        "measured_under_sharing": bool(sharing and sharing.shared),
     }
     if example.device.type == "cuda":
         cb, cc, cpu = pair(copy.deepcopy(baseline).cpu(), copy.deepcopy(compressed).cpu(), example.cpu(), 1, repeats)
@@ -370,6 +415,7 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
         "max_layer_ratio": cfg.max_layer_ratio, "layer_ratios": dict(cfg.layer_ratios) if cfg.layer_ratios else None,
         "shots": cfg.shots, "shot_epochs": cfg.shot_epochs, "started": now(), "versions": versions(),
         "plugins": plugin_versions(cfg), "identity": identity,
+        "precision": cfg.resolved_precision(), "sharing": cfg.sharing.describe(),
     }
     if cfg.scratch:
         record.update(criterion="scratch", architecture_from=cfg.criterion)
@@ -439,7 +485,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
         ledger.draw(epochs, purpose)
         t0 = time.perf_counter()
         stats = train(m, data, recipe(budget, "finetune", epochs), cfg.seed + 7, hooks=hooks,
-                      progress=rep.train_callback(), description=purpose)
+                      progress=rep.train_callback(), description=purpose, options=train_options(cfg))
         train_seconds["value"] += time.perf_counter() - t0
         divergence.check_training(m, stats, f"{purpose} training", _lr_hint(budget, "finetune_lr"))
 
@@ -494,7 +540,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
         "params_reduction": round(1 - params_after / params_before, 6),
         "within_tolerance": abs(result.achieved - target.ratio) <= target.tolerance + 1e-12,
     }
-    record["latency"] = latency_block(baseline_model, model, example, budget.latency_repeats, tb)
+    record["latency"] = latency_block(baseline_model, model, example, budget.latency_repeats, tb, cfg.sharing)
     record["widths"] = widths(model, prunable)
     record["plan_steps"] = len(result.plan)
     record["peak_memory_mb"] = peak_memory_mb(device)
@@ -548,7 +594,7 @@ def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, recor
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     stats = train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(),
-                  description="scratch")
+                  description="scratch", options=train_options(cfg))
     divergence.check_training(model, stats, "scratch training", _lr_hint(cfg.budget, "lr"))
     record["oneshot"] = None
     record["oneshot_bn"] = None

@@ -1,5 +1,7 @@
 """Sweeps: a benchmark grid (criteria × architectures × targets × seeds, plus controls) from one
-TOML file, run by a sequential local executor or fanned out over Ray.
+TOML file, run by the local executor (one run after another in this process, or
+``runs_per_gpu`` at a time in worker processes, see :mod:`prunebench.packing`) or fanned out
+over Ray.
 
 Every run of the grid is an ordinary :func:`prunebench.runner.execute` call, so each writes one
 atomic record whose id is derived from its configuration. That is what makes a sweep safe to
@@ -27,9 +29,10 @@ from prunebench import registry
 from prunebench.budgets import Budget, get_budget
 from prunebench.errors import ConfigError, DivergedError, suggest
 from prunebench.locks import FileLock
+from prunebench.precision import check_precision, device_type, resolve_precision
 from prunebench.protocols import Target
 from prunebench.records import is_complete, run_id
-from prunebench.runner import PRETRAINED, RunConfig
+from prunebench.runner import PRETRAINED, RunConfig, Sharing
 from prunebench.store import check_results_dir
 from prunebench.validation import ALLOCATIONS, check_device, check_run, load_profile
 
@@ -45,6 +48,7 @@ EXECUTORS = ("local", "ray")
 TOP_KEYS = (
     "description", "criteria", "architectures", "dataset", "targets", "seeds", "budget", "allocation",
     "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir", "baseline",
+    "precision", "runs_per_gpu",
 )
 CRITERION_KEYS = ("name", "params")
 DATASET_KEYS = ("name", "options", "data_dir")
@@ -80,15 +84,19 @@ class Sweep:
     data_dir: Path | None = None
     results_dir: Path = Path("results")
     baseline: Path | str | None = None  # "pretrained" (the model zoo) or a checkpoint file
+    precision: str = "auto"
+    runs_per_gpu: int = 1
 
     def runs(self) -> list[RunConfig]:
         """Every run of the grid, in a stable order, each once (a control that is also listed
-        as a criterion appears once)."""
+        as a criterion appears once). ``precision = "auto"`` is resolved here, on the machine
+        that starts the sweep, so that every worker computes the same run ids."""
         base = dict(
             budget=self.budget, dataset=self.dataset, dataset_options=dict(self.dataset_options),
             allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, layer_ratios=self.layer_ratios,
             shots=self.shots, shot_epochs=self.shot_epochs, data_dir=self.data_dir,
             results_dir=self.results_dir, device=self.device, baseline=self.baseline,
+            precision=resolve_precision(self.precision, self.device),
         )
         out: dict[str, RunConfig] = {}
         for arch in self.architectures:
@@ -118,11 +126,13 @@ def record_path(cfg: RunConfig) -> Path:
 
 
 def load_sweep(path: str | os.PathLike[str], results_dir: Path | None = None,
-               data_dir: Path | None = None) -> Sweep:
+               data_dir: Path | None = None, runs_per_gpu: int | None = None,
+               precision: str | None = None) -> Sweep:
     """Read and validate a sweep file. Nothing runs; every error is a :class:`ConfigError`.
 
-    Relative paths inside the file are relative to the file's folder; ``results_dir`` and
-    ``data_dir`` given here (from the command line) win over the file's.
+    Relative paths inside the file are relative to the file's folder; ``results_dir``,
+    ``data_dir``, ``runs_per_gpu`` and ``precision`` given here (from the command line) win
+    over the file's.
     """
     path = Path(path)
     if not path.is_file():
@@ -131,6 +141,10 @@ def load_sweep(path: str | os.PathLike[str], results_dir: Path | None = None,
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    if runs_per_gpu is not None:
+        doc["runs_per_gpu"] = runs_per_gpu
+    if precision is not None:
+        doc["precision"] = precision
     return parse_sweep(doc, base=path.parent, results_dir=results_dir, data_dir=data_dir)
 
 
@@ -174,6 +188,11 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
     if allocation == "profile" and layer_ratios is None:
         raise ConfigError("allocation 'profile' needs per-layer ratios: set layer_ratios = \"FILE.json\"")
 
+    precision = check_precision(_str(doc.get("precision", "auto"), "precision"))
+    runs_per_gpu = _int(doc.get("runs_per_gpu", 1), "runs_per_gpu")
+    if runs_per_gpu < 1:
+        raise ConfigError(f"'runs_per_gpu' must be at least 1, got {runs_per_gpu}")
+
     if results_dir is None:
         results_dir = base / _str(doc["results_dir"], "results_dir") if "results_dir" in doc else Path("results")
     baseline = _baseline(doc.get("baseline"), base, architectures, dataset)
@@ -185,7 +204,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         shot_epochs=_float(doc.get("shot_epochs", 0.0), "shot_epochs"),
         device=check_device(_str(doc.get("device", "auto"), "device")),
         data_dir=data_dir if data_dir is not None else file_data_dir, results_dir=Path(results_dir),
-        baseline=baseline,
+        baseline=baseline, precision=precision, runs_per_gpu=runs_per_gpu,
     )
     for cfg in sweep.runs():  # every run of the grid, checked as `prunebench run` checks one
         check_run(cfg)
@@ -382,7 +401,7 @@ def baseline_groups(runs: Iterable[RunConfig]) -> list[RunConfig]:
             continue
         seed = None if cfg.pretrained else cfg.seed
         key = json.dumps([cfg.arch, cfg.dataset, dict(cfg.dataset_options), cfg.budget.resolved(), seed,
-                          str(cfg.data_dir), cfg.pretrained], sort_keys=True, default=str)
+                          str(cfg.data_dir), cfg.pretrained, cfg.resolved_precision()], sort_keys=True, default=str)
         seen.setdefault(key, cfg)
     return list(seen.values())
 
@@ -391,14 +410,17 @@ def run_sweep(
     sweep: Sweep, executor: str = "local", address: str | None = None, max_parallel: int | None = None,
     log: Callable[[str], None] = print, verbose: bool = False,
 ) -> list[Outcome]:
-    """Run every pending run of the sweep; returns one outcome per run (in grid order)."""
+    """Run every pending run of the sweep; returns one outcome per run (in grid order).
+
+    The local executor runs ``sweep.runs_per_gpu`` runs per GPU at once (per CPU-only
+    machine), in worker processes when that is more than one, capped by ``max_parallel``;
+    the Ray executor gives each task ``1 / runs_per_gpu`` of a GPU.
+    """
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}.{suggest(executor, EXECUTORS)} "
                           f"Available: {', '.join(EXECUTORS)}")
     if max_parallel is not None and max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {max_parallel}")
-    if executor == "local" and max_parallel not in (None, 1):
-        raise ConfigError("the local executor runs one run at a time; use --executor ray for parallel runs")
     runs = sweep.runs()
     ids = [cfg_run_id(cfg) for cfg in runs]
     check_results_dir(sweep.results_dir)
@@ -412,7 +434,10 @@ def run_sweep(
     log(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already complete, {len(pending)} to run "
         f"({executor} executor)")
     if pending:
-        engine = _LocalEngine(verbose) if executor == "local" else _RayEngine(address, max_parallel, verbose)
+        engine = _local_engine(sweep, max_parallel, verbose) if executor == "local" else \
+            _RayEngine(address, max_parallel, verbose, sweep.runs_per_gpu)
+        pending = [dataclasses.replace(cfg, sharing=engine.sharing) for cfg in pending]
+        log(f"runs at once: {engine.sharing.runs_per_device} per device")
         try:
             baselines = baseline_groups(pending)
             for cfg, what in zip(baselines, engine.baselines(baselines), strict=True):
@@ -461,8 +486,24 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     return table + "\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" ({len(outcomes)} runs)"
 
 
+def _local_engine(sweep: Sweep, max_parallel: int | None, verbose: bool):
+    from prunebench.packing import PackedEngine, plan_slots
+
+    slots = plan_slots(sweep.runs_per_gpu, device_type(sweep.device), max_parallel)
+    if slots.total == 1:
+        return _LocalEngine(verbose)
+    if slots.gpus and sweep.device not in ("auto", "cuda"):
+        raise ConfigError(f"device {sweep.device!r}: with several GPUs the local executor gives each worker its own "
+                          "GPU; set device to 'auto' or 'cuda'")
+    engine = PackedEngine(slots, verbose)
+    engine.sharing = Sharing(slots.per_device, "local")
+    return engine
+
+
 class _LocalEngine:
     """Sequential, in this process."""
+
+    sharing = Sharing(1, "local")
 
     def __init__(self, verbose: bool) -> None:
         self.verbose = verbose
@@ -489,10 +530,11 @@ def _ray_baseline(cfg: RunConfig, env: Mapping[str, str]) -> str:
 
 
 class _RayEngine:
-    """One Ray task per run (one GPU each where CUDA is available, else one CPU). Joins the
-    cluster at ``address``, uses an already initialised Ray, or starts a local instance."""
+    """One Ray task per run (``1 / runs_per_gpu`` of a GPU each where CUDA is available, else
+    one CPU). Joins the cluster at ``address``, uses an already initialised Ray, or starts a
+    local instance."""
 
-    def __init__(self, address: str | None, max_parallel: int | None, verbose: bool) -> None:
+    def __init__(self, address: str | None, max_parallel: int | None, verbose: bool, runs_per_gpu: int = 1) -> None:
         try:
             import ray
         except ImportError:
@@ -507,7 +549,14 @@ class _RayEngine:
         if not ray.is_initialized():
             ray.init(address=address) if address else ray.init()
             self.started = True
-        resources = {"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": 1}
+        if torch.cuda.is_available():
+            resources: dict[str, float] = {"num_gpus": 1 / runs_per_gpu}
+            per_device = runs_per_gpu if max_parallel is None else min(runs_per_gpu, max_parallel)
+        else:  # one CPU per task: as many runs share a node's cores as it has cores
+            resources = {"num_cpus": 1}
+            cores = max((int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
+            per_device = cores if max_parallel is None else min(cores, max_parallel)
+        self.sharing = Sharing(max(1, per_device), "ray")
         self.run_task = ray.remote(**resources)(_ray_run)
         self.baseline_task = ray.remote(**resources)(_ray_baseline)
 
@@ -558,6 +607,9 @@ def describe(sweep: Sweep) -> dict[str, Any]:
         "budget": sweep.budget.name + "".join(f" {k}={v}" for k, v in _overrides(sweep.budget).items()),
         "allocation": sweep.allocation, "results_dir": str(sweep.results_dir),
         "baseline": str(sweep.baseline) if sweep.baseline is not None else "trained (cached per seed)",
+        "precision": f"{sweep.precision} ({resolve_precision(sweep.precision, sweep.device)} here)"
+        if sweep.precision == "auto" else sweep.precision,
+        "runs_per_gpu": sweep.runs_per_gpu,
     }
 
 

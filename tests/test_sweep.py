@@ -119,6 +119,9 @@ def test_a_random_criterion_and_the_random_control_are_one_run(tmp_path):
     ({"allocation": "globl"}, "unknown allocation 'globl'. Did you mean 'global'?"),
     ({"architectures": None}, "needs 'architectures'"),
     ({"seeds": []}, "'seeds' must be a non-empty list"),
+    ({"runs_per_gpu": 0}, "'runs_per_gpu' must be at least 1, got 0"),
+    ({"runs_per_gpu": 1.5}, "'runs_per_gpu' expects an integer"),
+    ({"precision": "bf61"}, "unknown precision 'bf61'. Did you mean 'bf16'"),
 ])
 def test_config_errors_name_the_problem_before_anything_runs(tmp_path, over, message):
     config = write_config(tmp_path / "s.toml", **over)
@@ -147,6 +150,8 @@ def test_local_sweep_end_to_end(smoke):
     assert "baseline resnet20/digits/smoke/seed 0: trained in" in res.stderr
     recs = records(results)
     assert len(recs) == 4 and all(r["status"] == "complete" and validate(r) == [] for r in recs.values())
+    assert all(r["sharing"] == {"runs_per_device": 1, "executor": "local"} for r in recs.values())
+    assert not any(r["latency"]["measured_under_sharing"] for r in recs.values())
     assert sorted(r["criterion"] for r in recs.values()) == ["ht2", "l1", "random", "scratch"]
     assert all(r["baseline_info"]["source"] == "cache" for r in recs.values())  # trained once, before the grid
     assert len({r["baseline"]["top1"] for r in recs.values()}) == 1
@@ -320,3 +325,138 @@ def test_ray_executor(tmp_path):
     recs = records(results)
     assert len(recs) == 2 and all(r["status"] == "complete" for r in recs.values())
     assert leftovers(results) == []
+
+
+# --- precision and packing ---------------------------------------------------------------------
+
+
+def test_precision_and_runs_per_gpu_from_the_file_and_the_command_line(tmp_path):
+    config = write_config(tmp_path / "s.toml", runs_per_gpu=3, precision="fp32")
+    sweep = load_sweep(config)
+    assert sweep.runs_per_gpu == 3 and {cfg.precision for cfg in sweep.runs()} == {"fp32"}
+    over = load_sweep(config, runs_per_gpu=2, precision="bf16")
+    assert over.runs_per_gpu == 2 and {cfg.precision for cfg in over.runs()} == {"bf16"}
+    auto = load_sweep(write_config(tmp_path / "a.toml"))
+    assert auto.precision == "auto" and {cfg.precision for cfg in auto.runs()} <= {"bf16", "fp32"}  # resolved here
+    res = invoke("sweep", config, "--dry-run", "--results-dir", tmp_path / "r", "--runs-per-gpu", "2",
+                 "--precision", "bf16")
+    assert res.exit_code == 0, res.output
+    assert "precision: bf16" in res.stdout and "runs_per_gpu: 2" in res.stdout
+    fp32_ids = dry_run_ids(config, tmp_path / "r")
+    bf16 = invoke("sweep", config, "--dry-run", "--results-dir", tmp_path / "r", "--precision", "bf16")
+    bf16_ids = [line.split()[1] for line in bf16.stdout.splitlines() if line.startswith("pending ")]
+    assert len(bf16_ids) == len(fp32_ids) and not set(bf16_ids) & set(fp32_ids)  # precision is in the run id
+
+
+def test_slots_per_device(monkeypatch):
+    from prunebench import packing
+    from prunebench.packing import Slots, plan_slots
+
+    monkeypatch.setattr(packing, "_cpu_count", lambda: 16)
+    assert plan_slots(4, "cpu") == Slots(total=4, gpus=(), per_device=4, threads=4)
+    assert plan_slots(4, "cpu", max_parallel=2) == Slots(total=2, gpus=(), per_device=2, threads=8)
+    monkeypatch.setattr(packing, "_cuda_device_count", lambda: 1)
+    assert plan_slots(8, "cuda") == Slots(total=8, gpus=(), per_device=8, threads=2)  # one GPU: left alone
+    monkeypatch.setattr(packing, "_cuda_device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert plan_slots(4, "cuda") == Slots(total=8, gpus=("3", "5"), per_device=4, threads=2)
+    assert plan_slots(4, "cuda", max_parallel=3) == Slots(total=3, gpus=("3", "5"), per_device=2, threads=5)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert plan_slots(1, "cuda").gpus == ("0", "1")
+    import multiprocessing
+
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    assert [packing.next_gpu(counter, ("3", "5")) for _ in range(5)] == ["3", "5", "3", "5", "3"]
+
+
+def test_several_gpus_need_an_unpinned_device(tmp_path, monkeypatch):
+    from prunebench import packing
+
+    monkeypatch.setattr(packing, "_cuda_device_count", lambda: 2)
+    monkeypatch.setattr("prunebench.sweep.device_type", lambda device: "cuda")
+    sweep = load_sweep(write_config(tmp_path / "s.toml", device="cuda:1", runs_per_gpu=2), results_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="with several GPUs the local executor gives each worker its own GPU"):
+        from prunebench.sweep import run_sweep
+
+        run_sweep(sweep, log=lambda line: None)
+
+
+class FakeRay:
+    """Just enough of Ray to see what its tasks ask for."""
+
+    def __init__(self):
+        self.asked = []
+
+    def is_initialized(self):
+        return True
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": 6.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+
+    def remote(self, **resources):
+        self.asked.append(resources)
+        return lambda fn: fn
+
+
+@pytest.mark.parametrize("cuda, runs_per_gpu, max_parallel, asked, per_device", [
+    (True, 4, None, {"num_gpus": 0.25}, 4),
+    (True, 1, None, {"num_gpus": 1.0}, 1),
+    (True, 4, 2, {"num_gpus": 0.25}, 2),
+    (False, 4, None, {"num_cpus": 1}, 6),  # CPU tasks share a node's cores
+    (False, 1, 1, {"num_cpus": 1}, 1),
+])
+def test_ray_tasks_ask_for_a_fraction_of_a_gpu(monkeypatch, cuda, runs_per_gpu, max_parallel, asked, per_device):
+    import torch
+
+    from prunebench.runner import Sharing
+    from prunebench.sweep import _RayEngine
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    engine = _RayEngine(None, max_parallel, False, runs_per_gpu=runs_per_gpu)
+    assert fake.asked == [asked, asked]  # runs and baselines alike
+    assert engine.sharing == Sharing(per_device, "ray")
+
+
+def test_packed_local_sweep_runs_side_by_side_dies_with_its_sweep_and_resumes(tmp_path):
+    config = write_config(tmp_path / "s.toml", criteria=["l1"], budget=SLOW, runs_per_gpu=2)  # l1, random, scratch
+    results = tmp_path / "r"
+    ids = dry_run_ids(config, results)
+    proc = sweep_process(config, results)
+    held: list[str] = []
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            locks = [p.name for p in results.glob("*.lock")]
+            if len(locks) >= 2:  # two runs at once, each holding its own lock
+                held = locks
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and not held:
+            proc.kill()
+        proc.communicate()
+    assert held, "the packed sweep never ran two runs at once"
+    # its workers die with it: the locks they held are free again within seconds
+    for name in held:
+        lock = FileLock(results / name)
+        t0 = time.monotonic()
+        while not lock.acquire(blocking=False):
+            assert time.monotonic() - t0 < 15, f"{name} is still held after the sweep was killed"
+            time.sleep(0.1)
+        lock.release()
+    assert not any(rec["status"] == "complete" for name, rec in records(results).items()
+                   if f"{name}.lock" in held)  # killed mid-run: no record
+
+    res = invoke("sweep", config, "--results-dir", results)  # resumed, packed again
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "runs at once: 2 per device" in res.stderr
+    recs = records(results)
+    assert sorted(recs) == sorted(ids) and all(r["status"] == "complete" for r in recs.values())
+    assert leftovers(results) == []
+    for rec in recs.values():
+        if rec["run_id"] + ".lock" in held:  # ran in the resumed, packed sweep
+            assert rec["sharing"] == {"runs_per_device": 2, "executor": "local"}
+            assert rec["latency"]["measured_under_sharing"] is True
