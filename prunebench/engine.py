@@ -111,13 +111,15 @@ class TrainOptions:
     ``precision``: ``auto`` | ``bf16`` | ``fp32`` (see :mod:`prunebench.precision`).
     ``channels_last``: None follows the precision (on with bf16, and always on CUDA).
     ``compile``: run the model through ``torch.compile`` (off: on a CPU it does not pay for its
-    compile time within a run, see docs/performance.md). ``tick``: steps between host reads
-    of the loss (progress and divergence checks); None is 1 on a CPU and ``CUDA_TICK`` on CUDA.
+    compile time within a run, see docs/performance.md), in ``compile_mode`` (e.g.
+    ``"reduce-overhead"``: CUDA graphs). ``tick``: steps between host reads of the loss
+    (progress and divergence checks); None is 1 on a CPU and ``CUDA_TICK`` on CUDA.
     """
 
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    compile_mode: str | None = None
     tick: int | None = None
 
     def __post_init__(self) -> None:
@@ -191,7 +193,7 @@ def train(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = optimizer(model, recipe, fused=cuda)
-    forward = torch.compile(model) if opts.compile else model
+    forward = torch.compile(model, mode=opts.compile_mode) if opts.compile else model
     # CPU: one CPU generator for permutations and augmentation (the seeded, reproducible path);
     # CUDA: the same draws made on the device, so no random numbers cross to it per step
     gen = torch.Generator(device=dev).manual_seed(seed) if cuda else torch.Generator().manual_seed(seed)

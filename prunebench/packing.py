@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from prunebench.runner import RunConfig
+from prunebench.runner import RunConfig, Sharing
 
 #: seconds between a worker's checks that the sweep process is still alive
 PARENT_POLL_S = 0.5
@@ -130,6 +130,7 @@ class PackedEngine:
     def __init__(self, slots: Slots, verbose: bool) -> None:
         self.slots = slots
         self.verbose = verbose
+        self.sharing = Sharing(slots.per_device, "local")
         self._ctx = multiprocessing.get_context("spawn")
         self._pool: ProcessPoolExecutor | None = None
 

@@ -495,9 +495,7 @@ def _local_engine(sweep: Sweep, max_parallel: int | None, verbose: bool):
     if slots.gpus and sweep.device not in ("auto", "cuda"):
         raise ConfigError(f"device {sweep.device!r}: with several GPUs the local executor gives each worker its own "
                           "GPU; set device to 'auto' or 'cuda'")
-    engine = PackedEngine(slots, verbose)
-    engine.sharing = Sharing(slots.per_device, "local")
-    return engine
+    return PackedEngine(slots, verbose)
 
 
 class _LocalEngine:

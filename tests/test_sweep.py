@@ -420,7 +420,7 @@ def test_ray_tasks_ask_for_a_fraction_of_a_gpu(monkeypatch, cuda, runs_per_gpu, 
 
 
 def test_packed_local_sweep_runs_side_by_side_dies_with_its_sweep_and_resumes(tmp_path):
-    config = write_config(tmp_path / "s.toml", criteria=["l1"], budget=SLOW, runs_per_gpu=2)  # l1, random, scratch
+    config = write_config(tmp_path / "s.toml", criteria=["l1"], runs_per_gpu=2)  # l1, random, scratch
     results = tmp_path / "r"
     ids = dry_run_ids(config, results)
     proc = sweep_process(config, results)

@@ -1,0 +1,417 @@
+"""Training throughput (img/s) of the engine against a plain torchvision DataLoader loop.
+
+On the current device, in one process and interleaved (every variant once per repeat, so
+machine load hits all of them alike), it trains ResNet-56 (default) on ~1,536 cifar10-jpeg
+training images (random uint8 images of the same shape when ``PRUNEBENCH_DATA`` lacks the
+archive) and prints img/s for:
+
+* **engine**: ``prunebench.engine.train`` with its defaults (precision ``auto``: bf16 where
+  the device computes it natively; channels_last with bf16; no ``torch.compile``);
+* **plain loop**: the baseline to beat, fp32: a ``torch.utils.data.DataLoader`` over the same
+  uint8 images with torchvision's ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``,
+  ``ToDtype`` and ``Normalize`` per sample, SGD, and ``loss.item()`` per step as such loops do;
+* the engine with each speed option switched from its default: fp32 precision, channels_last
+  off, ``torch.compile`` on (its compile time is reported apart, with the number of images
+  after which it pays for itself);
+* optionally (``--processes N``) N engine processes training at once: the aggregate img/s of
+  packed runs;
+* the **compute-bound limit**: training costs 3 × MACs multiply-accumulates of 2 FLOP per
+  image (forward, and backward for inputs and weights), so ``peak / (6 × MACs)`` img/s, and
+  each row's share of it.
+
+Peaks (``--peak-tflops`` for bf16, ``--peak-tflops-fp32``) default per device kind: the
+H100/H200 SXM datasheet's dense rates (bf16 989.4 TFLOP/s; fp32 494.7 as TF32, which cuDNN
+uses for fp32 convolutions by default, else 66.9); on a CPU, cores × clock × FLOP per cycle,
+assuming two 256-bit FMA pipes per core (32 fp32 / 64 bf16 FLOP per cycle, as on AMD Zen 4
+with AVX512-BF16) — an estimate: pass the peak when you know it.
+
+    python benchmarks/train_throughput.py                         # CPU or GPU, whatever is here
+    python benchmarks/train_throughput.py --processes 4 --images 25600 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunebench import registry
+from prunebench.engine import DeviceData, Recipe, TrainOptions, optimizer, train
+from prunebench.metrics import count_macs, cpu_name
+from prunebench.precision import resolve_precision
+
+VARIANTS = ("engine", "plain", "engine-fp32", "engine-no-channels-last", "engine-compile", "engine-cudagraphs")
+#: dense datasheet peaks in TFLOP/s by device-name fragment: (bf16, fp32 as TF32, plain fp32)
+GPU_PEAKS = {"H200": (989.4, 494.7, 66.9), "H100": (989.4, 494.7, 66.9), "A100": (312.0, 156.0, 19.5)}
+#: assumed FLOP per cycle per CPU core: two 256-bit FMA pipes (fp32), AVX512-BF16 dot products (bf16)
+CPU_FLOP_PER_CYCLE = {"fp32": 32, "bf16": 64}
+
+
+@dataclass
+class Row:
+    name: str
+    precision: str
+    channels_last: bool
+    compiled: bool
+    rates: list[float] = field(default_factory=list)  # img/s per repeat
+    warm: float = 0.0  # seconds of the 2 warm-up steps (with torch.compile: the compilation)
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates) if self.rates else float("nan")
+
+
+# --------------------------------------------------------------------------------- data
+def load_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple, str]:
+    """``n`` cifar10-jpeg training images (a fixed random subset), else synthetic uint8 ones."""
+    from prunebench.datasets import data_root
+    from prunebench.errors import DataNotFoundError
+
+    try:
+        splits = registry.datasets.get("cifar10-jpeg").load(data_root(None))
+        idx = torch.randperm(splits.train_x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        return splits.train_x[idx], splits.train_y[idx], splits.mean, splits.std, "cifar10-jpeg"
+    except DataNotFoundError:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, 10, (n,), generator=g)
+        return x, y, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic uint8 (cifar10-jpeg not found)"
+
+
+def device_data(x, y, mean, std, dev: torch.device) -> DeviceData:
+    c = x.shape[1]
+    return DeviceData(train_x=x.to(dev), train_y=y.to(dev), test_x=x[:0].to(dev), test_y=y[:0].to(dev),
+                      mean=torch.tensor(mean, device=dev).view(1, c, 1, 1),
+                      std=torch.tensor(std, device=dev).view(1, c, 1, 1), hflip=True)
+
+
+def build(arch: str, dev: torch.device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return registry.architectures.get(arch).build(num_classes=10, in_channels=3).to(dev)
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# --------------------------------------------------------------------------------- loops
+class EngineLoop:
+    """``prunebench.engine.train`` for whole epochs over the images."""
+
+    def __init__(self, arch: str, data: DeviceData, batch_size: int, options: TrainOptions) -> None:
+        self.model = build(arch, data.device)
+        self.data, self.bs, self.options = data, batch_size, options
+        self.steps_per_epoch = max(1, int(data.train_x.shape[0]) // batch_size)
+
+    def __call__(self, steps: int) -> int:
+        recipe = Recipe(epochs=steps / self.steps_per_epoch, lr=0.02, batch_size=self.bs, momentum=0.9,
+                        weight_decay=5e-4, schedule="constant")
+        train(self.model, self.data, recipe, seed=0, options=self.options)
+        return steps * self.bs
+
+
+class PlainLoop:
+    """The usual fp32 loop: torchvision transforms per sample in a DataLoader, ``loss.item()`` per step."""
+
+    def __init__(self, arch: str, x: torch.Tensor, y: torch.Tensor, mean, std, batch_size: int,
+                 dev: torch.device, workers: int) -> None:
+        from torch.utils.data import DataLoader, Dataset
+        from torchvision.transforms import v2
+
+        transform = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
+                                v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+        class Images(Dataset):
+            def __len__(self) -> int:
+                return int(x.shape[0])
+
+            def __getitem__(self, i: int):
+                return transform(x[i]), y[i]
+
+        self.loader = DataLoader(Images(), batch_size=batch_size, shuffle=True, drop_last=True,
+                                 num_workers=workers, pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
+        self.model = build(arch, dev)
+        self.dev, self.bs = dev, batch_size
+        recipe = Recipe(epochs=1, lr=0.02, batch_size=batch_size, momentum=0.9, weight_decay=5e-4, schedule="constant")
+        self.opt = optimizer(self.model, recipe)
+        self._it = iter(())
+
+    def _next(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            return next(self._it)
+
+    def __call__(self, steps: int) -> int:
+        self.model.train()
+        running = 0.0
+        for _ in range(steps):
+            xb, yb = self._next()
+            xb, yb = xb.to(self.dev, non_blocking=True), yb.to(self.dev, non_blocking=True)
+            loss = F.cross_entropy(self.model(xb), yb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            running += loss.item()
+        return steps * self.bs
+
+
+def timed(loop: Callable[[int], int], steps: int, dev: torch.device) -> float:
+    """img/s of ``steps`` steps."""
+    sync(dev)
+    t0 = time.perf_counter()
+    images = loop(steps)
+    sync(dev)
+    return images / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------- peaks
+def peaks(dev: torch.device, bf16: float | None, fp32: float | None) -> tuple[dict[str, float | None], str]:
+    """Peak TFLOP/s per precision and where the numbers come from."""
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        known = next((p for key, p in GPU_PEAKS.items() if key in name), None)
+        tf32 = torch.backends.cudnn.allow_tf32
+        default_bf16 = known[0] if known else None
+        default_fp32 = (known[1] if tf32 else known[2]) if known else None
+        source = f"{name}: datasheet dense peaks" if known else f"{name}: no default peak, pass --peak-tflops"
+    else:
+        cores = torch.get_num_threads()
+        ghz = _cpu_ghz()
+        default_bf16 = cores * ghz * CPU_FLOP_PER_CYCLE["bf16"] / 1e3
+        default_fp32 = cores * ghz * CPU_FLOP_PER_CYCLE["fp32"] / 1e3
+        source = (f"CPU estimate: {cores} cores × {ghz:.2f} GHz × {CPU_FLOP_PER_CYCLE['bf16']} (bf16) / "
+                  f"{CPU_FLOP_PER_CYCLE['fp32']} (fp32) FLOP per cycle")
+    out = {"bf16": bf16 if bf16 is not None else default_bf16, "fp32": fp32 if fp32 is not None else default_fp32}
+    if bf16 is not None or fp32 is not None:
+        source += "; given on the command line: " + ", ".join(
+            f"{k} {v:g}" for k, v in (("bf16", bf16), ("fp32", fp32)) if v is not None)
+    return out, source
+
+
+def _cpu_ghz() -> float:
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+        if mhz:
+            return max(mhz) / 1e3
+    except (OSError, ValueError):
+        pass
+    return 2.5
+
+
+# --------------------------------------------------------------------------------- packed processes
+def packed(args: argparse.Namespace, processes: int) -> tuple[float, list[float]]:
+    """Aggregate img/s of ``processes`` engine processes training at once (they start together
+    after their warm-up), and each one's own img/s."""
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--worker", tmp, "--arch", args.arch, "--batch-size", str(args.batch_size),
+               "--images", str(args.images), "--epochs", str(args.epochs), "--device", args.device]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        procs = [subprocess.Popen([*cmd, "--worker-index", str(i)], env=env) for i in range(processes)]
+        try:
+            deadline = time.monotonic() + 900
+            while len(list(Path(tmp).glob("ready.*"))) < processes:
+                if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                    raise RuntimeError("a packed worker failed before it was ready")
+                time.sleep(0.05)
+            (Path(tmp) / "go").touch()
+            for p in procs:
+                if p.wait() != 0:
+                    raise RuntimeError(f"a packed worker exited with status {p.returncode}")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        results = [json.loads((Path(tmp) / f"result.{i}").read_text()) for i in range(processes)]
+    start, end = min(r["start"] for r in results), max(r["end"] for r in results)
+    total = sum(r["images"] for r in results)
+    return total / (end - start), [r["images"] / (r["end"] - r["start"]) for r in results]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One packed process: warm up, say ready, wait for the others, train, write the result."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dev = _device(args.device)
+    x, y, mean, std, _ = load_images(args.images)
+    loop = EngineLoop(args.arch, device_data(x, y, mean, std, dev), args.batch_size, TrainOptions())
+    loop(2)
+    sync(dev)
+    tmp = Path(args.worker)
+    (tmp / f"ready.{args.worker_index}").touch()
+    while not (tmp / "go").exists():
+        time.sleep(0.01)
+    start = time.time()
+    images = loop(int(args.epochs * loop.steps_per_epoch))
+    sync(dev)
+    end = time.time()
+    (tmp / f"result.{args.worker_index}").write_text(json.dumps({"images": images, "start": start, "end": end}))
+
+
+# --------------------------------------------------------------------------------- main
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", default="resnet56")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--images", type=int, default=1536)
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs per timed repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="plain loop's DataLoader workers (default: 0 on a CPU, 8 on CUDA)")
+    p.add_argument("--processes", type=int, default=0, help="also time N engine processes at once")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
+    p.add_argument("--peak-tflops-fp32", type=float, default=None, help="the device's fp32 peak")
+    p.add_argument("--budget-seconds", type=float, default=None, help="skip variants not started by then")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    t_start = time.monotonic()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    dev = _device(args.device)
+    x, y, mean, std, source = load_images(args.images)
+    data = device_data(x, y, mean, std, dev)
+    auto = resolve_precision("auto", dev)
+    steps = max(1, int(args.epochs * max(1, args.images // args.batch_size)))
+    workers = args.loader_workers if args.loader_workers is not None else (8 if dev.type == "cuda" else 0)
+    cl_default = auto == "bf16" or dev.type == "cuda"
+
+    def engine_row(name: str, **opts) -> tuple[Row, Callable[[int], int]]:
+        o = TrainOptions(**opts)
+        prec = resolve_precision(o.precision, dev)
+        cl = o.channels_last if o.channels_last is not None else (prec == "bf16" or dev.type == "cuda")
+        return Row(name, prec, cl, o.compile), EngineLoop(args.arch, data, args.batch_size, o)
+
+    makers = {
+        "engine": lambda: engine_row("engine (default)"),
+        "plain": lambda: (Row(f"plain DataLoader loop ({workers} workers)", "fp32", False, False),
+                          PlainLoop(args.arch, x, y, mean, std, args.batch_size, dev, workers)),
+        "engine-fp32": lambda: engine_row("engine, fp32", precision="fp32"),
+        "engine-no-channels-last": lambda: engine_row("engine, channels_last off", channels_last=False),
+        "engine-compile": lambda: engine_row("engine, torch.compile", compile=True),
+        "engine-cudagraphs": lambda: engine_row("engine, torch.compile reduce-overhead", compile=True,
+                                                compile_mode="reduce-overhead"),
+    }
+    if dev.type != "cuda" and "engine-cudagraphs" in variants:
+        variants.remove("engine-cudagraphs")  # CUDA graphs: CUDA only
+    rows: list[tuple[Row, Callable[[int], int]]] = []
+    for v in variants:
+        if args.budget_seconds is not None and time.monotonic() - t_start > args.budget_seconds:
+            print(f"skipped {v}: past --budget-seconds", flush=True)
+            continue
+        try:
+            row, loop = makers[v]()
+            t0 = time.perf_counter()
+            loop(2)  # warm-up (and, with torch.compile, the compilation)
+            sync(dev)
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the table
+            print(f"failed: {v}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
+        warm = row.warm = time.perf_counter() - t0
+        if row.compiled:
+            row.note = f"first 2 steps {warm:.1f}s"
+        rows.append((row, loop))
+        print(f"ready: {row.name} (warm-up {warm:.1f}s)", flush=True)
+    for r in range(args.repeats):
+        if args.budget_seconds is not None and r > 0 and time.monotonic() - t_start > args.budget_seconds:
+            print(f"stopped after {r} repeats: past --budget-seconds", flush=True)
+            break
+        for row, loop in rows:
+            try:
+                row.rates.append(timed(loop, steps, dev))
+            except Exception as exc:  # noqa: BLE001
+                row.note = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+                print(f"{row.name}: {row.note}", flush=True)
+        print(f"repeat {r + 1}: " + ", ".join(f"{row.name} {row.rates[-1] if row.rates else float('nan'):.0f}"
+                                             for row, _ in rows), flush=True)
+
+    macs = count_macs(build(args.arch, torch.device("cpu")), torch.zeros(1, 3, 32, 32))
+    peak, peak_source = peaks(dev, args.peak_tflops, args.peak_tflops_fp32)
+    plain = next((row.median for row, _ in rows if row.name.startswith("plain")), None)
+    table = []
+    for row, _ in rows:
+        table.append(_line(row.name, row.precision, row.channels_last, row.compiled, row.median, plain, macs,
+                           peak.get(row.precision), row.note))
+    if args.processes > 1 and (args.budget_seconds is None or time.monotonic() - t_start < args.budget_seconds):
+        total, each = packed(args, args.processes)
+        table.append(_line(f"engine × {args.processes} processes (aggregate)", auto, cl_default, False, total, plain,
+                           macs, peak.get(auto), f"each {', '.join(f'{e:.0f}' for e in each)}"))
+    for prec in ("bf16", "fp32"):
+        if peak.get(prec):
+            limit = peak[prec] * 1e12 / (6 * macs)
+            table.append([f"compute-bound limit ({prec} peak {peak[prec]:.4g} TFLOP/s)", prec, "", "", f"{limit:,.0f}",
+                          f"{limit / plain:.1f}" if plain else "", f"{peak[prec]:.4g}", "100%", ""])
+
+    compile_note = _compile_payoff(rows, steps, args.batch_size)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print()
+    print(f"device {dev.type} ({name}) · torch {torch.__version__} · {args.arch} ({macs / 1e6:.1f}M MACs/image) · "
+          f"batch {args.batch_size} · {args.images} images ({source}) · {steps} steps per timing × "
+          f"{len(rows[0][0].rates) if rows else 0} repeats, interleaved · peaks: {peak_source}")
+    print()
+    headers = ["loop", "precision", "channels_last", "compile", "img/s (median)", "× plain", "TFLOP/s", "% of peak",
+               "note"]
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for line in table:
+        print("| " + " | ".join(str(c) for c in line) + " |")
+    if compile_note:
+        print()
+        print(compile_note)
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "macs": macs, "table": table, "headers": headers}, indent=1))
+
+
+def _compile_payoff(rows: list, steps: int, batch_size: int) -> str:
+    """How long compiling took, and after how many images of training it pays for itself."""
+    by_name = {row.name: row for row, _ in rows}
+    comp, eager = by_name.get("engine, torch.compile"), by_name.get("engine (default)")
+    if comp is None or eager is None or not comp.rates:
+        return ""
+    overhead = comp.warm - 2 * batch_size / comp.median  # the warm-up's 2 steps at the compiled rate
+    saving = 1 / eager.median - 1 / comp.median  # seconds saved per image once compiled
+    line = f"torch.compile: about {overhead:.0f}s to compile; compiled {comp.median:,.0f} vs eager {eager.median:,.0f} img/s"
+    if saving <= 0:
+        return line + ": it never pays for its compile time"
+    return line + f": pays for itself after {overhead / saving:,.0f} images of training (per model compiled)"
+
+
+def _line(name, precision, channels_last, compiled, rate, plain, macs, peak, note) -> list[str]:
+    tflops = rate * 6 * macs / 1e12
+    return [name, precision, "on" if channels_last else "off", "on" if compiled else "off", f"{rate:,.0f}",
+            f"{rate / plain:.2f}" if plain else "", f"{tflops:.3g}", f"{100 * tflops / peak:.1f}%" if peak else "n/a",
+            note]
+
+
+if __name__ == "__main__":
+    main()
