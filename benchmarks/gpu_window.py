@@ -181,10 +181,24 @@ def records(results: Path) -> list[dict]:
     return out
 
 
+def row_label(rec: dict) -> str:
+    """The criterion and the hyper-parameters it was given that differ from its defaults."""
+    import dataclasses
+
+    from prunebench import registry
+
+    name = rec["criterion"]
+    params = rec.get("criterion_params") or {}
+    try:
+        defaults = {f.name: f.default for f in dataclasses.fields(registry.criteria.get(name).Params)}
+        params = {k: v for k, v in params.items() if defaults.get(k, object()) != v}
+    except Exception:  # noqa: BLE001 - a criterion this install lacks still gets a row
+        pass
+    return name + (f"({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
+
+
 def summary(results: Path) -> str:
     """Final top-1 per criterion, target and seed, from the complete records so far."""
-    from prunebench.leaderboard import _label
-
     rows: dict[tuple[str, str], dict[int, dict]] = {}
     seeds: set[int] = set()
     baseline = {}
@@ -192,7 +206,7 @@ def summary(results: Path) -> str:
         if rec.get("status") != "complete":
             continue
         t = rec["target"]
-        rows.setdefault((_label(rec), f"{t['metric']} -{t['ratio']:.0%}"), {})[rec["seed"]] = rec
+        rows.setdefault((row_label(rec), f"{t['metric']} -{t['ratio']:.0%}"), {})[rec["seed"]] = rec
         seeds.add(rec["seed"])
         baseline[rec["seed"]] = rec["baseline"]["top1"]
     order = sorted(seeds)
@@ -224,14 +238,14 @@ def pack(results: Path, out: Path) -> None:
 
 
 def leaderboard(results: Path, out: Path) -> None:
-    from prunebench.leaderboard import build, write
-
+    """``leaderboard.tar.gz``: the pages ``prunebench leaderboard`` makes of the records."""
     with tempfile.TemporaryDirectory() as tmp:
-        files = write(build(results), Path(tmp) / "leaderboard")
+        pages = Path(tmp) / "leaderboard"
+        subprocess.run([sys.executable, "-m", "prunebench", "leaderboard", "--records", str(results),
+                        "--out", str(pages)], check=True, capture_output=True, text=True, timeout=120)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for f in files:
-                tar.add(f, arcname=str(Path(f).relative_to(tmp)))
+            tar.add(pages, arcname="leaderboard")
         (out / "leaderboard.tar.gz").write_bytes(buf.getvalue())
 
 

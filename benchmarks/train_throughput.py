@@ -11,10 +11,12 @@ archive) and prints img/s for:
   uint8 images with torchvision's ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``,
   ``ToDtype`` and ``Normalize`` per sample, SGD, and ``loss.item()`` per step as such loops do;
 * the engine with each speed option switched from its default: fp32 precision, channels_last
-  off, ``torch.compile`` on (its compile time is reported apart, with the number of images
-  after which it pays for itself);
+  off;
 * optionally (``--processes N``) N engine processes training at once: the aggregate img/s of
   packed runs;
+* with ``torch.compile`` (and, on CUDA, its CUDA-graph mode ``reduce-overhead``), timed last and
+  alternately with the default engine, with the compile time and the images after which it
+  pays for itself;
 * the **compute-bound limit**: training costs 3 × MACs multiply-accumulates of 2 FLOP per
   image (forward, and backward for inputs and weights), so ``peak / (6 × MACs)`` img/s, and
   each row's share of it.
@@ -53,6 +55,7 @@ from prunebench.metrics import count_macs, cpu_name
 from prunebench.precision import resolve_precision
 
 VARIANTS = ("engine", "plain", "engine-fp32", "engine-no-channels-last", "engine-compile", "engine-cudagraphs")
+COMPILED = ("engine-compile", "engine-cudagraphs")
 #: dense datasheet peaks in TFLOP/s by device-name fragment: (bf16, fp32 as TF32, plain fp32)
 GPU_PEAKS = {"H200": (989.4, 494.7, 66.9), "H100": (989.4, 494.7, 66.9), "A100": (312.0, 156.0, 19.5)}
 #: assumed FLOP per cycle per CPU core: two 256-bit FMA pipes (fp32), AVX512-BF16 dot products (bf16)
@@ -324,11 +327,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     if dev.type != "cuda" and "engine-cudagraphs" in variants:
         variants.remove("engine-cudagraphs")  # CUDA graphs: CUDA only
-    rows: list[tuple[Row, Callable[[int], int]]] = []
-    for v in variants:
-        if args.budget_seconds is not None and time.monotonic() - t_start > args.budget_seconds:
+
+    def over_budget() -> bool:
+        return args.budget_seconds is not None and time.monotonic() - t_start > args.budget_seconds
+
+    def warm_up(v: str) -> tuple[Row, Callable[[int], int]] | None:
+        if over_budget():
             print(f"skipped {v}: past --budget-seconds", flush=True)
-            continue
+            return None
         try:
             row, loop = makers[v]()
             t0 = time.perf_counter()
@@ -336,43 +342,62 @@ def main(argv: list[str] | None = None) -> None:
             sync(dev)
         except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the table
             print(f"failed: {v}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            continue
-        warm = row.warm = time.perf_counter() - t0
+            return None
+        row.warm = time.perf_counter() - t0
         if row.compiled:
-            row.note = f"first 2 steps {warm:.1f}s"
-        rows.append((row, loop))
-        print(f"ready: {row.name} (warm-up {warm:.1f}s)", flush=True)
-    for r in range(args.repeats):
-        if args.budget_seconds is not None and r > 0 and time.monotonic() - t_start > args.budget_seconds:
-            print(f"stopped after {r} repeats: past --budget-seconds", flush=True)
-            break
-        for row, loop in rows:
-            try:
-                row.rates.append(timed(loop, steps, dev))
-            except Exception as exc:  # noqa: BLE001
-                row.note = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-                print(f"{row.name}: {row.note}", flush=True)
-        print(f"repeat {r + 1}: " + ", ".join(f"{row.name} {row.rates[-1] if row.rates else float('nan'):.0f}"
-                                             for row, _ in rows), flush=True)
+            row.note = f"first 2 steps {row.warm:.1f}s"
+        print(f"ready: {row.name} (warm-up {row.warm:.1f}s)", flush=True)
+        return row, loop
 
+    def measure(group: list[tuple[Row, Callable[[int], int]]]) -> None:
+        """``args.repeats`` timings of each, interleaved."""
+        for r in range(args.repeats):
+            if r > 0 and over_budget():
+                print(f"stopped after {r} repeats: past --budget-seconds", flush=True)
+                return
+            for row, loop in group:
+                try:
+                    row.rates.append(timed(loop, steps, dev))
+                except Exception as exc:  # noqa: BLE001
+                    row.note = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+                    print(f"{row.name}: {row.note}", flush=True)
+            print(f"repeat {r + 1}: " + ", ".join(f"{row.name} {row.rates[-1] if row.rates else float('nan'):.0f}"
+                                                 for row, _ in group), flush=True)
+
+    # eager loops first, then packed processes, then the compiled loops (their compilation can
+    # take minutes; each is timed beside the default engine, for the pay-off estimate)
+    rows = [r for r in (warm_up(v) for v in variants if v not in COMPILED) if r is not None]
+    measure(rows)
     macs = count_macs(build(args.arch, torch.device("cpu")), torch.zeros(1, 3, 32, 32))
     peak, peak_source = peaks(dev, args.peak_tflops, args.peak_tflops_fp32)
     plain = next((row.median for row, _ in rows if row.name.startswith("plain")), None)
-    table = []
-    for row, _ in rows:
-        table.append(_line(row.name, row.precision, row.channels_last, row.compiled, row.median, plain, macs,
-                           peak.get(row.precision), row.note))
-    if args.processes > 1 and (args.budget_seconds is None or time.monotonic() - t_start < args.budget_seconds):
-        total, each = packed(args, args.processes)
-        table.append(_line(f"engine × {args.processes} processes (aggregate)", auto, cl_default, False, total, plain,
-                           macs, peak.get(auto), f"each {', '.join(f'{e:.0f}' for e in each)}"))
+    extra = []
+    if args.processes > 1 and not over_budget():
+        try:
+            total, each = packed(args, args.processes)
+            extra.append(_line(f"engine × {args.processes} processes (aggregate)", auto, cl_default, False, total,
+                               plain, macs, peak.get(auto), f"each {', '.join(f'{e:.0f}' for e in each)}"))
+        except Exception as exc:  # noqa: BLE001
+            print(f"failed: packed processes: {type(exc).__name__}: {exc}", flush=True)
+    compiled = [r for r in (warm_up(v) for v in variants if v in COMPILED) if r is not None]
+    beside = None
+    if compiled:
+        default = next(((row, loop) for row, loop in rows if row.name == "engine (default)"), None)
+        if default is not None:
+            beside = (Row("engine (default), timed beside the compiled loops", default[0].precision,
+                          default[0].channels_last, False), default[1])
+        measure(([beside] if beside else []) + compiled)
+        rows += compiled
+    table = [_line(row.name, row.precision, row.channels_last, row.compiled, row.median, plain, macs,
+                   peak.get(row.precision), row.note) for row, _ in rows] + extra
     for prec in ("bf16", "fp32"):
         if peak.get(prec):
             limit = peak[prec] * 1e12 / (6 * macs)
             table.append([f"compute-bound limit ({prec} peak {peak[prec]:.4g} TFLOP/s)", prec, "", "", f"{limit:,.0f}",
                           f"{limit / plain:.1f}" if plain else "", f"{peak[prec]:.4g}", "100%", ""])
 
-    compile_note = _compile_payoff(rows, steps, args.batch_size)
+    compile_note = "\n".join(_compile_payoff(row, beside[0] if beside else None, args.batch_size)
+                             for row, _ in compiled)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     print()
     print(f"device {dev.type} ({name}) · torch {torch.__version__} · {args.arch} ({macs / 1e6:.1f}M MACs/image) · "
@@ -392,15 +417,14 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({"device": name, "macs": macs, "table": table, "headers": headers}, indent=1))
 
 
-def _compile_payoff(rows: list, steps: int, batch_size: int) -> str:
+def _compile_payoff(comp: Row, eager: Row | None, batch_size: int) -> str:
     """How long compiling took, and after how many images of training it pays for itself."""
-    by_name = {row.name: row for row, _ in rows}
-    comp, eager = by_name.get("engine, torch.compile"), by_name.get("engine (default)")
-    if comp is None or eager is None or not comp.rates:
+    if eager is None or not comp.rates or not eager.rates:
         return ""
     overhead = comp.warm - 2 * batch_size / comp.median  # the warm-up's 2 steps at the compiled rate
     saving = 1 / eager.median - 1 / comp.median  # seconds saved per image once compiled
-    line = f"torch.compile: about {overhead:.0f}s to compile; compiled {comp.median:,.0f} vs eager {eager.median:,.0f} img/s"
+    line = (f"{comp.name}: about {overhead:.0f}s to compile; compiled {comp.median:,.0f} vs eager "
+            f"{eager.median:,.0f} img/s (timed alternately)")
     if saving <= 0:
         return line + ": it never pays for its compile time"
     return line + f": pays for itself after {overhead / saving:,.0f} images of training (per model compiled)"

@@ -36,7 +36,10 @@ def device_type(device: str | torch.device) -> str:
         return device.type
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device).type if device else "cpu"
+    try:
+        return torch.device(device).type if device else "cpu"
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:

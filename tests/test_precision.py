@@ -17,6 +17,8 @@ def test_explicit_precisions_are_kept_and_unknown_ones_rejected():
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ConfigError, match="unknown precision 'fp16'. .*Available: auto, bf16, fp32"):
         check_precision("fp16")
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        resolve_precision("auto", "gpu")
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
