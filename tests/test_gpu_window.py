@@ -127,3 +127,23 @@ def test_the_gpu_config_is_valid_where_pretrained_baselines_exist(tmp_path):
     assert len(sweep.runs()) == 22 * len(sweep.seeds)
     assert {c.name for c in sweep.criteria} | {"random"} >= {"l1", "coring", "qsfm", "hbgs", "hbgts", "ht2", "trp",
                                                               "random"}
+
+
+def test_every_package_is_in_the_wheel():
+    """The window installs the project from its files (not editable): a sub-package missing from
+    pyproject's package list would be missing there."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    dirs = {name: Path(path) for name, path in config["package-dir"].items()}
+    found = set()
+    for name, path in dirs.items():
+        for init in (ROOT / path).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / path)
+            if "plugin_example" not in rel.parts and "build" not in rel.parts:
+                found.add(".".join((name, *rel.parts)))
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
