@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=HERE / "gpu_window.toml")
     p.add_argument("--runs-per-gpu", type=int, default=None, help="overrides the config's")
     p.add_argument("--results", type=Path, default=None, help="where records go (default: a temporary folder)")
-    p.add_argument("--throughput-args", default="--images 12800 --batch-size 256 --repeats 2 --processes 8")
-    p.add_argument("--throughput-seconds", type=float, default=120.0)
+    p.add_argument("--throughput-args", default="--images 12800 --batch-size 256 --repeats 2 --processes 11")
+    p.add_argument("--throughput-seconds", type=float, default=90.0)
     p.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     results = args.results or Path(tempfile.gettempdir()) / "prunebench-window" / "results"

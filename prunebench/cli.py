@@ -120,7 +120,7 @@ def run(
 def sweep(
     config: Annotated[Path, typer.Argument(help="sweep file (TOML, see docs/sweeps.md)")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs and their status; run nothing")] = False,
-    executor: Annotated[str, typer.Option(help="local (sequential) | ray (one task per run)")] = "local",
+    executor: Annotated[str, typer.Option(help="local (here; runs_per_gpu > 1: worker processes) | ray (one task per run)")] = "local",
     address: Annotated[str | None, typer.Option(help="ray: join this cluster (default: start a local instance)")] = None,
     results_dir: Annotated[Path | None, typer.Option(help="where result records go (overrides the file)")] = None,
     max_parallel: Annotated[int | None, typer.Option(help="at most N runs at once")] = None,

@@ -123,7 +123,7 @@ def test_the_gpu_config_is_valid_where_pretrained_baselines_exist(tmp_path):
     else:
         sweep = load_sweep(config, results_dir=tmp_path)
     assert sweep.architectures == ("resnet56",) and sweep.dataset == "cifar10-jpeg" and sweep.budget.name == "fast"
-    assert sweep.runs_per_gpu == 8 and [t.ratio for t in sweep.targets] == [0.5, 0.7]
+    assert sweep.runs_per_gpu == 11 and [t.ratio for t in sweep.targets] == [0.5, 0.7]
     assert len(sweep.runs()) == 22 * len(sweep.seeds)
     assert {c.name for c in sweep.criteria} | {"random"} >= {"l1", "coring", "qsfm", "hbgs", "hbgts", "ht2", "trp",
                                                               "random"}
