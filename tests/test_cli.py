@@ -43,6 +43,11 @@ def test_run_writes_a_complete_valid_record(smoke_run):
     assert "adapt_epochs" not in rec["budget"]  # adaptation fields belong to runs from pretrained baselines
     assert rec["baseline"]["top1"] > 30  # digits is learnable even on the smoke budget
     assert rec["latency"]["before"]["batch1_ms"] > 0
+    from prunebench.precision import resolve_precision
+
+    assert rec["precision"] == resolve_precision("auto", "cpu")  # bf16 where the CPU computes it natively
+    assert rec["sharing"] == {"runs_per_device": 1, "executor": "run"}
+    assert rec["latency"]["measured_under_sharing"] is False
     assert set(rec["widths"]) == {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}
     model, info = load_compressed(results / rec["model_file"])
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
@@ -148,3 +153,9 @@ def test_the_readme_main_job_starts_from_a_converged_baseline(tmp_path):
     rec = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert rec["budget"]["name"] == "demo" and rec["data"]["train_images"] == 1437
     assert rec["baseline"]["top1"] >= 95.0 and rec["final"]["top1"] >= 90.0
+
+
+def test_an_unknown_precision_is_a_one_line_error(tmp_path):
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--precision", "bf61", "--results-dir", tmp_path)
+    assert isinstance(res.exception, ConfigError) and "Did you mean 'bf16'" in str(res.exception)
+    assert not list(tmp_path.glob("*.json"))
