@@ -4,7 +4,7 @@ Reads the complete records in a results folder (made by the two sweeps in
 ``benchmarks/parity-*.toml``), pairs runs that differ only in precision, and prints for each
 configuration and stage (baseline, one-shot, final top-1): the mean over seeds in each
 precision, their difference, the spread between seeds (sample standard deviation, pooled over
-both precisions), and the baseline training time per precision.
+both precisions) and the difference seed by seed.
 
     python benchmarks/parity_report.py results-parity
 """
@@ -40,7 +40,6 @@ def report(records: list[dict]) -> str:
         groups[key(rec)][rec.get("precision", "fp32")][rec["seed"]] = rec
     lines = ["| dataset | arch | budget | criterion | target | stage | fp32 mean | bf16 mean | bf16 − fp32 | "
              "seed spread (std) | per-seed bf16 − fp32 |", "|" + "---|" * 11]
-    seconds: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for k, by_precision in sorted(groups.items()):
         fp32, bf16 = by_precision.get("fp32", {}), by_precision.get("bf16", {})
         seeds = sorted(set(fp32) & set(bf16))
@@ -55,15 +54,6 @@ def report(records: list[dict]) -> str:
             per_seed = ", ".join(f"s{s}: {y - x:+.2f}" for s, x, y in zip(seeds, a, b, strict=True))
             lines.append(f"| {' | '.join(k)} | {stage} | {statistics.mean(a):.2f} | {statistics.mean(b):.2f} | "
                          f"{statistics.mean(b) - statistics.mean(a):+.2f} | {spread:.2f} | {per_seed} |")
-        for prec, recs in by_precision.items():
-            for rec in recs.values():
-                info = rec.get("baseline_info", {})
-                if info.get("source") == "trained" or info.get("trained_seconds"):
-                    seconds[k[:3]][prec].append(float(info.get("trained_seconds", 0.0)))
-    lines.append("")
-    for k, by_precision in sorted(seconds.items()):
-        parts = [f"{p} {statistics.median(v):.0f}s" for p, v in sorted(by_precision.items()) if v]
-        lines.append(f"baseline training time, median over seeds, {'/'.join(k)}: " + ", ".join(parts))
     return "\n".join(lines)
 
 

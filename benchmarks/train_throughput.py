@@ -23,9 +23,10 @@ archive) and prints img/s for:
 
 Peaks (``--peak-tflops`` for bf16, ``--peak-tflops-fp32``) default per device kind: the
 H100/H200 SXM datasheet's dense rates (bf16 989.4 TFLOP/s; fp32 494.7 as TF32, which cuDNN
-uses for fp32 convolutions by default, else 66.9); on a CPU, cores × clock × FLOP per cycle,
-assuming two 256-bit FMA pipes per core (32 fp32 / 64 bf16 FLOP per cycle, as on AMD Zen 4
-with AVX512-BF16) — an estimate: pass the peak when you know it.
+uses for fp32 convolutions by default, else 66.9); on a CPU, threads × reported clock × FLOP
+per cycle, assuming two FMA pipes per core, 512 bits wide where the CPU has full-width
+AVX-512 (64 fp32 / 128 bf16 FLOP per cycle; Intel server cores, AMD Zen 5) and 256 bits wide
+otherwise (32 / 64; AMD Zen 4, AVX2 CPUs) — an estimate: pass the peak when you know it.
 
     python benchmarks/train_throughput.py                         # CPU or GPU, whatever is here
     python benchmarks/train_throughput.py --processes 4 --images 25600 --batch-size 256
@@ -52,14 +53,15 @@ from torch import nn
 from prunebench import registry
 from prunebench.engine import DeviceData, Recipe, TrainOptions, optimizer, train
 from prunebench.metrics import count_macs, cpu_name
-from prunebench.precision import resolve_precision
+from prunebench.precision import cpu_supports_bf16, resolve_precision
 
 VARIANTS = ("engine", "plain", "engine-fp32", "engine-no-channels-last", "engine-compile", "engine-cudagraphs")
 COMPILED = ("engine-compile", "engine-cudagraphs")
 #: dense datasheet peaks in TFLOP/s by device-name fragment: (bf16, fp32 as TF32, plain fp32)
 GPU_PEAKS = {"H200": (989.4, 494.7, 66.9), "H100": (989.4, 494.7, 66.9), "A100": (312.0, 156.0, 19.5)}
-#: assumed FLOP per cycle per CPU core: two 256-bit FMA pipes (fp32), AVX512-BF16 dot products (bf16)
-CPU_FLOP_PER_CYCLE = {"fp32": 32, "bf16": 64}
+#: assumed dense FLOP per cycle per CPU core, by the width of its two FMA pipes (bf16: AVX512-BF16
+#: dot products, twice the fp32 rate; without them bf16 is emulated at no more than the fp32 rate)
+CPU_FLOP_PER_CYCLE = {512: {"fp32": 64, "bf16": 128}, 256: {"fp32": 32, "bf16": 64}}
 
 
 @dataclass
@@ -196,15 +198,37 @@ def peaks(dev: torch.device, bf16: float | None, fp32: float | None) -> tuple[di
     else:
         cores = torch.get_num_threads()
         ghz = _cpu_ghz()
-        default_bf16 = cores * ghz * CPU_FLOP_PER_CYCLE["bf16"] / 1e3
-        default_fp32 = cores * ghz * CPU_FLOP_PER_CYCLE["fp32"] / 1e3
-        source = (f"CPU estimate: {cores} cores × {ghz:.2f} GHz × {CPU_FLOP_PER_CYCLE['bf16']} (bf16) / "
-                  f"{CPU_FLOP_PER_CYCLE['fp32']} (fp32) FLOP per cycle")
+        width, why = _fma_width()
+        flop = dict(CPU_FLOP_PER_CYCLE[width])
+        if not cpu_supports_bf16():
+            flop["bf16"] = flop["fp32"]
+        default_bf16 = cores * ghz * flop["bf16"] / 1e3
+        default_fp32 = cores * ghz * flop["fp32"] / 1e3
+        source = (f"CPU estimate: {cores} threads × {ghz:.2f} GHz (reported clock) × {flop['bf16']} (bf16) / "
+                  f"{flop['fp32']} (fp32) FLOP per cycle, assuming two {width}-bit FMA pipes per core ({why})")
     out = {"bf16": bf16 if bf16 is not None else default_bf16, "fp32": fp32 if fp32 is not None else default_fp32}
     if bf16 is not None or fp32 is not None:
         source += "; given on the command line: " + ", ".join(
             f"{k} {v:g}" for k, v in (("bf16", bf16), ("fp32", fp32)) if v is not None)
     return out, source
+
+
+def _fma_width() -> tuple[int, str]:
+    """512 where the cores have full-width AVX-512 FMA pipes (Intel server cores, AMD Zen 5),
+    else 256 (AMD Zen 4 runs AVX-512 on 256-bit pipes; AVX2 CPUs)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return 256, "no /proc/cpuinfo"
+    if "avx512f" not in info.get("flags", "").split():
+        return 256, "no AVX-512"
+    if info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25":
+        return 256, "AMD family 25 (Zen 4)"
+    return 512, f"AVX-512, {info.get('vendor_id', '?')} family {info.get('cpu family', '?')}"
 
 
 def _cpu_ghz() -> float:
