@@ -63,6 +63,9 @@ def adaptation_key(cfg: RunConfig, entry: zoo.ZooEntry, splits: DataSplits) -> s
         "seed": ADAPT_SEED, "mean": list(entry.mean), "std": list(entry.std),
         "version": prunebench.__version__, "shape": list(splits.train_x.shape[1:]),
     }
+    precision = cfg.resolved_precision()
+    if precision != "fp32":  # fp32 adaptations keep the keys they had before precision was a choice
+        key["precision"] = precision
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{cfg.arch}-{cfg.dataset}-adapted-{digest}"
 
@@ -90,12 +93,13 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
     """Fine-tune ``model`` (holding the checkpoint) on the run's training split, or load the
     cached result. Returns the record's ``adaptation`` block."""
     from prunebench.datasets import cache_dir
-    from prunebench.runner import evaluate
+    from prunebench.runner import evaluate, train_options
 
     rcp = adaptation_recipe(cfg.budget)
     evaluated_on = {"test_subset": cfg.budget.test_subset, "test_images": int(data.test_x.shape[0])}
     block: dict[str, Any] = {
         "epochs": rcp.epochs, "recipe": dataclasses.asdict(rcp), "seed": ADAPT_SEED,
+        "precision": cfg.resolved_precision(),
         "train_images": int(data.train_x.shape[0]), "test_images": evaluated_on["test_images"],
     }
     if rcp.epochs <= 0:
@@ -112,7 +116,8 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
         rep.log(f"adapting {entry.name} ({entry.trained_on} → {cfg.dataset}): {rcp.epochs:g} epochs, "
                 f"lr {rcp.lr:g} cosine, seed {ADAPT_SEED}; top-1 before {top1_before:.2f}%")
         t0 = time.perf_counter()
-        stats = train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(), description="adapt")
+        stats = train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(), description="adapt",
+                      options=train_options(cfg))
         divergence.check_training(model, stats, "adaptation",
                                   f"lower the learning rate (now adapt_lr={rcp.lr:g}; --set adapt_lr=...)")
         seconds = round(time.perf_counter() - t0, 3)

@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from prunebench import registry, zoo
+from prunebench.adaptation import adaptation_key
 from prunebench.budgets import get_budget
 from prunebench.cli import app
 from prunebench.errors import CheckpointError, ConfigError, DataNotFoundError
@@ -294,6 +295,11 @@ def test_the_adaptation_is_recorded_cached_and_shared_by_seeds(data_root, tmp_pa
 
     other = run_config(tmp_path, data_root, adapt_epochs=2, adapt_lr=0.05)
     assert execute(other, Reporter(quiet=True))[0]["baseline_info"]["adaptation"]["key"] != adaptation["key"]
+    assert adaptation["precision"] == first["precision"]
+    for precision in ("bf16", "fp32"):  # the adapted weights depend on the training precision
+        cfg = dataclasses.replace(run_config(tmp_path, data_root, adapt_epochs=1, adapt_lr=0.05), precision=precision)
+        keyed = adaptation_key(cfg, entry, load_data(cfg, torch.device("cpu"))[0])
+        assert (keyed == adaptation["key"]) == (precision == first["precision"])
 
     # a damaged cache file is moved aside and the adaptation runs again, to the same result
     cached = tmp_path / "cache" / "baselines" / f"{adaptation['key']}.pt"
