@@ -116,10 +116,11 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
         rep.log(f"adapting {entry.name} ({entry.trained_on} → {cfg.dataset}): {rcp.epochs:g} epochs, "
                 f"lr {rcp.lr:g} cosine, seed {ADAPT_SEED}; top-1 before {top1_before:.2f}%")
         t0 = time.perf_counter()
-        stats = train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(), description="adapt",
-                      options=train_options(cfg))
-        divergence.check_training(model, stats, "adaptation",
-                                  f"lower the learning rate (now adapt_lr={rcp.lr:g}; --set adapt_lr=...)")
+        hint = f"lower the learning rate (now adapt_lr={rcp.lr:g}; --set adapt_lr=...)"
+        with divergence.training("adaptation", hint):
+            stats = train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(), description="adapt",
+                          options=train_options(cfg))
+        divergence.check_training(model, stats, "adaptation", hint)
         seconds = round(time.perf_counter() - t0, 3)
         top1_after = evaluate(model, data, splits.num_classes)["top1"]
         block.update(top1_before=top1_before, top1_after=top1_after, seconds=seconds, key=key)

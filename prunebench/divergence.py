@@ -12,7 +12,8 @@ stage, the first offending tensor and the setting to change.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,18 @@ def check_training(model: nn.Module, stats: Mapping[str, float], stage: str, hin
     if stats.get("steps", 0) and loss is not None and not math.isfinite(float(loss)):
         raise DivergedError(f"{stage} diverged: the training loss became {loss}{'; ' + hint if hint else ''}")
     check_model(model, stage, hint)
+
+
+@contextmanager
+def training(stage: str, hint: str = "") -> Iterator[None]:
+    """Around a call of :func:`prunebench.engine.train`: the engine stops at the first
+    non-finite loss with a :class:`DivergedError` of its own; re-raise it naming the run's
+    stage and the setting to change, as :func:`check_training` does after the call."""
+    try:
+        yield
+    except DivergedError as exc:
+        detail = str(exc).split(" diverged: ", 1)[-1].split("; lower the learning rate", 1)[0]
+        raise DivergedError(f"{stage} diverged: {detail}{'; ' + hint if hint else ''}") from None
 
 
 def check_outputs(model: nn.Module, x: Tensor, stage: str, hint: str = "") -> None:

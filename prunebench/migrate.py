@@ -61,7 +61,7 @@ class Change:
 
 def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
     """The run configuration a record describes (paths and flags excluded)."""
-    from prunebench.runner import RunConfig
+    from prunebench.runner import PRETRAINED, RunConfig
 
     try:
         scratch = rec["criterion"] == "scratch"
@@ -80,7 +80,9 @@ def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
             dataset_options=dict(rec.get("dataset_options") or {}), allocation=rec.get("allocation", "uniform"),
             max_layer_ratio=rec.get("max_layer_ratio", 0.9), layer_ratios=rec.get("layer_ratios"),
             shots=rec.get("shots", 1), shot_epochs=rec.get("shot_epochs", 0.0),
-            baseline=Path(source) if source not in (None, "cache", "trained") else None, scratch=scratch,
+            baseline=PRETRAINED if source == "pretrained"
+            else Path(source) if source not in (None, "cache", "trained") else None, scratch=scratch,
+            precision=rec.get("precision", "fp32"),  # records made before precision was a choice trained in fp32
         )
     except (KeyError, TypeError, PrunebenchError) as exc:
         raise CannotMigrate(f"its fields do not describe a run ({type(exc).__name__}: {exc})") from None

@@ -292,10 +292,11 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
             return {"source": "cache", "key": path.stem,
                     "trained_seconds": float(seconds) if checkpoints.finite_number(seconds) else 0.0}
     t0 = time.perf_counter()
-    stats = train(
-        model, data, recipe(cfg.budget, "baseline", cfg.budget.baseline_epochs), cfg.seed,
-        progress=rep.train_callback(), description="baseline", options=train_options(cfg),
-    )
+    with divergence.training("baseline training", _lr_hint(cfg.budget, "lr")):
+        stats = train(
+            model, data, recipe(cfg.budget, "baseline", cfg.budget.baseline_epochs), cfg.seed,
+            progress=rep.train_callback(), description="baseline", options=train_options(cfg),
+        )
     divergence.check_training(model, stats, "baseline training", _lr_hint(cfg.budget, "lr"))
     seconds = time.perf_counter() - t0
     atomic_torch_save(
@@ -484,8 +485,9 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     def ctx_train(m: nn.Module, epochs: float, hooks=None, purpose: str = "compress") -> None:
         ledger.draw(epochs, purpose)
         t0 = time.perf_counter()
-        stats = train(m, data, recipe(budget, "finetune", epochs), cfg.seed + 7, hooks=hooks,
-                      progress=rep.train_callback(), description=purpose, options=train_options(cfg))
+        with divergence.training(f"{purpose} training", _lr_hint(budget, "finetune_lr")):
+            stats = train(m, data, recipe(budget, "finetune", epochs), cfg.seed + 7, hooks=hooks,
+                          progress=rep.train_callback(), description=purpose, options=train_options(cfg))
         train_seconds["value"] += time.perf_counter() - t0
         divergence.check_training(m, stats, f"{purpose} training", _lr_hint(budget, "finetune_lr"))
 
@@ -593,8 +595,9 @@ def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, recor
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    stats = train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(),
-                  description="scratch", options=train_options(cfg))
+    with divergence.training("scratch training", _lr_hint(cfg.budget, "lr")):
+        stats = train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(),
+                      description="scratch", options=train_options(cfg))
     divergence.check_training(model, stats, "scratch training", _lr_hint(cfg.budget, "lr"))
     record["oneshot"] = None
     record["oneshot_bn"] = None
