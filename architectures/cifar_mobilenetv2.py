@@ -127,4 +127,5 @@ MOBILENETV2 = Architecture(
     pruning_note="Only the expansion 1x1 conv of blocks with t > 1 is prunable; the dependency "
     "graph shrinks the depthwise conv and the projection's inputs with it. Block outputs "
     "(residual-coupled) are kept.",
+    default_scope="inner",
 )

@@ -11,7 +11,10 @@ initialised (fan_out, ReLU gain), as in the paper.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from collections.abc import Sequence
+
+import torch
+import torch_pruning as tp
 from torch import Tensor, nn
 
 from .base import Architecture
@@ -20,21 +23,29 @@ __all__ = [
     "BasicBlock",
     "CifarResNet",
     "PadShortcut",
+    "PadShortcutPruner",
     "RESNET20",
     "RESNET32",
     "RESNET44",
     "RESNET56",
     "RESNET110",
+    "all_block_convs",
     "build_resnet",
     "inner_convs",
 ]
 
 
 class PadShortcut(nn.Module):
-    """Option-A shortcut: subsample spatially by ``stride`` and zero-pad channels.
+    """Option-A shortcut: subsample spatially by ``stride`` and place the channels in a wider map.
 
-    ``x[:, :, ::2, ::2]`` followed by padding ``out_channels - in_channels`` zero
-    channels, split evenly before and after the existing ones (the usual layout).
+    Input channel ``src[j]`` lands on output channel ``dst[j]``; every other output channel is
+    zero. A fresh shortcut uses the usual layout: input channel ``i`` lands on output channel
+    ``i + (out_channels - in_channels) // 2`` (zero padding split evenly before and after).
+    When channels are pruned the mapping shrinks with them (:class:`PadShortcutPruner`): a
+    removed input channel no longer feeds the shortcut, a removed output channel takes its
+    input with it, and the remaining indices are renumbered. ``src``/``dst`` are buffers that
+    are not saved in the state dict: a pruned model's mapping is rebuilt by replaying its
+    pruning plan, and unpruned checkpoints keep their usual keys.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
@@ -44,18 +55,66 @@ class PadShortcut(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
+        before = (out_channels - in_channels) // 2
+        self.src: Tensor
+        self.dst: Tensor
+        self.register_buffer("src", torch.arange(in_channels), persistent=False)
+        self.register_buffer("dst", torch.arange(in_channels) + before, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_channels - x.shape[1]
-        if extra > 0:
-            before = extra // 2
-            x = F.pad(x, (0, 0, 0, 0, before, extra - before))
-        return x
+        out = x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
+        return out.index_copy(1, self.dst, x.index_select(1, self.src))
+
+    def mapping(self) -> list[tuple[int, int]]:
+        """``(input channel, output channel)`` pairs the shortcut copies."""
+        return list(zip(self.src.tolist(), self.dst.tolist(), strict=True))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, copies={self.src.numel()}"
+
+
+def _renumber(kept_old: Tensor, n_old: int, removed: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Which entries of ``kept_old`` survive removing ``removed`` from ``0..n_old-1``, and their new numbers."""
+    alive = torch.ones(n_old, dtype=torch.bool)
+    alive[list(removed)] = False
+    new_index = torch.cumsum(alive.long(), 0) - 1
+    keep = alive[kept_old.cpu()]
+    return keep, new_index[kept_old.cpu()[keep]]
+
+
+class PadShortcutPruner(tp.pruner.BasePruningFunc):
+    """torch-pruning's view of :class:`PadShortcut`: inputs and outputs shrink independently.
+
+    The input channels belong to the previous stage's residual group, the output channels to
+    this stage's, so ``prune_in_channels`` and ``prune_out_channels`` are different functions
+    (no intra-layer dependency) and each edits the channel mapping.
+    """
+
+    TARGET_MODULES = (PadShortcut,)
+
+    def prune_out_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> PadShortcut:
+        keep, new_dst = _renumber(layer.dst, layer.out_channels, idxs)
+        device = layer.dst.device
+        layer.src = layer.src[keep.to(device)]
+        layer.dst = new_dst.to(device)
+        layer.out_channels -= len(set(idxs))
+        return layer
+
+    def prune_in_channels(self, layer: PadShortcut, idxs: Sequence[int]) -> PadShortcut:
+        keep, new_src = _renumber(layer.src, layer.in_channels, idxs)
+        device = layer.src.device
+        layer.dst = layer.dst[keep.to(device)]
+        layer.src = new_src.to(device)
+        layer.in_channels -= len(set(idxs))
+        return layer
+
+    def get_out_channels(self, layer: PadShortcut) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: PadShortcut) -> int:
+        return layer.in_channels
 
 
 class BasicBlock(nn.Module):
@@ -136,14 +195,29 @@ def inner_convs(model: nn.Module) -> list[str]:
     return [f"{name}.conv1" for name, m in model.named_modules() if isinstance(m, BasicBlock)]
 
 
+def all_block_convs(model: nn.Module) -> list[str]:
+    """The stem and both convs of every BasicBlock, in forward order.
+
+    The stem and the second conv of every block of stage ``s`` write the residual stream of
+    that stage, so the dependency graph ties their output channels into one group per stage
+    (named after its first member: ``conv1``, ``layer2.0.conv2``, ``layer3.0.conv2``).
+    """
+    names = ["conv1"]
+    for name, m in model.named_modules():
+        if isinstance(m, BasicBlock):
+            names += [f"{name}.conv1", f"{name}.conv2"]
+    return names
+
+
 def _fc(model: nn.Module) -> list[str]:
     return ["fc"]
 
 
 _NOTE = (
-    "Only the inner (first) conv of each BasicBlock is prunable: torch-pruning's "
-    "DependencyGraph cannot follow the option-A padding shortcut (PadShortcut), so the "
-    "residual-coupled channels (stem, second conv of each block) are never pruned."
+    "Scope 'inner' (the default) prunes the first conv of each BasicBlock. Scope 'all' also "
+    "prunes the residual-coupled channels: the stem and every block's second conv, one group "
+    "per stage (the stage's residual stream), with the option-A shortcuts' channel mapping "
+    "shrinking to match."
 )
 
 
@@ -162,6 +236,13 @@ def _make(depth: int) -> Architecture:
         prunable=inner_convs,
         protected=_fc,
         pruning_note=_NOTE,
+        default_scope="inner",
+        scopes={"all": all_block_convs},
+        scope_notes={
+            "inner": "first conv of each block",
+            "all": "stem + both convs of each block (one residual group per stage)",
+        },
+        customized_pruners={PadShortcut: PadShortcutPruner},
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Architecture
+from .base import Architecture, all_convs
 
 __all__ = ["BasicBlock", "CifarResNet18", "RESNET18", "block_first_convs", "build_resnet18"]
 
@@ -92,6 +92,9 @@ RESNET18 = Architecture(
     description="ResNet-18 (He et al. 2016), CIFAR variant: 3x3/1 stem, no max-pool, 1x1 projections",
     prunable=block_first_convs,
     protected=_fc,
-    pruning_note="Only the first conv of each BasicBlock is prunable; residual-coupled channels "
-    "(stem, conv2, projections) are kept.",
+    pruning_note="Scope 'inner' (the default) prunes the first conv of each BasicBlock; scope 'all' "
+    "also prunes the residual-coupled channels (stem, conv2, 1x1 projections), one group per stage.",
+    default_scope="inner",
+    scopes={"all": all_convs},
+    scope_notes={"inner": "first conv of each block", "all": "every conv (one residual group per stage)"},
 )

@@ -101,4 +101,5 @@ VGG16_BN = Architecture(
     protected=_last_linear,
     pruning_note="All 13 convs are prunable; the hidden Linear is never a root (its inputs shrink "
     "when the last conv is pruned); the final Linear is protected.",
+    default_scope="all",
 )

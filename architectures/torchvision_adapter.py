@@ -88,7 +88,12 @@ def mobilenet_expansion_convs(model: nn.Module) -> list[str]:
     return names
 
 
-_RESNET_NOTE = "Only block-internal convs are prunable; residual-coupled channels are kept."
+_RESNET_NOTE = (
+    "Scope 'inner' (the default) prunes the block-internal convs; scope 'all' also prunes the "
+    "residual-coupled channels (stem, each block's last conv, downsample convs), one group per stage."
+)
+_RESNET_SCOPES = {"all": all_convs}
+_RESNET_SCOPE_NOTES = {"inner": "block-internal convs", "all": "every conv (one residual group per stage)"}
 
 TV_RESNET18 = Architecture(
     name="tv_resnet18",
@@ -99,6 +104,9 @@ TV_RESNET18 = Architecture(
     prunable=resnet_inner_convs,
     protected=last_linear,
     pruning_note=_RESNET_NOTE,
+    default_scope="inner",
+    scopes=_RESNET_SCOPES,
+    scope_notes=_RESNET_SCOPE_NOTES,
 )
 
 TV_RESNET50 = Architecture(
@@ -110,6 +118,9 @@ TV_RESNET50 = Architecture(
     prunable=resnet_inner_convs,
     protected=last_linear,
     pruning_note=_RESNET_NOTE,
+    default_scope="inner",
+    scopes=_RESNET_SCOPES,
+    scope_notes=_RESNET_SCOPE_NOTES,
 )
 
 TV_MOBILENET_V2 = Architecture(
@@ -121,6 +132,7 @@ TV_MOBILENET_V2 = Architecture(
     prunable=mobilenet_expansion_convs,
     protected=last_linear,
     pruning_note="Only expansion 1x1 convs are prunable (the depthwise conv follows them).",
+    default_scope="inner",
 )
 
 TV_VGG16_BN = Architecture(
@@ -132,4 +144,5 @@ TV_VGG16_BN = Architecture(
     prunable=all_convs,
     protected=last_linear,
     pruning_note="All convs of the features are prunable; the last Linear is protected.",
+    default_scope="all",
 )

@@ -44,12 +44,12 @@ CONFIGS = [
 def run_one(arch: str, images: int, criterion: str, selector: str, lazy: bool, ratio: float) -> None:
     """Child process: run one search and print a JSON line."""
     import torch
-    import torch_pruning as tp
 
     from prunebench.architectures import cifar_resnet
     from prunebench.criteria.hbgs import HBGS, HBGTS
     from prunebench.metrics import count_macs
     from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
+    from prunebench.surgery import prune_kept
 
     torch.manual_seed(0)
     spec = getattr(cifar_resnet, arch.upper())
@@ -61,14 +61,7 @@ def run_one(arch: str, images: int, criterion: str, selector: str, lazy: bool, r
 
     def reduction_of(kept):
         m = copy.deepcopy(baseline)
-        graph = tp.DependencyGraph().build_dependency(m, example_inputs=example)
-        modules = dict(m.named_modules())
-        for name, idx in kept.items():
-            conv = modules[name]
-            keep = set(int(i) for i in idx)
-            removed = [i for i in range(conv.out_channels) if i not in keep]
-            if removed:
-                graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed).prune()
+        prune_kept(m, example, kept)
         return 1.0 - count_macs(m, example) / base
 
     def log(msg: str) -> None:

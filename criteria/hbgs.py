@@ -37,6 +37,7 @@ from torch.fx.node import Node, map_arg
 from prunebench.compensation import fold_into_consumers
 from prunebench.criteria._selection import SELECTORS, filter_gram, ls_coefficients, ridge_value
 from prunebench.errors import ConfigError, TargetMissedError, suggest
+from prunebench.graph import build_graph
 from prunebench.protocols import AllocateCriterion, CompressionContext, TrainingHooks
 
 __all__ = ["HBGS", "HBGTS"]
@@ -528,7 +529,7 @@ class _Search:
             raise ConfigError("hbgs found no prunable (ungrouped) convolution in ctx.prunable")
         was = model.training
         try:
-            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=ctx.example_inputs)
+            self.graph = build_graph(model, ctx.example_inputs)
         finally:
             model.train(was)
         self.links = {n: _links(self.graph, model, n, modules[n]) for n in self.names}

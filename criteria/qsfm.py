@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from prunebench.compensation import fold_into_consumers
 from prunebench.criteria._greedy import greedy_redundancy_scores
 from prunebench.errors import ConfigError, suggest
+from prunebench.graph import build_graph
 from prunebench.protocols import Calibration, ScoreCriterion
 
 SIMILARITIES = ("psnr", "ssim")
@@ -295,8 +296,7 @@ class QSFM(ScoreCriterion):
         was_training = model.training
         model.eval()
         try:
-            with torch.enable_grad():
-                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            graph = build_graph(model, example)
         finally:
             model.train(was_training)
 

@@ -70,7 +70,8 @@ def run(
     dataset_option: Annotated[list[str] | None, typer.Option("--dataset-option", help="dataset option KEY=VALUE")] = None,
     allocation: Annotated[str, typer.Option(help="score criteria: uniform | global | profile")] = "uniform",
     max_layer_ratio: Annotated[float, typer.Option(help="never remove more than this fraction of a layer")] = 0.9,
-    layer_ratios: Annotated[Path | None, typer.Option(help="JSON {layer: ratio} profile (implies --allocation profile)")] = None,
+    layer_ratios: Annotated[str | None, typer.Option(help="JSON {layer: ratio} file or a named profile, e.g. hrank-resnet56-2 (implies --allocation profile)")] = None,
+    scope: Annotated[str | None, typer.Option(help="which layers may be pruned: the architecture's scopes (prunebench info --arch), e.g. inner | all")] = None,
     shots: Annotated[int, typer.Option(help="score criteria: prune iteratively in K shots")] = 1,
     shot_epochs: Annotated[float, typer.Option(help="training between shots, drawn from the fine-tune ledger")] = 0.0,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
@@ -84,14 +85,17 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run one criterion on one architecture under the protocol and write a result record."""
+    from prunebench import registry
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
     from prunebench.runner import RunConfig, execute
     from prunebench.validation import load_profile
 
     profile = None
+    if scope is not None:
+        registry.architectures.get(arch).resolve_scope(scope)
     if layer_ratios is not None:
-        profile = load_profile(layer_ratios)
+        profile = load_profile(layer_ratios, arch=arch)
         allocation = "profile"
     cfg = RunConfig(
         criterion=criterion, arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
@@ -100,6 +104,7 @@ def run(
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
+        scope=scope,
     )
     record, path = execute(cfg, Reporter(quiet=quiet))
     if record["status"] == "complete":
@@ -215,6 +220,7 @@ def info(
     in_channels: Annotated[int, typer.Option()] = 3,
     num_classes: Annotated[int, typer.Option()] = 10,
     layers: Annotated[bool, typer.Option(help="list every prunable layer")] = False,
+    scope: Annotated[str | None, typer.Option(help="the scope --layers lists (default: the architecture's default)")] = None,
 ) -> None:
     """MACs, params and prunable layers of an architecture, or a criterion's hyper-parameters."""
     if criterion is None and arch is None:
@@ -233,20 +239,33 @@ def info(
     size = input_size or a.input_size
     x = torch.zeros(1, in_channels, size, size)
     macs, params = count_macs(model, x), count_params(model)
-    prunable = a.prunable(model)
+    from prunebench.surgery import pruning_units
+
+    chosen = a.resolve_scope(scope)
     out.print(f"[bold]{escape(a.name)}[/]: {escape(a.description)}")
     out.print(f"  input {in_channels}×{size}×{size}, {num_classes} classes")
     out.print(f"  MACs   {macs / 1e6:.2f}M  ({macs:,})")
     out.print(f"  params {params / 1e6:.2f}M  ({params:,})")
-    out.print(f"  prunable convs {len(prunable)}; protected {', '.join(a.protected(model))}", markup=False)
+    out.print(f"  protected {', '.join(a.protected(model))}", markup=False)
+    unit_of: dict[str, str] = {}
+    for name in a.scope_names():
+        names = a.prunable_layers(model, name)
+        units = pruning_units(model, x, names)
+        if name == chosen:
+            unit_of = {m: u.root for u in units for m in u.members if len(u.members) > 1}
+        default = " (default)" if name == a.default_scope else ""
+        note = a.scope_notes.get(name, "")
+        out.print(f"  scope {name}{default}: {len(names)} prunable convs in {len(units)} pruning units"
+                  + (f" — {note}" if note else ""), highlight=False, markup=False)
     if a.pruning_note:
-        out.print(f"  note: {a.pruning_note}", markup=False)
+        out.print(f"  note: {a.pruning_note}", highlight=False, markup=False)
     if layers:
         modules = dict(model.named_modules())
-        table = Table("layer", "out channels", "kernel")
-        for n in prunable:
+        table = Table("layer", "out channels", "kernel", "unit")
+        for n in a.prunable_layers(model, chosen):
             m = modules[n]
-            table.add_row(escape(n), str(m.out_channels), "×".join(map(str, m.kernel_size)))
+            table.add_row(escape(n), str(m.out_channels), "×".join(map(str, m.kernel_size)), escape(unit_of.get(n, "")))
+        out.print(f"  prunable layers, scope {chosen}:", highlight=False)
         out.print(table)
 
 

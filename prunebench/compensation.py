@@ -24,6 +24,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from prunebench.graph import build_graph
+
 _IN_HANDLERS = {
     id(tp.prune_conv_in_channels.__func__): "conv",
     id(tp.prune_linear_in_channels.__func__): "linear",
@@ -65,7 +67,7 @@ def fold_into_consumers(
     The model's structure is unchanged; call this before the channels are removed.
     """
     if graph is None:  # tracing needs autograd, so the graph is built outside no_grad
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        graph = build_graph(model, example_inputs)
     with torch.no_grad():
         return _fold(model, graph, folds)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from prunebench.costmodel import ChannelCost
-from prunebench.errors import ConfigError, PluginError, TargetMissedError
+from prunebench.errors import ConfigError, PluginError, TargetMissedError, suggest
 from prunebench.protocols import (
     AllocateCriterion,
     CompressionContext,
@@ -147,6 +147,42 @@ def _keep_from_removed(order: Tensor, n_removed: int) -> Tensor:
 
 def _min_keep(channels: int, max_ratio: float) -> int:
     return max(1, channels - math.floor(max_ratio * channels))
+
+
+def unit_profile(
+    profile: Mapping[str, float], units: Sequence[Unit], model: nn.Module
+) -> tuple[dict[str, float], list[str]]:
+    """Per-unit ratios from a per-layer profile ``{layer: ratio}``.
+
+    A layer may be any member of a unit (a residual group's convs all name the same unit);
+    members of one unit must agree on the ratio. Layers of the model that the run's scope
+    does not prune are left out and returned, so a profile written for a wider scope
+    (residual layers included) also drives a narrower one. A name that is no module of the
+    model is a :class:`ConfigError`.
+    """
+    root_of = {m: u.root for u in units for m in u.members}
+    modules = dict(model.named_modules())
+    ratios: dict[str, float] = {}
+    given_by: dict[str, str] = {}
+    ignored: list[str] = []
+    for layer, ratio in profile.items():
+        if layer not in root_of:
+            if layer in modules:
+                ignored.append(layer)
+                continue
+            raise ConfigError(
+                f"layer-ratio profile names {layer!r}, which is not a layer of the model."
+                f"{suggest(layer, root_of)} Prunable: {', '.join(list(root_of)[:8])}..."
+            )
+        root = root_of[layer]
+        if root in ratios and abs(ratios[root] - float(ratio)) > 1e-12:
+            raise ConfigError(
+                f"layer-ratio profile gives {given_by[root]!r} ratio {ratios[root]:g} and {layer!r} ratio "
+                f"{float(ratio):g}, but they share their output channels (one pruning unit): give them one ratio"
+            )
+        ratios[root] = float(ratio)
+        given_by.setdefault(root, layer)
+    return ratios, ignored
 
 
 def plan_scores(
@@ -341,12 +377,19 @@ def compress(
             raise ConfigError(f"--shots must be at least 1, got {shots}")
         full_target = ctx.target
         plan: list[dict[str, Any]] = []
+        ignored: list[str] = []
         for shot in range(1, shots + 1):
             # shot i removes up to i/K of the target reduction (relative to the baseline)
             meter.target = dataclasses.replace(full_target, ratio=full_target.ratio * shot / shots)
             units = pruning_units(model, ctx.example_inputs, ctx.prunable)
+            per_unit = None
+            if profile is not None and allocation == "profile":
+                per_unit, ignored = unit_profile(profile, units, model)
+                if ignored and shot == 1:
+                    ctx.log(f"layer-ratio profile: {len(ignored)} layer(s) outside the pruned scope ignored: "
+                            f"{', '.join(ignored[:6])}{'...' if len(ignored) > 6 else ''}")
             scores = unit_scores(criterion, model, units, ctx.calibration)
-            kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed + shot, profile)
+            kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed + shot, per_unit)
             removal = {}
             for u in units:
                 removed = sorted(set(range(u.channels)) - set(kept[u.root].tolist()))
@@ -359,6 +402,8 @@ def compress(
         meter.target = full_target
         achieved = meter.reduction(model)
         knob = {"allocation": allocation, **({"shots": shots, "shot_epochs": shot_epochs} if shots > 1 else {})}
+        if ignored:
+            knob["profile_ignored"] = ignored
         return Compressed(model, plan, achieved, knob, meter.evaluations)
 
     if isinstance(criterion, AllocateCriterion):

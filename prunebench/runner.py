@@ -86,6 +86,7 @@ class RunConfig:
     device: str = "auto"
     force: bool = False
     scratch: bool = False  # control: the compressed architecture re-initialised and trained from scratch
+    scope: str | None = None  # which layers may be pruned (architecture scopes); None: the default
     precision: str = "auto"  # auto | bf16 | fp32 (prunebench.precision); resolved for the run's device
     sharing: Sharing = field(default_factory=Sharing)
 
@@ -135,6 +136,8 @@ class RunConfig:
             "shot_epochs": self.shot_epochs,
             "baseline_file": str(self.baseline) if self.baseline else None,
         }
+        if self.scope is not None:  # only when given, so the ids of default-scope runs stay what they were
+            identity["scope"] = self.scope
         if self.scratch:  # only when set, so the ids of all other runs stay what they were
             identity.update(criterion="scratch", scratch=True, architecture_from=self.criterion)
         providers = plugin_providers(self)
@@ -407,12 +410,13 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     crit_cls = registry.criteria.get(cfg.criterion)
     criterion = crit_cls.from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
     arch = registry.architectures.get(cfg.arch)
+    scope = arch.resolve_scope(cfg.scope)
     record: dict[str, Any] = {
         "schema": "prunebench-result/1", "run_id": rid, "status": "running",
         "criterion": cfg.criterion, "criterion_kind": crit_cls.kind.value,
         "criterion_params": criterion.describe(), "arch": cfg.arch, "dataset": cfg.dataset,
         "dataset_options": dict(cfg.dataset_options), "budget": cfg.budget_fields(),
-        "target": dataclasses.asdict(cfg.target), "seed": cfg.seed, "allocation": cfg.allocation,
+        "target": dataclasses.asdict(cfg.target), "seed": cfg.seed, "scope": scope, "allocation": cfg.allocation,
         "max_layer_ratio": cfg.max_layer_ratio, "layer_ratios": dict(cfg.layer_ratios) if cfg.layer_ratios else None,
         "shots": cfg.shots, "shot_epochs": cfg.shot_epochs, "started": now(), "versions": versions(),
         "plugins": plugin_versions(cfg), "identity": identity,
@@ -493,7 +497,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
 
     target = cfg.target
     meter = Meter(baseline_model, example, target)
-    prunable = arch.prunable(model)
+    prunable = arch.prunable_layers(model, cfg.scope)
     protected = arch.protected(model)
     ctx = CompressionContext(
         example_inputs=example, calibration=calibration, target=target, device=device, seed=cfg.seed,

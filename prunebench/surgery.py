@@ -27,6 +27,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from prunebench.errors import ConfigError, PluginError
+from prunebench.graph import build_graph
+
+__all__ = [
+    "Unit", "atomic_torch_save", "build_graph", "load_compressed", "prune_kept", "pruning_units",
+    "replay", "save_compressed", "set_module",
+]
 
 _OUT_FUNCS = {id(tp.prune_conv_out_channels.__func__), id(tp.prune_depthwise_conv_out_channels.__func__)}
 
@@ -34,10 +40,6 @@ _OUT_FUNCS = {id(tp.prune_conv_out_channels.__func__), id(tp.prune_depthwise_con
 def _is_conv_out(dep) -> bool:
     fn = getattr(dep.handler, "__func__", None)
     return fn is not None and id(fn) in _OUT_FUNCS
-
-
-def build_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
-    return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
 
 
 @dataclass(frozen=True)
@@ -81,21 +83,38 @@ def prune_kept(
     """Remove every output channel of each named conv that is not in ``kept[name]``.
 
     Works in place and returns the plan steps. Layers keeping all channels are skipped.
+    Convs whose output channels the graph couples (one unit) lose their channels together:
+    naming several members of one unit is allowed when they keep the same channels, and only
+    the first one becomes a plan step.
     """
     graph = build_graph(model, example_inputs)
     modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    done: dict[str, tuple[str, list[int]]] = {}  # member -> (name it was pruned under, kept)
     steps = []
     for name, keep in kept.items():
         conv = modules[name]
-        n = conv.out_channels
         keep_list = sorted({int(i) for i in (keep.tolist() if isinstance(keep, Tensor) else keep)})
+        if name in done:
+            first, first_keep = done[name]
+            if keep_list != first_keep:
+                raise PluginError(
+                    f"{name!r} and {first!r} share their output channels (one pruning unit) but the plan "
+                    "keeps different channels of them; give one kept set per unit"
+                )
+            continue
+        n = conv.out_channels
         if not keep_list:
             raise ConfigError(f"plan removes every channel of {name!r}; at least one must stay")
         if keep_list[-1] >= n or keep_list[0] < 0:
             raise PluginError(f"kept indices for {name!r} out of range 0..{n - 1}")
         removed = sorted(set(range(n)) - set(keep_list))
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed or [0])
+        for dep, _ in group:
+            other = names.get(id(dep.target.module))
+            if other is not None and _is_conv_out(dep) and modules[other].out_channels == n:
+                done.setdefault(other, (name, keep_list))
         if removed:
-            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed)
             if not graph.check_pruning_group(group):
                 raise PluginError(f"torch-pruning refused to prune {name!r} (would remove all channels)")
             group.prune()

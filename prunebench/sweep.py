@@ -47,7 +47,7 @@ EXECUTORS = ("local", "ray")
 #: allowed keys, per table of the config file
 TOP_KEYS = (
     "description", "criteria", "architectures", "dataset", "targets", "seeds", "budget", "allocation",
-    "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir", "baseline",
+    "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir", "baseline", "scope",
     "precision", "runs_per_gpu",
 )
 CRITERION_KEYS = ("name", "params")
@@ -86,6 +86,7 @@ class Sweep:
     baseline: Path | str | None = None  # "pretrained" (the model zoo) or a checkpoint file
     precision: str = "auto"
     runs_per_gpu: int = 1
+    scope: str | None = None
 
     def runs(self) -> list[RunConfig]:
         """Every run of the grid, in a stable order, each once (a control that is also listed
@@ -95,7 +96,7 @@ class Sweep:
             budget=self.budget, dataset=self.dataset, dataset_options=dict(self.dataset_options),
             allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, layer_ratios=self.layer_ratios,
             shots=self.shots, shot_epochs=self.shot_epochs, data_dir=self.data_dir,
-            results_dir=self.results_dir, device=self.device, baseline=self.baseline,
+            results_dir=self.results_dir, device=self.device, baseline=self.baseline, scope=self.scope,
             precision=resolve_precision(self.precision, self.device),
         )
         out: dict[str, RunConfig] = {}
@@ -178,9 +179,14 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         registry.criteria.get("random")
 
     allocation = _str(doc.get("allocation", "uniform"), "allocation")
+    scope = _str(doc["scope"], "scope") if "scope" in doc else None
+    if scope is not None:
+        for name in architectures:
+            registry.architectures.get(name).resolve_scope(scope)
     layer_ratios = None
     if "layer_ratios" in doc:
-        layer_ratios = load_profile(base / _str(doc["layer_ratios"], "layer_ratios"), "layer_ratios")
+        arch = architectures[0] if len(architectures) == 1 else None
+        layer_ratios = load_profile(_str(doc["layer_ratios"], "layer_ratios"), "layer_ratios", base=base, arch=arch)
         allocation = "profile"
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"unknown allocation {allocation!r}.{suggest(allocation, ALLOCATIONS)} "
@@ -204,7 +210,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         shot_epochs=_float(doc.get("shot_epochs", 0.0), "shot_epochs"),
         device=check_device(_str(doc.get("device", "auto"), "device")),
         data_dir=data_dir if data_dir is not None else file_data_dir, results_dir=Path(results_dir),
-        baseline=baseline, precision=precision, runs_per_gpu=runs_per_gpu,
+        baseline=baseline, precision=precision, runs_per_gpu=runs_per_gpu, scope=scope,
     )
     for cfg in sweep.runs():  # every run of the grid, checked as `prunebench run` checks one
         check_run(cfg)
@@ -603,7 +609,8 @@ def describe(sweep: Sweep) -> dict[str, Any]:
         "controls": list(sweep.controls), "architectures": list(sweep.architectures), "dataset": sweep.dataset,
         "targets": [f"{t.metric} -{t.ratio:.0%}" for t in sweep.targets], "seeds": list(sweep.seeds),
         "budget": sweep.budget.name + "".join(f" {k}={v}" for k, v in _overrides(sweep.budget).items()),
-        "allocation": sweep.allocation, "results_dir": str(sweep.results_dir),
+        "allocation": sweep.allocation, **({"scope": sweep.scope} if sweep.scope is not None else {}),
+        "results_dir": str(sweep.results_dir),
         "baseline": str(sweep.baseline) if sweep.baseline is not None else "trained (cached per seed)",
         "precision": f"{sweep.precision} ({resolve_precision(sweep.precision, sweep.device)} here)"
         if sweep.precision == "auto" else sweep.precision,

@@ -71,11 +71,23 @@ def check_profile(profile: Any, source: str = "layer-ratio profile") -> dict[str
     return out
 
 
-def load_profile(path: str | Path, source: str = "--layer-ratios") -> dict[str, float]:
-    """Read and check a layer-ratio profile file."""
-    path = Path(path)
+def load_profile(spec: str | Path, source: str = "--layer-ratios", base: Path = Path("."),
+                 arch: str | None = None) -> dict[str, float]:
+    """Read and check a layer-ratio profile: a JSON file (relative to ``base``) or the name of a
+    profile shipped with prunebench (:mod:`prunebench.profiles`; one written for another
+    architecture than ``arch`` is refused)."""
+    from prunebench import profiles
+
+    path = Path(base) / Path(spec)
+    if not path.is_file() and str(spec) in profiles.named_profiles():
+        doc = profiles.named_profile(str(spec))
+        if arch is not None and doc["arch"] != arch:
+            raise ConfigError(f"{source}: profile {str(spec)!r} is for architecture {doc['arch']!r}, not {arch!r}")
+        return check_profile(doc["ratios"], f"{source} profile {spec}")
     if not path.is_file():
-        raise ConfigError(f"{source} file {path} does not exist")
+        names = profiles.named_profiles()
+        raise ConfigError(f"{source} file {path} does not exist, and {str(spec)!r} is no named profile."
+                          f"{suggest(str(spec), names)} Named profiles: {', '.join(names)}")
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -101,15 +113,18 @@ def check_dataset_options(dataset: str, options: Mapping[str, Any]) -> dict[str,
 
 
 def _prunable_layers(arch_name: str) -> list[str]:
+    """Every layer some scope of the architecture prunes (a profile may name layers that the
+    run's own scope leaves alone: they are ignored, and reported, when the run compresses)."""
     arch = registry.architectures.get(arch_name)
-    return list(arch.prunable(arch.build(num_classes=10, in_channels=3)))
+    model = arch.build(num_classes=10, in_channels=3)
+    return list(dict.fromkeys(n for s in arch.scope_names() for n in arch.prunable_layers(model, s)))
 
 
 def check_run(cfg: RunConfig) -> None:
     """Everything about ``cfg`` that can be known before loading data; raises ConfigError."""
     criterion = registry.criteria.get(cfg.criterion)
     criterion.from_kwargs(seed=0, **dict(cfg.criterion_params))
-    registry.architectures.get(cfg.arch)
+    registry.architectures.get(cfg.arch).resolve_scope(getattr(cfg, "scope", None))
     check_dataset_options(cfg.dataset, cfg.dataset_options)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")

@@ -119,7 +119,17 @@ def test_unknown_names_suggest_alternatives(tmp_path):
 def test_info_prints_standard_counts():
     res = invoke("info", "--arch", "resnet56")
     assert res.exit_code == 0
-    assert "125.49M" in res.output and "0.85M" in res.output and "prunable convs 27" in res.output
+    assert "125.49M" in res.output and "0.85M" in res.output
+    assert "scope inner (default): 27 prunable convs in 27 pruning units" in res.output
+    assert "scope all: 55 prunable convs in 30 pruning units" in res.output
+
+
+def test_info_rejects_an_unknown_scope():
+    res = invoke("info", "--arch", "vgg16_bn", "--scope", "inner")
+    assert isinstance(res.exception, ConfigError)
+    assert "has no scope 'inner'" in str(res.exception) and "Available: all" in str(res.exception)
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "--scope", "al")
+    assert isinstance(res.exception, ConfigError) and "Did you mean 'all'" in str(res.exception)
 
 
 def test_list_kinds():

@@ -62,7 +62,7 @@ def test_profile_with_unknown_layer_is_rejected():
     arch = registry.architectures.get("resnet20")
     model = arch.build(num_classes=10, in_channels=1).eval()
     ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.3))
-    with pytest.raises(ConfigError, match="not prunable units"):
+    with pytest.raises(ConfigError, match="not a layer of the model"):
         compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter,
                  allocation="profile", profile={"layer9.conv": 0.5})
 

@@ -1,0 +1,35 @@
+"""Per-layer ratio profiles for ``--allocation profile``: a JSON file or a packaged named profile.
+
+A profile maps layer names to the fraction of channels each should lose; the harness scales
+all ratios by one factor so that the run meets its target. ``--layer-ratios`` takes either
+a path to a JSON file ``{layer: ratio}`` or the name of a profile shipped with prunebench
+(``prunebench/layer_ratios/NAME.json``; list them with :func:`named_profiles`), both read by
+:func:`prunebench.validation.load_profile`. The shipped profiles are the per-layer lists of
+the papers' scripts, mapped onto prunebench's layer names; each file records its source.
+See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+from prunebench.errors import ConfigError, suggest
+
+__all__ = ["named_profile", "named_profiles"]
+
+
+def named_profiles() -> list[str]:
+    """Names of the packaged profiles."""
+    root = resources.files("prunebench") / "layer_ratios"
+    return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def named_profile(name: str) -> dict[str, Any]:
+    """The packaged profile ``name``: ``{"name", "arch", "list", "source", "notes", "ratios"}``."""
+    names = named_profiles()
+    if name not in names:
+        raise ConfigError(f"no named layer-ratio profile {name!r}.{suggest(name, names)} Named profiles: {', '.join(names)}")
+    doc = json.loads((resources.files("prunebench") / "layer_ratios" / f"{name}.json").read_text())
+    return doc
