@@ -52,13 +52,14 @@ class Unit:
 
 
 def pruning_units(model: nn.Module, example_inputs: Tensor, prunable: Sequence[str]) -> list[Unit]:
+    """Group ``prunable`` convs into units; a unit is named after its first member in ``prunable``."""
     modules = dict(model.named_modules())
     missing = [n for n in prunable if n not in modules]
     if missing:
         raise PluginError(f"architecture declares prunable layers that do not exist: {missing[:5]}")
     graph = build_graph(model, example_inputs)
     names = {id(m): n for n, m in model.named_modules()}
-    prunable_set = set(prunable)
+    position = {n: i for i, n in reversed(list(enumerate(prunable)))}
     seen: set[str] = set()
     units = []
     for name in prunable:
@@ -69,9 +70,10 @@ def pruning_units(model: nn.Module, example_inputs: Tensor, prunable: Sequence[s
         members = [name]
         for dep, _ in group:
             other = names.get(id(dep.target.module))
-            if other and other != name and other in prunable_set and _is_conv_out(dep):
-                if modules[other].out_channels == conv.out_channels:
+            if other and other != name and other in position and _is_conv_out(dep):
+                if modules[other].out_channels == conv.out_channels and other not in members:
                     members.append(other)
+        members = [name, *sorted(members[1:], key=position.__getitem__)]  # in the architecture's order
         seen.update(members)
         units.append(Unit(root=name, members=tuple(members), channels=conv.out_channels))
     return units

@@ -124,6 +124,20 @@ def test_info_prints_standard_counts():
     assert "scope all: 55 prunable convs in 30 pruning units" in res.output
 
 
+def test_scope_all_run_end_to_end(smoke_run, tmp_path):
+    res = invoke("run", "--criterion", "l1", "--arch", "resnet20", "--dataset", "digits", "--budget", "smoke",
+                 "--target-macs", "0.5", "--scope", "all", "--results-dir", tmp_path, "--quiet")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rec = json.loads(next(tmp_path.glob("*.json")).read_text())
+    default = json.loads(next(smoke_run[0].glob("*.json")).read_text())
+    assert rec["scope"] == "all" and default["scope"] == "inner"
+    assert rec["run_id"] != default["run_id"]
+    assert abs(rec["achieved"]["macs_reduction"] - 0.5) <= 0.01
+    assert "conv1" in rec["widths"] and "layer2.0.conv2" in rec["widths"]
+    model, _ = load_compressed(tmp_path / rec["model_file"])
+    assert model.layer3[0].conv2.out_channels == rec["widths"]["layer3.0.conv2"]
+
+
 def test_info_rejects_an_unknown_scope():
     res = invoke("info", "--arch", "vgg16_bn", "--scope", "inner")
     assert isinstance(res.exception, ConfigError)

@@ -123,6 +123,8 @@ def test_a_random_criterion_and_the_random_control_are_one_run(tmp_path):
     ({"runs_per_gpu": 0}, "'runs_per_gpu' must be at least 1, got 0"),
     ({"runs_per_gpu": 1.5}, "'runs_per_gpu' expects an integer"),
     ({"precision": "bf61"}, "unknown precision 'bf61'. Did you mean 'bf16'"),
+    ({"scope": "al"}, "architecture 'resnet20' has no scope 'al'. Did you mean 'all'?"),
+    ({"layer_ratios": "hrank-resnet65-1"}, "is no named profile. Did you mean 'hrank-resnet56-1'"),
 ])
 def test_config_errors_name_the_problem_before_anything_runs(tmp_path, over, message):
     config = write_config(tmp_path / "s.toml", **over)
@@ -132,6 +134,23 @@ def test_config_errors_name_the_problem_before_anything_runs(tmp_path, over, mes
     res = invoke("sweep", config, "--results-dir", tmp_path / "r")
     assert isinstance(res.exception, ConfigError)
     assert not (tmp_path / "r").exists()
+
+
+def test_scope_key_reaches_every_run_and_its_id(tmp_path):
+    default = {cfg.criterion: cfg for cfg in load_sweep(write_config(tmp_path / "a.toml")).runs()}
+    wide = {cfg.criterion: cfg for cfg in load_sweep(write_config(tmp_path / "b.toml", scope="all")).runs()}
+    assert all(cfg.scope is None and "scope" not in cfg.identity() for cfg in default.values())
+    assert all(cfg.scope == "all" and cfg.identity()["scope"] == "all" for cfg in wide.values())
+    assert not set(dry_run_ids(tmp_path / "a.toml", tmp_path / "r")) & set(dry_run_ids(tmp_path / "b.toml", tmp_path / "r"))
+    res = invoke("sweep", tmp_path / "b.toml", "--dry-run", "--results-dir", tmp_path / "r")
+    assert "scope: all" in res.stdout
+
+
+def test_named_layer_ratio_profile_in_a_sweep(tmp_path):
+    spec = load_sweep(write_config(tmp_path / "s.toml", architectures=["resnet56"], layer_ratios="hrank-resnet56-2"))
+    assert spec.allocation == "profile" and spec.layer_ratios["layer2.3.conv1"] == 0.4
+    with pytest.raises(ConfigError, match="is for architecture 'resnet56', not 'resnet20'"):
+        load_sweep(write_config(tmp_path / "t.toml", layer_ratios="hrank-resnet56-2"))
 
 
 def test_bad_toml_and_missing_file(tmp_path):
