@@ -137,7 +137,7 @@ def _closed_form_macs(model: nn.Module, size: int) -> int:
     for block in model.modules():
         if isinstance(block, BasicBlock):
             if block.conv1.stride[0] == 2:
-                hw = ((size := (size + 1) // 2)) ** 2
+                hw = (size := (size + 1) // 2) ** 2
             total += block.conv1.in_channels * 9 * block.conv1.out_channels * hw
             total += block.conv2.in_channels * 9 * block.conv2.out_channels * hw
     return total + model.fc.in_features * model.fc.out_features + model.fc.out_features
