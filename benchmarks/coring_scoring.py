@@ -90,7 +90,7 @@ def _ref_greedy(dist: np.ndarray) -> np.ndarray:
         i, j = divmod(int(np.argmin(masked)), n)
         si = float(d0[i] @ alive)
         sj = float(d0[j] @ alive)
-        r = i if (si < sj or (si == sj and i > j)) else j
+        r = j if sj < si or (sj == si and j < i) else i  # a tie removes the lower index
         scores[r] = step
         alive[r] = False
     scores[alive] = n - 1

@@ -32,9 +32,10 @@ def greedy_redundancy_scores(distance: Tensor) -> Tensor:
     CPU tensor of length ``N`` holding a permutation of ``0 .. N-1``: the channel removed first
     scores ``0``, the one that survives every comparison scores ``N - 1`` (higher = kept).
 
-    Ties are broken deterministically: the closest pair is the first one in row-major order,
-    and when both members have the same total distance the one with the larger index is
-    removed (so, of two exact duplicates, the lower index is kept longer).
+    Ties are broken deterministically, as in the CORING authors' code (``compare_sum``): the
+    closest pair is the first one in row-major order, and when both members have the same
+    total distance the one with the lower index is removed (so, of two exact duplicates, the
+    higher index is kept longer).
     """
     if distance.dim() != 2 or distance.shape[0] != distance.shape[1]:
         raise ValueError(f"expected a square distance matrix, got shape {tuple(distance.shape)}")
@@ -62,7 +63,7 @@ def greedy_redundancy_scores(distance: Tensor) -> Tensor:
         # Total distance of each member to the channels still in the comparison.
         si = float(d0[i] @ alive_f)
         sj = float(d0[j] @ alive_f)
-        r = i if (si < sj or (si == sj and i > j)) else j
+        r = j if sj < si or (sj == si and j < i) else i
         scores[r] = step
         alive[r] = False
         alive_f[r] = 0.0

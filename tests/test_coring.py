@@ -30,7 +30,11 @@ def _lowest(scores: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------- references
 def _reference_greedy(dist: np.ndarray) -> list[int]:
-    """Brute force: scan every remaining pair, recompute row sums from scratch."""
+    """Brute force: scan every remaining pair, recompute row sums from scratch.
+
+    The member removed is the one with the smaller sum of distances to the other remaining
+    filters; on a tie the row of the pair (its lower index) goes, as the authors' compare_sum.
+    """
     n = dist.shape[0]
     dist = 0.5 * (dist + dist.T)
     alive = list(range(n))
@@ -42,10 +46,10 @@ def _reference_greedy(dist: np.ndarray) -> list[int]:
             for b in alive:
                 if a != b and (best is None or dist[a, b] < best):
                     best, pair = dist[a, b], (a, b)
-        i, j = pair
-        si = sum(dist[i, k] for k in alive if k != i)
-        sj = sum(dist[j, k] for k in alive if k != j)
-        r = i if (si < sj or (si == sj and i > j)) else j
+        row, col = pair  # the first minimum in row-major order: row < col
+        s_row = sum(dist[row, k] for k in alive if k not in (row, col))
+        s_col = sum(dist[col, k] for k in alive if k not in (row, col))
+        r = col if s_row > s_col else row
         scores[r] = step
         step += 1
         alive.remove(r)
@@ -200,11 +204,21 @@ def test_vectorised_greedy_equals_brute_force(n, seed):
 def test_greedy_prefers_member_closer_to_the_rest():
     # 0 and 1 are the closest pair; 1 is closer to the rest (2, 3) than 0 is, so 1 goes first.
     # Then (2, 3) is closest; 2 is closer to the remaining 0, so 2 goes next; then 0 vs 3
-    # tie on row sums and the larger index (3) goes.
+    # tie on row sums and the lower index (0) goes.
     d = torch.tensor([[0.0, 0.1, 5.0, 6.0], [0.1, 0.0, 1.0, 1.0], [5.0, 1.0, 0.0, 3.0], [6.0, 1.0, 3.0, 0.0]])
     s = greedy_redundancy_scores(d)
     assert int(torch.argmin(s)) == 1
-    assert s.tolist() == [3.0, 0.0, 1.0, 2.0]
+    assert s.tolist() == [2.0, 0.0, 1.0, 3.0]
+
+
+def test_tie_removes_the_lower_index_as_the_authors_compare_sum():
+    # filters 1 and 3 are exact duplicates, 0 and 2 are far from everything: the pair (1, 3)
+    # is closest and its members have equal sums, so 1 (the lower index) is removed first
+    base = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [1.0, 0.0]], dtype=torch.float64)
+    d = torch.cdist(base, base)
+    s = greedy_redundancy_scores(d)
+    assert int(torch.argmin(s)) == 1
+    assert s.tolist() == _reference_greedy(d.numpy())
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
