@@ -3,9 +3,9 @@
 * :func:`spectrum`, :func:`energy_rank`, :func:`low_rank_factors` -- singular values and
   vectors (float64), the smallest rank whose cumulative share of squared singular values
   reaches an energy threshold, and the balanced two-factor truncation at that rank;
-* :func:`svd_linear` / :func:`svd_conv1x1` -- a truncated-SVD split of a ``Linear`` or a
-  1x1 ``Conv2d`` into two layers, and the matching shape-only builders used when a
-  compressed model is rebuilt from its plan;
+* :func:`svd_linear` / :func:`svd_conv` -- a truncated-SVD split of a ``Linear`` or a
+  ``Conv2d`` into two layers (for a conv: ``k x k`` C->R, then 1x1 R->T), and the matching
+  shape-only builders used when a compressed model is rebuilt from its plan;
 * :func:`select_targets` -- which modules of a model a factorising criterion touches;
 * :func:`input_sizes`, :func:`conv_chain_macs` -- the numbers needed to skip a
   factorisation that would cost more than the layer it replaces;
@@ -31,6 +31,7 @@ from prunebench.errors import ConfigError
 
 __all__ = [
     "axis_conv",
+    "build_svd_conv",
     "build_svd_conv1x1",
     "build_svd_linear",
     "check_energy",
@@ -50,6 +51,7 @@ __all__ = [
     "set_module",
     "spectrum",
     "Spectrum",
+    "svd_conv",
     "svd_conv1x1",
     "svd_linear",
     "SVDCache",
@@ -385,14 +387,15 @@ def build_svd_linear(linear: nn.Linear, rank: int) -> Factorized:
     )
 
 
-def build_svd_conv1x1(conv: nn.Conv2d, rank: int) -> Factorized:
-    """Shapes of a rank-``rank`` split of a 1x1 conv: 1x1 C->rank (stride, padding) then 1x1 rank->T."""
+def build_svd_conv(conv: nn.Conv2d, rank: int) -> Factorized:
+    """Shapes of a rank-``rank`` split of a conv: ``k_h x k_w`` C->rank (the original's stride,
+    padding and dilation, no bias) then 1x1 rank->T (the original's bias)."""
     dd = {"device": conv.weight.device, "dtype": conv.weight.dtype}
     return Factorized(
         nn.Conv2d(
             conv.in_channels,
             rank,
-            1,
+            conv.kernel_size,
             stride=conv.stride,
             padding=conv.padding,
             dilation=conv.dilation,
@@ -402,6 +405,10 @@ def build_svd_conv1x1(conv: nn.Conv2d, rank: int) -> Factorized:
         ),
         nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None, **dd),
     )
+
+
+#: the 1x1 case of :func:`build_svd_conv`
+build_svd_conv1x1 = build_svd_conv
 
 
 def axis_conv(conv: nn.Conv2d, axis: int, in_channels: int, out_channels: int, bias: bool) -> nn.Conv2d:
@@ -466,14 +473,22 @@ def svd_linear(linear: nn.Linear, energy: float, cache: SVDCache | None = None, 
     return new
 
 
-def svd_conv1x1(conv: nn.Conv2d, energy: float, cache: SVDCache | None = None, name: str = "") -> Factorized:
-    """The 1x1-conv analogue of :func:`svd_linear` (stride and padding stay on the first conv)."""
-    w2 = conv.weight.reshape(conv.out_channels, conv.in_channels)
+def svd_conv(conv: nn.Conv2d, energy: float, cache: SVDCache | None = None, name: str = "") -> Factorized:
+    """Truncated SVD of a conv's ``T x (C k_h k_w)`` matrix: a ``k_h x k_w`` conv C->R (stride,
+    padding, dilation kept) then a 1x1 conv R->T; :func:`svd_linear` for convolutions."""
+    if conv.groups != 1:
+        raise ValueError("an SVD split needs a conv with groups == 1")
+    n, c, kh, kw = conv.weight.shape
+    w2 = conv.weight.reshape(n, c * kh * kw)
     a, b, rank = _svd_factors(w2, energy, cache, name)
-    new = build_svd_conv1x1(conv, rank)
+    new = build_svd_conv(conv, rank)
     with torch.no_grad():
-        new[0].weight.copy_(to_param(b, conv.weight).reshape(rank, conv.in_channels, 1, 1))
-        new[1].weight.copy_(to_param(a, conv.weight).reshape(conv.out_channels, rank, 1, 1))
+        new[0].weight.copy_(to_param(b, conv.weight).reshape(rank, c, kh, kw))
+        new[1].weight.copy_(to_param(a, conv.weight).reshape(n, rank, 1, 1))
         if conv.bias is not None:
             new[1].bias.copy_(conv.bias)
     return new
+
+
+#: the 1x1 case of :func:`svd_conv`
+svd_conv1x1 = svd_conv

@@ -8,14 +8,17 @@ Tucker-2 decomposition (higher-order SVD) over the input-channel mode and the
 output-channel mode gives factors ``U1 (C x R1)``, ``U3 (T x R3)`` and a core
 ``G (R1, k_h, R3, k_w)``; the core, reshaped to ``(R1 k_h) x (R3 k_w)``, is split again by a
 truncated SVD of rank ``R13``. All three ranks come from one energy threshold ``e``: the
-smallest rank whose cumulative share of squared singular values reaches ``e``. The conv
-becomes four convs::
+smallest rank whose cumulative share of squared singular values reaches ``e``, of the
+C-mode unfolding (``R1``), the T-mode unfolding (``R3``) and -- as in the authors' code --
+the full kernel's ``(C k_h) x (T k_w)`` reshape (``R13``, at most ``R1 k_h`` and ``R3 k_w``).
+The conv becomes four convs::
 
     1x1 C->R1  ->  k_h x 1 R1->R13 (height stride/padding)  ->  1 x k_w R13->R3 (width)  ->  1x1 R3->T (+bias)
 
-1x1 convs and linear layers get a truncated SVD at the same ``e`` (two layers). A layer
-whose factorisation would cost at least as much as the layer itself (MACs, or parameters
-for a parameter target) is left as it is. Weights only: no data, no training.
+The first conv (the stem), 1x1 convs and linear layers (the classifier included) get a
+truncated SVD at the same ``e`` (two layers), as in the authors' code. A layer whose
+factorisation would cost at least as much as the layer itself (MACs, or parameters for a
+parameter target) is left as it is. Weights only: no data, no training.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ from ._factorized import (
     Spectrum,
     SVDCache,
     axis_conv,
-    build_svd_conv1x1,
+    build_svd_conv,
     build_svd_linear,
     check_energy,
     energy_rank,
+    first_conv_name,
     input_sizes,
     keeps_saving,
     left_basis,
@@ -51,7 +55,7 @@ from ._factorized import (
     select_targets,
     set_module,
     spectrum,
-    svd_conv1x1,
+    svd_conv,
     svd_linear,
     to_param,
 )
@@ -109,14 +113,31 @@ def _core_spectrum(
     return Spectrum(matrix, side, basis, values)
 
 
+def _kernel_values(conv: nn.Conv2d, cache: SVDCache | None, name: str) -> torch.Tensor:
+    """Singular values of the full kernel's ``(C k_h) x (T k_w)`` reshape (the R13 spectrum)."""
+
+    def compute() -> torch.Tensor:
+        c, kh, t, kw = _permuted(conv).shape
+        return spectrum(_permuted(conv).reshape(c * kh, t * kw)).values
+
+    return cache.get(name, conv.weight, "kernel", compute) if cache is not None else compute()
+
+
 def ht2_ranks(
     conv: nn.Conv2d, energy: float, cache: SVDCache | None = None, name: str = ""
 ) -> tuple[int, int, int]:
-    """``(R1, R13, R3)`` of ``conv`` at energy threshold ``energy``."""
+    """``(R1, R13, R3)`` of ``conv`` at energy threshold ``energy``.
+
+    ``R1`` and ``R3`` are the energy ranks of the C-mode and T-mode unfoldings of the permuted
+    kernel ``(C, k_h, T, k_w)``; ``R13`` is the energy rank of its ``(C k_h) x (T k_w)`` reshape
+    (the authors' ``estimate_ranks``), capped at ``min(R1 k_h, R3 k_w)``, the most the
+    projected core can hold.
+    """
     modes = _mode_factors(conv, cache, name)
     r1, r3 = energy_rank(modes["s1"], energy), energy_rank(modes["s3"], energy)
-    core = _core_spectrum(conv, modes, r1, r3, cache, name)
-    return r1, energy_rank(core.values, energy), r3
+    kh, kw = conv.kernel_size
+    r13 = min(energy_rank(_kernel_values(conv, cache, name), energy), r1 * kh, r3 * kw)
+    return r1, r13, r3
 
 
 def tucker2_conv(conv: nn.Conv2d, energy: float, cache: SVDCache | None = None, name: str = "") -> Factorized:
@@ -128,9 +149,8 @@ def tucker2_conv(conv: nn.Conv2d, energy: float, cache: SVDCache | None = None, 
     if conv.groups != 1:
         raise ValueError("hierarchical Tucker-2 needs a conv with groups == 1")
     modes = _mode_factors(conv, cache, name)
-    r1, r3 = energy_rank(modes["s1"], energy), energy_rank(modes["s3"], energy)
+    r1, r13, r3 = ht2_ranks(conv, energy, cache, name)
     core = _core_spectrum(conv, modes, r1, r3, cache, name)
-    r13 = energy_rank(core.values, energy)
     a, b = low_rank_factors(core, r13)  # a: (R1 kh) x R13, b: R13 x (R3 kw)
     kh, kw = conv.kernel_size
     new = build_tucker2_conv(conv, r1, r13, r3)
@@ -151,8 +171,8 @@ class HT2(TransformCriterion):
     name: ClassVar[str] = "ht2"
     needs_data: ClassVar[bool] = False
     summary: ClassVar[str] = (
-        "Hierarchical Tucker-2: each kxk conv -> 1x1, kx1, 1xk, 1x1 convs; SVD for 1x1/linear; "
-        "ranks from one energy threshold"
+        "Hierarchical Tucker-2: each kxk conv -> 1x1, kx1, 1xk, 1x1 convs; SVD for the stem, 1x1 "
+        "convs and linear layers; ranks from one energy threshold"
     )
     reference: ClassVar[str] = (
         "Gabor, Zdunek, 'Compression of convolutional neural networks using hierarchical "
@@ -164,14 +184,17 @@ class HT2(TransformCriterion):
     class Params:
         #: Energy threshold used when no target is given (the harness bisects it otherwise).
         energy: float = 0.8
-        #: Also factorise the model's first conv (the stem).
-        include_first: bool = False
-        #: Also split linear layers (never the protected classifier).
+        #: Also split the model's first conv (the stem) by an SVD, as the authors do.
+        include_first: bool = True
+        #: Also split linear layers by an SVD.
         include_linear: bool = True
+        #: Also split the classifier (the architecture's protected layers; its outputs stay), as
+        #: the authors do. Only with ``include_linear``.
+        include_classifier: bool = True
 
         def __post_init__(self) -> None:
             check_energy(self.energy, "ht2 energy")
-            for flag in ("include_first", "include_linear"):
+            for flag in ("include_first", "include_linear", "include_classifier"):
                 if not isinstance(getattr(self, flag), bool):
                     raise ConfigError(f"ht2 {flag} must be true or false, got {getattr(self, flag)!r}")
 
@@ -181,9 +204,10 @@ class HT2(TransformCriterion):
 
     def targets(self, model: nn.Module, ctx: CompressionContext | None = None) -> list[str]:
         """Names of the layers :meth:`transform` considers, in registration order."""
+        protected = () if ctx is None or self.params.include_classifier else ctx.protected
         return select_targets(
             model,
-            ctx.protected if ctx is not None else (),
+            protected,
             include_first=self.params.include_first,
             include_linear=self.params.include_linear,
         )
@@ -199,22 +223,25 @@ class HT2(TransformCriterion):
         names = self.targets(model, ctx)
         sizes = input_sizes(model, names, ctx.example_inputs if ctx is not None else None)
         metric = ctx.target.metric if ctx is not None else "macs"
+        first = first_conv_name(model)
         steps: list[dict[str, Any]] = []
         for name in names:
             module = model.get_submodule(name)
-            new, spec = self._factorise(module, energy, name)
+            new, spec = self._factorise(module, energy, name, first=name == first)
             if not keeps_saving(module, new, metric, sizes.get(name)):
                 continue
             set_module(model, name, new)
             steps.append(plan_step(self.name, name, spec))
         return steps
 
-    def _factorise(self, module: nn.Module, energy: float, name: str) -> tuple[Factorized, dict[str, Any]]:
+    def _factorise(
+        self, module: nn.Module, energy: float, name: str, first: bool = False
+    ) -> tuple[Factorized, dict[str, Any]]:
         if isinstance(module, nn.Linear):
             new = svd_linear(module, energy, self._cache, name)
             return new, {"type": "svd", "rank": new[0].out_features}
-        if module.kernel_size == (1, 1):
-            new = svd_conv1x1(module, energy, self._cache, name)
+        if first or module.kernel_size == (1, 1):
+            new = svd_conv(module, energy, self._cache, name)
             return new, {"type": "svd", "rank": new[0].out_channels}
         new = tucker2_conv(module, energy, self._cache, name)
         ranks = [new[0].out_channels, new[1].out_channels, new[2].out_channels]
@@ -227,13 +254,13 @@ class HT2(TransformCriterion):
             rank = int(spec["rank"])
             if isinstance(original, nn.Linear):
                 return build_svd_linear(original, rank)
-            if isinstance(original, nn.Conv2d) and original.kernel_size == (1, 1):
-                return build_svd_conv1x1(original, rank)
+            if isinstance(original, nn.Conv2d):
+                return build_svd_conv(original, rank)
         elif kind == "tucker2" and isinstance(original, nn.Conv2d):
             r1, r13, r3 = (int(r) for r in spec["ranks"])
             return build_tucker2_conv(original, r1, r13, r3)
         raise ConfigError(
             f"ht2 cannot rebuild a {type(original).__name__} from plan spec {dict(spec)!r}: "
-            "expected {'type': 'svd', 'rank': R} for a Linear or 1x1 conv, or "
+            "expected {'type': 'svd', 'rank': R} for a Linear or a conv, or "
             "{'type': 'tucker2', 'ranks': [R1, R13, R3]} for a conv"
         )

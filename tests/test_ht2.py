@@ -21,6 +21,7 @@ from prunebench.criteria._factorized import (
     select_targets,
     set_module,
     spectrum,
+    svd_conv,
     svd_conv1x1,
     svd_linear,
 )
@@ -237,23 +238,66 @@ def test_macs_equal_analytic_sum_of_four_convs() -> None:
     assert count_macs(model, x) == analytic
 
 
-def test_transform_targets_skip_first_conv_and_classifier() -> None:
+def test_transform_targets_include_stem_and_classifier_as_the_authors() -> None:
     model = Tiny()
     x = torch.randn(2, 3, 16, 16)
-    crit = HT2()
     ctx = make_ctx(model, x)
-    assert crit.targets(model, ctx) == ["conv1", "conv2", "conv3", "hidden"]
-    assert HT2.from_kwargs(include_first="true", include_linear="false").targets(model, ctx) == [
-        "stem",
-        "conv1",
-        "conv2",
-        "conv3",
-    ]
-    steps = crit.transform(model, 0.3, ctx)
+    assert HT2().targets(model, ctx) == ["stem", "conv1", "conv2", "conv3", "hidden", "fc"]
+    narrow = HT2.from_kwargs(include_first="false", include_classifier="false")
+    assert narrow.targets(model, ctx) == ["conv1", "conv2", "conv3", "hidden"]
+    assert HT2.from_kwargs(include_linear="false").targets(model, ctx) == ["stem", "conv1", "conv2", "conv3"]
+    steps = narrow.transform(copy.deepcopy(model), 0.3, ctx)
     assert [s["module"] for s in steps] == ["conv1", "conv2", "conv3", "hidden"]
-    assert isinstance(model.stem, nn.Conv2d) and isinstance(model.fc, nn.Linear)
-    assert {s["spec"]["type"] for s in steps} == {"tucker2", "svd"}
+    steps = HT2().transform(model, 0.3, ctx)
+    types = {s["module"]: s["spec"]["type"] for s in steps}
+    assert types["stem"] == "svd" and types["conv1"] == "tucker2" and types["conv2"] == "svd"
+    assert isinstance(model.stem, Factorized) and model.stem[0].kernel_size == (3, 3)
+    assert model.stem[1].kernel_size == (1, 1) and model.fc[1].out_features == 10
     assert model(x).shape == (2, 10)
+
+
+def test_stem_svd_is_exact_at_full_energy_and_rebuilds() -> None:
+    torch.manual_seed(11)
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    split = svd_conv(conv, 1.0)
+    assert [tuple(m.weight.shape) for m in split] == [(8, 3, 3, 3), (8, 8, 1, 1)]
+    torch.testing.assert_close(split(x), conv(x), rtol=0, atol=1e-10)
+    low = svd_conv(conv, 0.6)
+    rank = low[0].out_channels
+    w = conv.weight.detach().reshape(8, -1)
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    best = (u[:, :rank] * sv[:rank]) @ vh[:rank]  # Eckart-Young: the best rank-r approximation
+    product = (low[1].weight.reshape(8, rank) @ low[0].weight.reshape(rank, -1)).detach()
+    torch.testing.assert_close(product, best, rtol=0, atol=1e-10)
+    rebuilt = HT2.rebuild_module(conv, {"type": "svd", "rank": rank})
+    assert [tuple(m.weight.shape) for m in rebuilt] == [tuple(m.weight.shape) for m in low]
+    assert rebuilt[0].stride == (2, 2) and rebuilt[0].padding == (1, 1) and rebuilt[1].bias is not None
+
+
+def _numpy_energy_rank(values, energy: float) -> int:
+    import numpy as np
+
+    share = np.cumsum(values**2) / np.sum(values**2)
+    return int(np.searchsorted(share, energy - 1e-12)) + 1
+
+
+@pytest.mark.parametrize("shape", [(24, 16, 3, 3), (16, 32, 3, 3), (20, 6, 3, 5)])
+@pytest.mark.parametrize("energy", [0.95, 0.8, 0.5, 0.2])
+def test_r13_is_the_energy_rank_of_the_full_kernel_reshape(shape, energy) -> None:
+    import numpy as np
+
+    torch.manual_seed(sum(shape))
+    t, c, kh, kw = shape
+    conv = nn.Conv2d(c, t, (kh, kw), padding=1, bias=False)
+    w = conv.weight.detach().double().numpy()
+    x = np.transpose(w, (1, 2, 0, 3))  # (C, kh, T, kw), the authors' moveaxis(0, 2)
+    r1 = _numpy_energy_rank(np.linalg.svd(x.reshape(c, -1), compute_uv=False), energy)
+    r3 = _numpy_energy_rank(np.linalg.svd(np.moveaxis(x, 2, 0).reshape(t, -1), compute_uv=False), energy)
+    r13 = _numpy_energy_rank(np.linalg.svd(x.reshape(c * kh, t * kw), compute_uv=False), energy)
+    assert ht2_ranks(conv, energy) == (r1, min(r13, r1 * kh, r3 * kw), r3)
+    fact = tucker2_conv(conv, energy)
+    assert (fact[0].out_channels, fact[1].out_channels, fact[2].out_channels) == ht2_ranks(conv, energy)
 
 
 def test_factorisations_that_cost_more_are_skipped() -> None:
@@ -326,7 +370,7 @@ def test_rebuild_rejects_a_bad_spec() -> None:
     with pytest.raises(ConfigError, match="cannot rebuild"):
         HT2.rebuild_module(nn.Linear(4, 4), {"type": "tucker2", "ranks": [1, 1, 1]})
     with pytest.raises(ConfigError, match="cannot rebuild"):
-        HT2.rebuild_module(nn.Conv2d(4, 4, 3), {"type": "svd", "rank": 2})
+        HT2.rebuild_module(nn.Conv2d(4, 4, 3), {"type": "cp", "rank": 2})
 
 
 # ----------------------------------------------------------------------------- torch-pruning
@@ -369,6 +413,7 @@ def test_unknown_hyper_parameter_is_suggested() -> None:
     assert HT2.knob.name == "energy" and not HT2.knob.increases_compression
     assert HT2.name == "ht2" and HT2().describe() == {
         "energy": 0.8,
-        "include_first": False,
+        "include_first": True,
         "include_linear": True,
+        "include_classifier": True,
     }
