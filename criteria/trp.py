@@ -3,19 +3,22 @@
 Xu, Li, Zhang, Wen, Wang, Qi, Chen, Lin, Xiong, "TRP: Trained Rank Pruning for Efficient
 Deep Neural Networks", IJCAI 2020, pp. 977-983.
 
-Low rank is trained into the weights instead of imposed after training. Every target conv
+Low rank is trained into the weights instead of imposed after training. Every trained conv
 (``k_h x k_w`` with ``k_h k_w > 1``, ``groups == 1``, not the first conv) is viewed as a
 matrix -- ``N x (C k_h k_w)`` for the *channel* scheme, ``(C k_h) x (N k_w)`` for the
-*spatial* scheme -- and during training
+*spatial* scheme -- and during training, as in the authors' training loop, every
+``period``-th optimiser step (every step by default) is a *projection step*:
 
-* after every backward pass the nuclear-norm sub-gradient ``lambda U V^T`` of that matrix is
-  added to the weight's gradient (``nuclear``);
-* every ``period`` optimiser steps the weight is replaced by its truncated-SVD
-  reconstruction at the smallest rank holding ``energy`` of the squared singular values.
+* before its forward pass the weight is replaced by its truncated-SVD reconstruction at the
+  smallest rank ``r`` holding ``energy`` of the squared singular values;
+* after its backward pass the nuclear-norm sub-gradient ``nuclear * U_r V_r^T`` (the
+  energy-truncated singular vectors of the weight before the projection) is added to the
+  weight's gradient. Other steps are plain steps.
 
-Afterwards :meth:`TRP.transform` splits each target conv into two convs at the rank reaching
-the knob's energy: ``k x k C->R`` then ``1x1 R->N`` (channel), or ``k_h x 1 C->R`` then
-``1 x k_w R->N`` (spatial). The training epochs come from the fine-tune ledger.
+Afterwards :meth:`TRP.transform` splits each trained conv with stride 1 (the authors never
+split strided convs) into two convs at the rank reaching the knob's energy: ``k x k C->R``
+then ``1x1 R->N`` (channel), or ``k_h x 1 C->R`` then ``1 x k_w R->N`` (spatial). The
+training epochs come from the fine-tune ledger.
 """
 
 from __future__ import annotations
@@ -162,13 +165,15 @@ def _is_spatial_kernel(conv: nn.Conv2d) -> bool:
 class TRPHooks(TrainingHooks):
     """The training-time part of TRP for a fixed list of convs.
 
-    ``after_backward`` adds ``nuclear * U V^T`` to each conv's gradient (singular directions
-    with a singular value below 1e-6 of the largest are left out); ``after_step`` counts
-    optimiser steps and every ``period``-th one projects each weight onto its energy-rank
-    truncated SVD. Both work in float64 from the Gram-matrix spectrum (see
-    :class:`~prunebench.criteria._factorized.Spectrum`), batched over convs whose matrices
-    have the same shape.
-    ``ranks`` holds each conv's rank at the latest projection.
+    Call :meth:`project` once before training (the first step is a projection step, as in the
+    authors' loop, where the projection opens the step). ``after_step`` counts optimiser steps
+    and, after every ``period``-th one, projects each weight onto its energy-rank truncated SVD
+    and keeps ``U_r V_r^T`` of the weight it replaced (singular directions below 1e-6 of the
+    largest left out); the next ``after_backward`` -- the projection step's -- adds
+    ``nuclear * U_r V_r^T`` to the gradient, and no other step gets a sub-gradient. Works in
+    float64 from the Gram-matrix spectrum (see :class:`~prunebench.criteria._factorized.Spectrum`),
+    batched over convs whose matrices have the same shape. ``ranks`` holds each conv's rank at
+    the latest projection.
     """
 
     def __init__(
@@ -189,7 +194,9 @@ class TRPHooks(TrainingHooks):
         self.log = log
         self.steps = 0
         self.projections = 0
+        self.subgradient_steps = 0
         self.ranks: dict[str, int] = {}
+        self._pending: dict[str, Tensor] | None = None  # U_r V_r^T from the latest projection
 
     def _groups(self) -> list[list[str]]:
         by_shape: dict[tuple[int, ...], list[str]] = {}
@@ -209,24 +216,17 @@ class TRPHooks(TrainingHooks):
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, step: int) -> None:
-        if self.nuclear == 0.0:
+        pending, self._pending = self._pending, None
+        if pending is None or self.nuclear == 0.0:
             return
-        for _, weights, spec in self._spectra():
-            # U V^T over the directions with a non-zero singular value: pushing on the others
-            # would only re-grow a rank that the projection has removed
-            s = spec.values
-            inv = torch.where(s > s[..., :1] * _ZERO, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
-            if spec.side == "left":  # U diag(1/s) U^T M = U V^T
-                sub = (spec.basis * inv[..., None, :]) @ (spec.basis.mT @ spec.matrix)
-            else:  # M V diag(1/s) V^T = U V^T
-                sub = ((spec.matrix @ spec.basis) * inv[..., None, :]) @ spec.basis.mT
-            sub = from_matrix(sub, weights[0].shape, self.scheme)
-            for w, g in zip(weights, sub, strict=True):
-                g = (self.nuclear * g).to(w.dtype)
-                if w.grad is None:
-                    w.grad = g.contiguous()
-                else:
-                    w.grad.add_(g)
+        for name, sub in pending.items():
+            w = self.convs[name].weight
+            g = (self.nuclear * sub).to(device=w.device, dtype=w.dtype)
+            if w.grad is None:
+                w.grad = g.contiguous()
+            else:
+                w.grad.add_(g)
+        self.subgradient_steps += 1
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int) -> None:
@@ -236,24 +236,40 @@ class TRPHooks(TrainingHooks):
 
     @torch.no_grad()
     def project(self) -> dict[str, int]:
-        """Replace every weight by its truncated SVD at the energy rank; returns the ranks."""
+        """Replace every weight by its truncated SVD at the energy rank; returns the ranks.
+
+        Also prepares the sub-gradient ``U_r V_r^T`` of the replaced weights for the next
+        ``after_backward``.
+        """
+        pending: dict[str, Tensor] = {}
         for names, weights, spec in self._spectra():
             values = spec.values.cpu()
             for i, (name, w) in enumerate(zip(names, weights, strict=True)):
                 r = energy_rank(values[i], self.energy)
-                basis, mat = spec.basis[i, :, :r], spec.matrix[i]
-                low = basis @ (basis.mT @ mat) if spec.side == "left" else (mat @ basis) @ basis.mT
+                basis, mat, s = spec.basis[i, :, :r], spec.matrix[i], spec.values[i, :r]
+                # U_r V_r^T, leaving out directions with a (numerically) zero singular value
+                inv = torch.where(s > s[:1] * _ZERO, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+                if spec.side == "left":  # U_r U_r^T M and U_r diag(1/s) U_r^T M = U_r V_r^T
+                    proj = basis.mT @ mat
+                    low, sub = basis @ proj, (basis * inv[None, :]) @ proj
+                else:  # M V_r V_r^T and M V_r diag(1/s) V_r^T
+                    proj = mat @ basis
+                    low, sub = proj @ basis.mT, (proj * inv[None, :]) @ basis.mT
                 w.copy_(from_matrix(low, w.shape, self.scheme).to(w.dtype))
+                pending[name] = from_matrix(sub, w.shape, self.scheme)
                 self.ranks[name] = r
+        self._pending = pending
         self.projections += 1
         return dict(self.ranks)
 
     def on_train_end(self, model: nn.Module) -> None:
+        self._pending = None
         if self.log is not None and self.ranks:
             total = sum(min(to_matrix(c.weight, self.scheme).shape) for c in self.convs.values())
             self.log(
-                f"trp: {self.steps} steps, {self.projections} projections; energy-{self.energy:g} ranks "
-                f"sum to {sum(self.ranks.values())} of {total} full ({self.scheme} scheme)"
+                f"trp: {self.steps} steps, {self.projections} projections, {self.subgradient_steps} with the "
+                f"nuclear sub-gradient; energy-{self.energy:g} ranks sum to {sum(self.ranks.values())} of "
+                f"{total} full ({self.scheme} scheme)"
             )
 
 
@@ -276,10 +292,11 @@ class TRP(TransformCriterion):
         #: Energy threshold of the periodic projection during training; also the transform's
         #: energy when no target is given (the harness bisects it otherwise).
         energy: float = 0.9
-        #: Weight lambda of the nuclear-norm sub-gradient added to each target gradient.
+        #: Weight lambda of the nuclear-norm sub-gradient added on projection steps.
         nuclear: float = 3e-4
-        #: Optimiser steps between two projections (m in the paper).
-        period: int = 20
+        #: Optimiser steps between two projections (m in the paper; 1 in every command of the
+        #: authors' READMEs).
+        period: int = 1
         #: "channel": N x (C k_h k_w) matrices; "spatial": (C k_h) x (N k_w).
         scheme: str = "channel"
         #: Share of the ledger's remaining post-baseline epochs spent on TRP training; the rest
@@ -309,15 +326,26 @@ class TRP(TransformCriterion):
         super().__init__(params, seed)
         self._cache = SVDCache()
 
-    def targets(self, model: nn.Module) -> list[str]:
-        """Every conv with a kernel larger than 1x1 and groups == 1, except the first conv."""
+    def training_targets(self, model: nn.Module) -> list[str]:
+        """The convs trained towards low rank: every conv with a kernel larger than 1x1 and
+        groups == 1, except the first conv (the authors' look-up table)."""
         return select_targets(
             model, include_first=False, include_linear=False, conv_filter=_is_spatial_kernel
         )
 
+    def targets(self, model: nn.Module) -> list[str]:
+        """The convs :meth:`transform` splits: the trained ones with stride 1 (the authors'
+        decomposition skips strided convs)."""
+        return select_targets(
+            model, include_first=False, include_linear=False,
+            conv_filter=lambda c: _is_spatial_kernel(c) and tuple(c.stride) == (1, 1),
+        )
+
     def training_hooks(self, model: nn.Module, ctx: CompressionContext) -> TRPHooks:
+        """Hooks for the training before the transform; the first projection is made here,
+        before the first forward pass (the first step is a projection step)."""
         p = self.params
-        convs = {n: model.get_submodule(n) for n in self.targets(model)}
+        convs = {n: model.get_submodule(n) for n in self.training_targets(model)}
         log = ctx.log if ctx is not None else None
         energy = p.energy
         if p.match_target and ctx is not None:
@@ -325,7 +353,9 @@ class TRP(TransformCriterion):
             if log is not None:
                 log(f"trp: projecting at energy {energy:.4f} during training (meets the target)")
         self.train_energy = energy
-        return TRPHooks(convs, energy=energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme, log=log)
+        hooks = TRPHooks(convs, energy=energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme, log=log)
+        hooks.project()
+        return hooks
 
     def target_energy(self, model: nn.Module, ctx: CompressionContext, steps: int = 14) -> float:
         """Largest energy whose factorisation of ``model`` reaches the target reduction."""

@@ -113,43 +113,69 @@ def test_ranks_shrink_as_energy_drops() -> None:
 def test_projection_sets_rank_to_energy_rank(scheme: str) -> None:
     torch.manual_seed(2)
     model = Tiny()
-    hooks = _hooks(model, scheme=scheme, period=3, energy=0.8)
-    assert set(hooks.convs) == {"conv1", "conv2"}  # not the stem, not the 1x1 conv
+    convs = {"conv1": model.conv1, "conv2": model.conv2}  # not the stem, not the 1x1 conv
     before = {
         n: energy_rank(torch.linalg.svdvals(to_matrix(c.weight.detach().double(), scheme)), 0.8)
-        for n, c in hooks.convs.items()
+        for n, c in convs.items()
     }
+    hooks = _hooks(model, scheme=scheme, period=3, energy=0.8)  # the first step is a projection step
+    assert set(hooks.convs) == set(convs) and hooks.projections == 1 and hooks.ranks == before
+    for n, c in hooks.convs.items():
+        m = to_matrix(c.weight.detach().double(), scheme)
+        assert int(torch.linalg.matrix_rank(m, rtol=1e-5)) == before[n] < min(m.shape)
+    with torch.no_grad():
+        for c in hooks.convs.values():
+            c.weight.add_(0.01 * torch.randn_like(c.weight))  # an optimiser step leaves the low-rank set
     w0 = {n: c.weight.detach().clone() for n, c in hooks.convs.items()}
     hooks.after_step(model, 0)
     hooks.after_step(model, 1)
     assert all(torch.equal(c.weight, w0[n]) for n, c in hooks.convs.items())  # not yet
-    hooks.after_step(model, 2)  # third step: project
-    assert hooks.ranks == before
+    hooks.after_step(model, 2)  # every third step: project
+    assert hooks.projections == 2
     for n, c in hooks.convs.items():
         m = to_matrix(c.weight.detach().double(), scheme)
-        assert int(torch.linalg.matrix_rank(m, rtol=1e-5)) == before[n] < min(m.shape)
+        assert int(torch.linalg.matrix_rank(m, rtol=1e-5)) == hooks.ranks[n]
 
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
-def test_after_backward_adds_nuclear_subgradient(scheme: str) -> None:
+def test_nuclear_subgradient_is_the_energy_truncated_uv_of_the_projected_weight(scheme: str) -> None:
     torch.manual_seed(3)
     model = Tiny()
-    lam = 0.01
-    hooks = _hooks(model, scheme=scheme, nuclear=lam)
+    lam, energy = 0.01, 0.7
     conv = model.conv2
+    m = to_matrix(conv.weight.detach().double(), scheme)
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    r = energy_rank(sv, energy)
+    expected = from_matrix(u[:, :r] @ vh[:r], conv.weight.shape, scheme)  # U_r V_r^T before projecting
+    hooks = _hooks(model, scheme=scheme, nuclear=lam, energy=energy, period=1)
     g0 = torch.randn_like(conv.weight)
     conv.weight.grad = g0.clone()
     model.conv1.weight.grad = None
     hooks.after_backward(model, 0)
-    u, _, vh = torch.linalg.svd(to_matrix(conv.weight.detach().double(), scheme), full_matrices=False)
-    expected = from_matrix(u @ vh, conv.weight.shape, scheme)
     torch.testing.assert_close((conv.weight.grad - g0).double(), lam * expected, rtol=0, atol=1e-6)
     assert model.conv1.weight.grad is not None  # a missing gradient becomes the sub-gradient
     assert model.stem.weight.grad is None and model.pw.weight.grad is None
-    hooks0 = _hooks(model, scheme=scheme, nuclear=0.0)
     g1 = conv.weight.grad.clone()
+    hooks.after_backward(model, 0)  # no projection since: no sub-gradient
+    assert torch.equal(conv.weight.grad, g1)
+    hooks0 = _hooks(model, scheme=scheme, nuclear=0.0)
     hooks0.after_backward(model, 0)
     assert torch.equal(conv.weight.grad, g1)
+
+
+def test_subgradient_only_on_projection_steps() -> None:
+    torch.manual_seed(13)
+    model = Tiny()
+    hooks = _hooks(model, period=3, nuclear=0.1)
+    added = []
+    for step in range(9):
+        for c in hooks.convs.values():
+            c.weight.grad = torch.zeros_like(c.weight)
+        hooks.after_backward(model, step)
+        added.append(any(bool(c.weight.grad.abs().sum() > 0) for c in hooks.convs.values()))
+        hooks.after_step(model, step)
+    assert added == [True, False, False] * 3  # steps 0, 3, 6 begin with a projection
+    assert hooks.subgradient_steps == 3 and hooks.projections == 4
 
 
 def _train(model: nn.Module, hooks: TRPHooks | None, steps: int = 30) -> None:
@@ -183,7 +209,7 @@ def test_hooked_training_lowers_energy_ranks(scheme: str) -> None:
     hooks = crit.training_hooks(hooked, ctx)
     _train(plain, None)
     _train(hooked, hooks)
-    assert hooks.steps == 30 and hooks.projections == 6 and messages
+    assert hooks.steps == 30 and hooks.projections == 7 and hooks.subgradient_steps == 6 and messages
     ranks_plain = [trp_rank(plain.get_submodule(n), 0.9, scheme) for n in hooks.convs]
     ranks_hooked = [trp_rank(hooked.get_submodule(n), 0.9, scheme) for n in hooks.convs]
     assert all(h <= p for h, p in zip(ranks_hooked, ranks_plain, strict=True)), (ranks_hooked, ranks_plain)
@@ -209,8 +235,9 @@ def test_transform_targets_and_skips() -> None:
     x = torch.randn(1, 3, 16, 16)
     ctx = make_ctx(model, x)
     assert TRP().transform(copy.deepcopy(model), 1.0, ctx) == []  # full rank never pays off
+    assert TRP().training_targets(model) == ["conv1", "conv2"]
     steps = TRP().transform(model, 0.5, ctx)
-    assert [s["module"] for s in steps] == ["conv1", "conv2"]
+    assert [s["module"] for s in steps] == ["conv2"]  # conv1 has stride 2: never split
     assert all(s["criterion"] == "trp" and s["spec"]["scheme"] == "channel" for s in steps)
     assert isinstance(model.stem, nn.Conv2d) and isinstance(model.pw, nn.Conv2d)
     assert ctx.reduction(model) > 0
@@ -244,7 +271,7 @@ def test_round_trip_through_plan_and_state_dict(scheme: str) -> None:
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     steps = TRP.from_kwargs(scheme=scheme).transform(model, 0.6, make_ctx(model, x))
-    assert len(steps) == 18  # every 3x3 conv but the stem
+    assert len(steps) == 16  # every 3x3 conv but the stem and the two strided ones
     with torch.no_grad():
         expected = model(x)
     buf = io.BytesIO()
@@ -312,7 +339,7 @@ def test_knob_and_defaults() -> None:
     assert TRP().describe() == {
         "energy": 0.9,
         "nuclear": 3e-4,
-        "period": 20,
+        "period": 1,
         "scheme": "channel",
         "train_fraction": 0.5,
         "match_target": False,
