@@ -279,3 +279,33 @@ def test_resnets_end_to_end_with_scope_all_and_a_save_load_round_trip(depth, tmp
     with torch.no_grad():
         assert torch.equal(loaded.eval()(images), model.eval()(images))
     assert count_macs(loaded, ctx.example_inputs) == count_macs(model, ctx.example_inputs)
+
+
+@pytest.mark.parametrize("criterion, params", [
+    ("hbgs", {}), ("hbgs-b", {}), ("hbgts", {"lazy": True}), ("hbgts-b", {"lazy": True, "output": "last_bn"}),
+])
+def test_allocate_criteria_run_with_scope_all(criterion, params):
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    model = _resnet()
+    ctx, meter = _ctx(model, _all_layers(model), Target("macs", 0.4), images)
+    messages = []
+    ctx.log = messages.append
+    result = compress(registry.criteria.get(criterion).from_kwargs(**params), model, ctx, meter)
+    assert meter.within(result.achieved)
+    assert model(images[:2]).shape == (2, 10)
+    fresh = _resnet()
+    replay(fresh, ctx.example_inputs, result.plan)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(images), model.eval()(images), atol=1e-5)
+    assert "widths" in messages[-1]
+
+
+@pytest.mark.parametrize("criterion", ["ht2", "trp"])
+def test_transform_criteria_run_on_the_same_setup(criterion):
+    """Transform criteria factorise layers and ignore the pruning scope; they run all the same."""
+    images = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    model = _resnet()
+    ctx, meter = _ctx(model, _all_layers(model), Target("macs", 0.4, 0.02), images)
+    result = compress(registry.criteria.get(criterion).from_kwargs(), model, ctx, meter)
+    assert meter.within(result.achieved)
