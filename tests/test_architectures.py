@@ -226,3 +226,39 @@ def test_prune_30_percent_of_prunable_convs(name: str) -> None:
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert count_macs(model, x) < 0.9 * macs_before
+
+
+SCOPES = [(n, s) for n in sorted(ARCHS) for s in ARCHS[n].scope_names()]
+
+
+@pytest.mark.parametrize("name, scope", SCOPES)
+def test_every_scope_lists_distinct_convs(name: str, scope: str) -> None:
+    arch = ARCHS[name]
+    with torch.device("meta"):
+        model = arch.build(num_classes=7)
+    mods = dict(model.named_modules())
+    layers = arch.prunable_layers(model, scope)
+    assert layers and len(set(layers)) == len(layers)
+    assert all(isinstance(mods[n], nn.Conv2d) for n in layers)
+    assert not set(layers) & set(arch.protected(model))
+    assert set(arch.prunable(model)) <= set(arch.prunable_layers(model, arch.scope_names()[-1]))
+
+
+@pytest.mark.parametrize("name, scope", [(n, s) for n, s in SCOPES if n in CIFAR or n == "tv_resnet18"])
+def test_every_scope_prunes_through_the_harness_surgery(name: str, scope: str) -> None:
+    from prunebench.surgery import prune_kept, pruning_units
+
+    arch = ARCHS[name]
+    torch.manual_seed(0)
+    model = arch.build(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    units = pruning_units(model, x[:1], arch.prunable_layers(model, scope))
+    kept = {u.root: torch.arange(u.channels - int(0.3 * u.channels)) for u in units}
+    macs = count_macs(model, x[:1])
+    prune_kept(model, x[:1], kept)
+    with torch.no_grad():
+        assert model(x).shape == (2, 10)
+    assert count_macs(model, x[:1]) < macs
+    for u in units:
+        for member in u.members:
+            assert model.get_submodule(member).out_channels == len(kept[u.root])

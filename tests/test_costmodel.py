@@ -38,6 +38,14 @@ def test_cost_model_is_exact(arch_name, metric):
     check_exact(model, torch.zeros(1, 1, 8, 8), arch.prunable(model), metric)
 
 
+@pytest.mark.parametrize("arch_name", ["resnet20", "resnet18"])
+@pytest.mark.parametrize("metric", ["macs", "params"])
+def test_cost_model_is_exact_with_residual_units(arch_name, metric):
+    arch = registry.architectures.get(arch_name)
+    model = arch.build(num_classes=10, in_channels=1)
+    check_exact(model, torch.zeros(1, 1, 8, 8), arch.prunable_layers(model, "all"), metric, seed=1)
+
+
 @pytest.mark.parametrize("metric", ["macs", "params"])
 def test_cost_model_with_coupled_and_depthwise_layers(metric):
     model = TinyNet()
