@@ -447,9 +447,15 @@ def test_layer_error_equals_its_definition_on_explicit_outputs():
         assert state.layer_error(b) == pytest.approx(direct, rel=1e-9)
 
 
-def test_hbgs_grams_follow_the_pruned_network_upstream():
-    """After a move upstream, a later unit's Grams are those of the working copy's actual outputs."""
+@pytest.mark.parametrize("cache", [True, False])
+def test_hbgs_grams_follow_the_pruned_network_upstream(cache, monkeypatch):
+    """After a move upstream, a later unit's Grams are those of the working copy's actual outputs
+    (with the unpruned network's outputs kept in memory, or recomputed after every move)."""
+    import prunebench.criteria.hbgs.search as search_mod
     from prunebench.criteria.hbgs.search import Search
+
+    if not cache:
+        monkeypatch.setattr(search_mod, "REFERENCE_CACHE_BYTES", 0)
 
     torch.manual_seed(9)
     model = SmallCNN().eval()
@@ -458,6 +464,7 @@ def test_hbgs_grams_follow_the_pruned_network_upstream():
     search = Search(HBGS().params, "layer", "hbgs", model, ctx)
     search.steps, search.scores = 0, {}
     search.build_units()
+    assert (search.reference_outputs is not None) == cache
     before = search.units["conv3"].C.clone()
     search.apply("conv1", 5)
     y: dict[str, list[torch.Tensor]] = {"cur": [], "org": []}

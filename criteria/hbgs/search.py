@@ -41,6 +41,9 @@ __all__ = ["Search"]
 
 #: calibration images per forward chunk of the search (bounds the memory of captured outputs)
 CHUNK = 32
+#: HBGS keeps the unpruned network's conv outputs in memory up to this size (bytes); above
+#: it, they are recomputed by a suffix forward of the unpruned network after every move
+REFERENCE_CACHE_BYTES = 3 << 29
 
 
 class _MaskHooks(TrainingHooks):
@@ -185,10 +188,20 @@ class Search:
     @torch.no_grad()
     def _init_grams(self) -> None:
         self.A = {m: 0.0 for ms in self.members.values() for m in ms}
+        cache: list[dict[str, Tensor]] | None = [{} for _ in self.chunks]
+        size = 0
+        ci = 0
 
         def grab(m: str, out: Tensor) -> None:
+            nonlocal cache, size
             y = _flat(out)
             self.A[m] = self.A[m] + (y @ y.T).double().cpu()
+            if cache is not None:
+                size += y.numel() * y.element_size()
+                if size > REFERENCE_CACHE_BYTES:
+                    cache = None  # too large: recompute after every move instead
+                else:
+                    cache[ci][m] = y
 
         handles = self._hooks(self.reference.work, grab)
         try:
@@ -197,6 +210,7 @@ class Search:
         finally:
             for h in handles:
                 h.remove()
+        self.reference_outputs = cache
         self.Bm: dict[str, Tensor] = {}
         self.Cm: dict[str, Tensor] = {}
         self._refresh_grams(0, record=True)
@@ -214,20 +228,25 @@ class Search:
             ref_out[m] = _flat(out)
 
         def grab_cur(m: str, out: Tensor) -> None:
-            yc, yo = _flat(out), ref_out.pop(m)
+            yc, yo = _flat(out), ref_out[m]
             newB[m] = newB.get(m, 0.0) + (yc @ yo.T).double().cpu()
             newC[m] = newC.get(m, 0.0) + (yc @ yc.T).double().cpu()
 
-        ref_handles = self._hooks(self.reference.work, grab_ref)
+        cached = self.reference_outputs
+        ref_handles = [] if cached is not None else self._hooks(self.reference.work, grab_ref)
         cur_handles = self._hooks(self.work.model, grab_cur)
         try:
             for ci in range(len(self.chunks)):
-                self.reference.run_chunk(ci, start, record=False)
-                self.runner.run_chunk(ci, start, record=record)
                 ref_out.clear()
+                if cached is not None:
+                    ref_out.update(cached[ci])
+                else:
+                    self.reference.run_chunk(ci, start, record=False)
+                self.runner.run_chunk(ci, start, record=record)
         finally:
             for h in ref_handles + cur_handles:
                 h.remove()
+        ref_out.clear()
         self.Bm.update(newB)
         self.Cm.update(newC)
         for n, U in self.units.items():
