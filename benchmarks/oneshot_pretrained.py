@@ -46,7 +46,6 @@ CRITERIA: list[tuple[str, list[tuple[str, dict]]]] = [
     ("HBGS (omp)", [("hbgs", {"selector": "omp"})]),
     ("HBGS-B (backward)", [("hbgs-b", {}), ("hbgs", {"selector": "backward"})]),
     ("HBGTS (omp, lazy)", [("hbgts", {"selector": "omp", "lazy": True})]),
-    ("HBGTS-B (backward, lazy)", [("hbgts-b", {"lazy": True}), ("hbgts", {"selector": "backward", "lazy": True})]),
     ("ht2", [("ht2", {})]),
     ("trp one-shot", [("trp", {})]),
 ]

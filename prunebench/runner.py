@@ -136,7 +136,8 @@ class RunConfig:
             "shot_epochs": self.shot_epochs,
             "baseline_file": str(self.baseline) if self.baseline else None,
         }
-        if self.scope is not None:  # only when given, so the ids of default-scope runs stay what they were
+        if self.scope is not None and self.scope != _default_scope(self.arch):
+            # only when not the architecture's default, so the ids of default-scope runs stay what they were
             identity["scope"] = self.scope
         if self.scratch:  # only when set, so the ids of all other runs stay what they were
             identity.update(criterion="scratch", scratch=True, architecture_from=self.criterion)
@@ -174,6 +175,13 @@ def plugin_providers(cfg: RunConfig) -> dict[str, str]:
         if dist is not None:
             out[kind] = dist
     return out
+
+
+def _default_scope(arch: str) -> str | None:
+    try:
+        return registry.architectures.get(arch).default_scope
+    except Exception:  # noqa: BLE001 - an unknown architecture fails later, with its own message
+        return None
 
 
 def resolve_device(name: str) -> torch.device:

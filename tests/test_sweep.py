@@ -144,6 +144,9 @@ def test_scope_key_reaches_every_run_and_its_id(tmp_path):
     assert not set(dry_run_ids(tmp_path / "a.toml", tmp_path / "r")) & set(dry_run_ids(tmp_path / "b.toml", tmp_path / "r"))
     res = invoke("sweep", tmp_path / "b.toml", "--dry-run", "--results-dir", tmp_path / "r")
     assert "scope: all" in res.stdout
+    # naming the default scope is the same run as naming none
+    assert dry_run_ids(write_config(tmp_path / "c.toml", scope="inner"), tmp_path / "r") == dry_run_ids(
+        tmp_path / "a.toml", tmp_path / "r")
 
 
 def test_named_layer_ratio_profile_in_a_sweep(tmp_path):
