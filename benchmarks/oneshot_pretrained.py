@@ -45,7 +45,9 @@ CRITERIA: list[tuple[str, list[tuple[str, dict]]]] = [
     ("qsfm no-comp", [("qsfm", {"compensation": False})]),
     ("HBGS (omp)", [("hbgs", {"selector": "omp"})]),
     ("HBGS-B (backward)", [("hbgs-b", {}), ("hbgs", {"selector": "backward"})]),
+    ("HBGS (omp, one order)", [("hbgs", {"selector": "omp", "reselect": False})]),
     ("HBGTS (omp, lazy)", [("hbgts", {"selector": "omp", "lazy": True})]),
+    ("HBGTS (omp, lazy, one order)", [("hbgts", {"selector": "omp", "lazy": True, "reselect": False})]),
     ("ht2", [("ht2", {})]),
     ("trp one-shot", [("trp", {})]),
 ]

@@ -496,3 +496,27 @@ def test_hbgts_outputs(output):
     check_allocation(model, ctx, kept)
     with pytest.raises(ConfigError, match="Did you mean 'last_bn'"):
         HBGTS.from_kwargs(output="last_nb")
+
+
+def test_without_reselect_one_order_and_a_direct_fit():
+    from prunebench.criteria._selection import SELECTORS, filter_gram, ls_coefficients, ridge_value
+    from prunebench.criteria.hbgs.layer import UnitState
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 5, 3, 3, generator=g, dtype=torch.float64)
+    w[6] = 0.9 * w[2] + 0.1 * w[3]
+    H = filter_gram(w)
+    lam = ridge_value(H, 1e-4)
+    once = SELECTORS["backward"][0](H, 10, lam, pool=torch.arange(12), targets=torch.arange(12))
+    state = UnitState("c", ("c",), 12, 10, H, lam, fold=True, drop_order=SELECTORS["backward"][0], reselect=False)
+    for _ in range(3):
+        state.apply(2)
+    assert state.removed_set().tolist() == sorted(once[:6].tolist())
+    removed, kept, coeffs = state.coefficients()
+    torch.testing.assert_close(coeffs, ls_coefficients(H, kept, removed, lam))
+    # the search with reselect off runs end to end too
+    torch.manual_seed(11)
+    model = SmallCNN().eval()
+    randomise_bn(model)
+    ctx = make_ctx(model, 0.3)
+    check_allocation(model, ctx, HBGTS.from_kwargs(reselect=False, lazy=True).allocate(model, ctx))

@@ -50,6 +50,9 @@ def _params(default_selector: str):
         selector: str = default_selector
         #: filters a unit proposes to drop per greedy step (the authors' 5)
         block: int = 5
+        #: run the selector again on the remaining filters after every move (the authors' code);
+        #: false: one drop order per unit with all its filters as targets (see the docs)
+        reselect: bool = True
         #: ridge of the least-squares fits, relative to the mean squared filter norm
         ridge: float = 1e-4
         #: fold the dropped filters into the consumers through the least-squares coefficients
@@ -69,6 +72,8 @@ def _params(default_selector: str):
                     f"unknown hbgs selector {self.selector!r}.{suggest(self.selector, SELECTORS)} "
                     f"Available: {', '.join(sorted(SELECTORS))}"
                 )
+            if not isinstance(self.reselect, bool):
+                raise ConfigError(f"hbgs reselect must be true or false, got {self.reselect!r}")
             if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
                 raise ConfigError(f"hbgs block must be an integer >= 1, got {self.block!r}")
             if not self.ridge >= 0:

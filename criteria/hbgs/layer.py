@@ -1,15 +1,18 @@
 """The lower level of the search: one unit's filters, which of them go next, and at what error.
 
 A unit's state is its current *pool* (the filters it still keeps) and the drop order of the
-pool from the selector (:mod:`prunebench.criteria._selection`), computed on the pool's own
-filters as targets. After every move the selector runs again on the filters that remain, as
-in the authors' code, so a move never depends on filters already gone.
+pool from the selector (:mod:`prunebench.criteria._selection`). With ``reselect`` (the
+default, as in the authors' code) the selector runs again after every move, on the filters
+that remain and with them as the targets, so a move never depends on filters already gone.
+Without it, one drop order is computed when the state is built, with every filter of the
+pool as a target, and the moves take its next filters.
 
 Every original channel ``d`` of the unit is represented by a combination of the kept ones,
-``y_d ≈ Σ_k T[d, k] y_k`` (``T`` is the identity on the kept channels). A move that drops
-``D`` from the pool, keeping ``S``, with least-squares coefficients ``C`` (``a_D ≈ C a_S``)
-updates ``T[:, S] += T[:, D] C``: the chain of fits the authors' per-move compensation
-builds. A unit that cannot be folded (a residual group) keeps ``T`` a selection: a dropped
+``y_d ≈ Σ_k T[d, k] y_k`` (``T`` is the identity on the kept channels). With ``reselect`` a
+move that drops ``D`` from the pool, keeping ``S``, with least-squares coefficients ``C``
+(``a_D ≈ C a_S``) updates ``T[:, S] += T[:, D] C``: the chain of fits the authors' per-move
+compensation builds. Without it, the dropped filters are fitted directly from the final kept
+ones. A unit that cannot be folded (a residual group) keeps ``T`` a selection: a dropped
 channel is simply gone.
 """
 
@@ -36,6 +39,7 @@ class UnitState:
     lam: float
     fold: bool  # accumulate least-squares coefficients (compensation) or drop channels plainly
     drop_order: Callable[..., Tensor]  # the selector: (H, n_drop, lam, pool=, targets=) -> order
+    reselect: bool = True  # run the selector again after every move (the authors) or once
     pool: Tensor = field(default=None)  # kept filters (ascending)
     order: Tensor = field(default=None)  # the selector's drop order of the pool
     T: Tensor = field(default=None)  # N x N; columns of kept channels are meaningful
@@ -51,6 +55,8 @@ class UnitState:
             self.pool = torch.arange(self.n_out)
         if self.T is None:
             self.T = torch.eye(self.n_out, dtype=torch.float64)
+        self.start_pool = self.pool  # the pool when the state was built
+        self._once: Tensor | None = None
         if self.order is None:
             self.reorder()
 
@@ -63,9 +69,17 @@ class UnitState:
         return max(min(self.n_max - self.removed, int(self.order.numel())), 0)
 
     def reorder(self) -> None:
-        """Run the selector on the current pool, with the pool's own filters as targets."""
+        """The drop order of the current pool: the selector run on the pool, with the pool's own
+        filters as targets (``reselect``), or what is left of the order computed once."""
         n_drop = max(min(self.n_max - self.removed, int(self.pool.numel()) - 1), 0)
-        self.order = self.drop_order(self.H, n_drop, self.lam, pool=self.pool, targets=self.pool)
+        if self.reselect:
+            self.order = self.drop_order(self.H, n_drop, self.lam, pool=self.pool, targets=self.pool)
+        else:
+            if self._once is None:
+                self._once = self.drop_order(self.H, n_drop, self.lam, pool=self.pool, targets=self.pool)
+            keep = torch.zeros(self.n_out, dtype=torch.bool)
+            keep[self.pool] = True
+            self.order = self._once[keep[self._once]]
         self._cand = {}
 
     def drop_set(self, b: int) -> Tensor:
@@ -91,15 +105,24 @@ class UnitState:
             return self.T[:, self.pool]
         if b not in self._cand:
             S, D = self.kept(b), self.drop_set(b)
-            M = self.T[:, S].clone()
-            if self.fold:
-                coeffs = ls_coefficients(self.H, S, D, self.lam)  # [|D|, |S|]
-                M += self.T[:, D] @ coeffs
+            if self.reselect:
+                M = self.T[:, S].clone()
+                if self.fold:
+                    M += self.T[:, D] @ ls_coefficients(self.H, S, D, self.lam)  # [|D|, |S|]
+            else:  # the filters dropped since the state was built, fitted directly from the kept ones
+                M = torch.eye(self.n_out, dtype=torch.float64)[:, S]
+                gone = torch.ones(self.n_out, dtype=torch.bool)
+                gone[S] = False
+                inside = torch.zeros(self.n_out, dtype=torch.bool)
+                inside[self.start_pool] = True
+                R = torch.nonzero(gone & inside).reshape(-1)
+                if self.fold and R.numel():
+                    M[R] = ls_coefficients(self.H, S, R, self.lam)
             self._cand[b] = M
         return self._cand[b]
 
     def apply(self, b: int) -> None:
-        """Drop the next ``b`` filters and run the selector again on the rest."""
+        """Drop the next ``b`` filters (and, with ``reselect``, run the selector again on the rest)."""
         M = self.combination(b)
         S = self.kept(b)
         T = torch.zeros_like(self.T)
@@ -107,11 +130,6 @@ class UnitState:
         self.T, self.pool = T, S
         self.reorder()
 
-    def reset(self, pool: Tensor) -> None:
-        """Restart from ``pool`` as the full state (after the drops were committed to the model)."""
-        self.pool = pool
-        self.T = torch.eye(self.n_out, dtype=torch.float64)
-        self.reorder()
 
     def coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(removed, kept, T[removed, kept])``: every removed channel from the kept ones."""

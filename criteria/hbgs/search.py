@@ -153,7 +153,8 @@ class Search:
             try:
                 self.units[name] = UnitState(
                     name, members, n, n_max, H, ridge_value(H, self.p.ridge),
-                    fold=self.p.compensation and self.links[name].foldable, drop_order=drop_order, pool=pool,
+                    fold=self.p.compensation and self.links[name].foldable, drop_order=drop_order,
+                    reselect=self.p.reselect, pool=pool,
                 )
             except ValueError as err:
                 raise ConfigError(f"{self.label} cannot rank the filters of layer {name!r}: {err}") from None
@@ -316,10 +317,12 @@ class Search:
         self.cur_err = self._err(self._outputs(0, record=True))
 
     def _err(self, out: list[Tensor]) -> float:
+        """``‖Z − Z₀‖² / ‖Z₀‖²``: the square of the authors' relative norm. It ranks candidates the
+        same way, and the lazy greedy's increments are those of the squared error."""
         if self.z0_norm <= 0:
             return 0.0
         sq = float(sum(((z - z0) ** 2).sum() for z, z0 in zip(out, self.z0, strict=True)))
-        return (sq / self.z0_norm) ** 0.5
+        return sq / self.z0_norm
 
     def output_error(self, n: str, b: int) -> float:
         self.work.show(n, b)
