@@ -90,3 +90,22 @@ def test_the_committed_leaderboard_records_follow_the_current_id_rule():
 
     changes = plan(REPO / "leaderboard" / "records")
     assert changes and {c.action for c in changes} == {"current"}, [c.line() for c in changes if c.action != "current"]
+
+
+def test_a_record_describes_its_scope_precision_and_pretrained_baseline():
+    """What `records migrate` reads back from a record is the run that wrote it."""
+    import dataclasses
+
+    from prunebench.migrate import config_from_record
+    from prunebench.runner import PRETRAINED
+
+    cfg = RunConfig(criterion="l1", arch="resnet56", dataset="cifar10-jpeg", budget=get_budget("cpu-pretrained"),
+                    scope="all", precision="bf16", baseline=PRETRAINED)
+    identity = cfg.identity()
+    rec = {"criterion": "l1", "arch": "resnet56", "dataset": "cifar10-jpeg", "budget": cfg.budget_fields(),
+           "target": dataclasses.asdict(cfg.target), "seed": 0, "criterion_params": identity["criterion_params"],
+           "scope": "all", "precision": "bf16", "baseline_info": {"source": "pretrained"}}
+    assert config_from_record(rec).identity() == identity
+    old = {k: v for k, v in rec.items() if k not in ("scope", "precision")}  # written before either existed
+    assert config_from_record({**old, "baseline_info": {"source": "trained"}}).identity() == \
+        dataclasses.replace(cfg, scope=None, precision="fp32", baseline=None).identity()
