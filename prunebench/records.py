@@ -168,8 +168,6 @@ def load_records(directory: Path) -> Iterator[dict[str, Any]]:
 
 
 def is_complete(path: Path) -> bool:
-    try:
-        with open(path) as f:
-            return json.load(f).get("status") == "complete"
-    except (OSError, json.JSONDecodeError):
-        return False
+    """Does ``path`` hold a complete record? (False for anything unreadable or no record.)"""
+    rec = read_record(path)
+    return isinstance(rec, dict) and rec.get("status") == "complete"

@@ -11,7 +11,8 @@ compressed model of a complete run) and ``attempts/<run_id>/`` (the history). Th
   ``attempts/<run_id>/`` instead, and the complete record and its model stay as they were
   (:func:`commit`).
 * A record that is replaced (by a newer complete run, or a failed one by a newer attempt)
-  is first copied to ``attempts/<run_id>/``, so the history of a run is never lost.
+  is first copied to ``attempts/<run_id>/``, so the history of a run is never lost; so is a
+  file in the record's place that is no usable record (``unusable-<n>.json``).
 * A complete run's model and record are written in full to temporary files first; only
   then are they moved into place, model first, record last, with Ctrl-C held back between
   the two renames. A full disk or a failing write therefore changes nothing in the results
@@ -82,11 +83,26 @@ def archive(results: Path, rid: str, record: Mapping[str, Any], note: str | None
 
 
 def _previous(results: Path, rid: str) -> dict[str, Any] | None:
+    """The run's current record; a file there that is no usable record (truncated, edited,
+    another schema) is first copied, byte for byte, to ``attempts/<run_id>/`` as
+    ``unusable-<n>.json``, so that replacing it loses nothing."""
     path = record_path(results, rid)
     if not path.exists():
         return None
     rec = read_record(path)
-    return rec if isinstance(rec, dict) else None
+    if isinstance(rec, dict):
+        return rec
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    folder = attempts_dir(results, rid)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while (folder / f"unusable-{n}.json").exists():
+        n += 1
+    os.replace(staged(folder / f"unusable-{n}.json", lambda f: f.write(raw)), folder / f"unusable-{n}.json")
+    return None
 
 
 def commit(results: Path, rid: str, record: dict[str, Any], model: Mapping[str, Any] | None,

@@ -145,6 +145,19 @@ def test_a_failed_record_is_kept_in_the_history_when_a_later_attempt_replaces_it
     assert [a["status"] for a in attempts(results)] == ["failed"]
 
 
+@pytest.mark.parametrize("garbage", [b'{"schema": "prunebench-result/1", "status": "compl', b"[1, 2]", b"\xff\xfe"])
+def test_a_file_in_the_records_place_that_is_no_record_is_kept_before_a_run_replaces_it(tmp_path, garbage):
+    results = tmp_path / "r"
+    assert invoke(*run_args(results)).exit_code == 0
+    (path,) = results.glob("*.json")
+    path.write_bytes(garbage)  # truncated, or no record at all
+    res = invoke(*run_args(results))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    (complete,) = records(results).values()
+    assert complete["status"] == "complete"
+    assert (results / "attempts" / path.stem / "unusable-1.json").read_bytes() == garbage
+
+
 @pytest.mark.parametrize("where", ["a file", "inside a file"])
 def test_an_unusable_results_dir_is_reported_before_any_work(tmp_path, monkeypatch, where):
     (tmp_path / "taken").write_text("not a directory\n")
