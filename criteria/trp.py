@@ -303,8 +303,10 @@ class TRP(TransformCriterion):
         #: fine-tunes the factorised model (0.5 measured best under short budgets: docs/criteria/trp.md).
         train_fraction: float = 0.5
         #: Project during training at the energy whose factorisation meets the run's target
-        #: (found by bisection on the model before training), when that is below ``energy``:
-        #: the harness fixes the compression, so training should aim at the rank it will get.
+        #: (found by bisection on the model before training) instead of ``energy``. Without it,
+        #: training projects at ``energy``, raised to the target's energy where the target needs
+        #: a higher one: every step is projected (period 1), so training at a lower energy would
+        #: leave only ranks that remove more than the target asks.
         match_target: bool = False
 
         def __post_init__(self) -> None:
@@ -348,9 +350,10 @@ class TRP(TransformCriterion):
         convs = {n: model.get_submodule(n) for n in self.training_targets(model)}
         log = ctx.log if ctx is not None else None
         energy = p.energy
-        if p.match_target and ctx is not None:
-            energy = min(energy, self.target_energy(model, ctx))
-            if log is not None:
+        if ctx is not None:
+            needed = self.target_energy(model, ctx)
+            energy = needed if p.match_target else max(energy, needed)
+            if log is not None and energy != p.energy:
                 log(f"trp: projecting at energy {energy:.4f} during training (meets the target)")
         self.train_energy = energy
         hooks = TRPHooks(convs, energy=energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme, log=log)
