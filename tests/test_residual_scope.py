@@ -46,6 +46,17 @@ def _random_kept(units, seed: int, low: float = 0.3) -> dict[str, torch.Tensor]:
     return kept
 
 
+
+def _assert_met_and_replayable(model, ctx, meter, result, images) -> None:
+    """The target is met, and the plan replayed on a fresh network gives the same outputs."""
+    assert meter.within(result.achieved)
+    assert model(images[:2]).shape == (2, 10)
+    fresh = _resnet()
+    replay(fresh, ctx.example_inputs, result.plan)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(images), model.eval()(images), atol=1e-5)
+
 def test_all_scope_forms_one_unit_per_stage():
     model = _resnet()
     units = pruning_units(model, torch.zeros(1, 3, 8, 8), _all_layers(model))
@@ -217,13 +228,7 @@ def test_every_score_criterion_and_allocation_runs_with_scope_all(criterion, all
     profile = {n: (0.5 if n.endswith("conv1") else 0.25) for n in layers if n != "conv1"}
     result = compress(registry.criteria.get(criterion).from_kwargs(), model, ctx, meter,
                       allocation=allocation, profile=profile if allocation == "profile" else None)
-    assert meter.within(result.achieved)
-    assert model(images[:2]).shape == (2, 10)
-    fresh = _resnet()
-    replay(fresh, ctx.example_inputs, result.plan)
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        assert torch.allclose(fresh.eval()(images), model.eval()(images), atol=1e-5)
+    _assert_met_and_replayable(model, ctx, meter, result, images)
 
 
 def test_k_shot_runs_with_scope_all():
@@ -291,13 +296,7 @@ def test_allocate_criteria_run_with_scope_all(criterion, params):
     messages = []
     ctx.log = messages.append
     result = compress(registry.criteria.get(criterion).from_kwargs(**params), model, ctx, meter)
-    assert meter.within(result.achieved)
-    assert model(images[:2]).shape == (2, 10)
-    fresh = _resnet()
-    replay(fresh, ctx.example_inputs, result.plan)
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        assert torch.allclose(fresh.eval()(images), model.eval()(images), atol=1e-5)
+    _assert_met_and_replayable(model, ctx, meter, result, images)
     assert "widths" in messages[-1]
 
 
