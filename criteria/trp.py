@@ -184,9 +184,11 @@ class TRPHooks(TrainingHooks):
         nuclear: float,
         period: int,
         scheme: str,
+        min_ranks: Mapping[str, int] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.convs = dict(convs)
+        self.min_ranks = dict(min_ranks or {})  # floors under the energy rank (a run's target)
         self.energy = check_energy(energy, "trp energy")
         self.nuclear = float(nuclear)
         self.period = int(period)
@@ -236,7 +238,8 @@ class TRPHooks(TrainingHooks):
 
     @torch.no_grad()
     def project(self) -> dict[str, int]:
-        """Replace every weight by its truncated SVD at the energy rank; returns the ranks.
+        """Replace every weight by its truncated SVD at the energy rank (never below its
+        ``min_ranks`` floor); returns the ranks.
 
         Also prepares the sub-gradient ``U_r V_r^T`` of the replaced weights for the next
         ``after_backward``.
@@ -245,7 +248,7 @@ class TRPHooks(TrainingHooks):
         for names, weights, spec in self._spectra():
             values = spec.values.cpu()
             for i, (name, w) in enumerate(zip(names, weights, strict=True)):
-                r = energy_rank(values[i], self.energy)
+                r = min(max(energy_rank(values[i], self.energy), self.min_ranks.get(name, 0)), len(values[i]))
                 basis, mat, s = spec.basis[i, :, :r], spec.matrix[i], spec.values[i, :r]
                 # U_r V_r^T, leaving out directions with a (numerically) zero singular value
                 inv = torch.where(s > s[:1] * _ZERO, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
@@ -303,10 +306,10 @@ class TRP(TransformCriterion):
         #: fine-tunes the factorised model (0.5 measured best under short budgets: docs/criteria/trp.md).
         train_fraction: float = 0.5
         #: Project during training at the energy whose factorisation meets the run's target
-        #: (found by bisection on the model before training) instead of ``energy``. Without it,
-        #: training projects at ``energy``, raised to the target's energy where the target needs
-        #: a higher one: every step is projected (period 1), so training at a lower energy would
-        #: leave only ranks that remove more than the target asks.
+        #: (found by bisection on the model before training) instead of ``energy``. Either way,
+        #: under a target no projection goes below the ranks of that factorisation: repeated
+        #: projections at a fixed energy shrink the ranks step after step, and would leave only
+        #: ranks that remove more than the target asks.
         match_target: bool = False
 
         def __post_init__(self) -> None:
@@ -349,14 +352,18 @@ class TRP(TransformCriterion):
         p = self.params
         convs = {n: model.get_submodule(n) for n in self.training_targets(model)}
         log = ctx.log if ctx is not None else None
-        energy = p.energy
+        energy, floors = p.energy, None
         if ctx is not None:
             needed = self.target_energy(model, ctx)
-            energy = needed if p.match_target else max(energy, needed)
-            if log is not None and energy != p.energy:
-                log(f"trp: projecting at energy {energy:.4f} during training (meets the target)")
-        self.train_energy = energy
-        hooks = TRPHooks(convs, energy=energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme, log=log)
+            floors = {n: trp_rank(c, needed, p.scheme) for n, c in convs.items()}
+            if p.match_target:
+                energy = needed
+            if log is not None:
+                log(f"trp: projecting at energy {energy:.4f} during training, never below the ranks of energy "
+                    f"{needed:.4f} (whose factorisation meets the target)")
+        self.train_energy, self.rank_floors = energy, floors
+        hooks = TRPHooks(convs, energy=energy, nuclear=p.nuclear, period=p.period, scheme=p.scheme,
+                         min_ranks=floors, log=log)
         hooks.project()
         return hooks
 
