@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from prunebench import checkpoints, divergence, zoo
+from prunebench import checkpoints, distributed, divergence, zoo
 from prunebench.engine import Recipe, train
 from prunebench.errors import CheckpointError
-from prunebench.locks import hold
 from prunebench.surgery import atomic_torch_save
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from prunebench.engine import DeviceData
     from prunebench.progress import Reporter
     from prunebench.runner import RunConfig
+    from prunebench.streaming import StreamData
 
 #: the seed of every adaptation fine-tune (shared by all run seeds; see the module docstring)
 ADAPT_SEED = 0
@@ -61,7 +61,7 @@ def adaptation_key(cfg: RunConfig, entry: zoo.ZooEntry, splits: DataSplits) -> s
         "dataset": cfg.dataset, "options": dict(sorted(cfg.dataset_options.items())),
         "n_train": cfg.budget.train_subset, "recipe": dataclasses.asdict(adaptation_recipe(cfg.budget)),
         "seed": ADAPT_SEED, "mean": list(entry.mean), "std": list(entry.std),
-        "version": prunebench.__version__, "shape": list(splits.train_x.shape[1:]),
+        "version": prunebench.__version__, "shape": list(splits.input_shape),
     }
     precision = cfg.resolved_precision()
     if precision != "fp32":  # fp32 adaptations keep the keys they had before precision was a choice
@@ -96,22 +96,24 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
     from prunebench.runner import evaluate, train_options
 
     rcp = adaptation_recipe(cfg.budget)
-    evaluated_on = {"test_subset": cfg.budget.test_subset, "test_images": int(data.test_x.shape[0])}
+    evaluated_on = {"test_subset": cfg.budget.test_subset, "test_images": data.n_test}
     block: dict[str, Any] = {
         "epochs": rcp.epochs, "recipe": dataclasses.asdict(rcp), "seed": ADAPT_SEED,
         "precision": cfg.resolved_precision(),
-        "train_images": int(data.train_x.shape[0]), "test_images": evaluated_on["test_images"],
+        "train_images": data.n_train, "test_images": evaluated_on["test_images"],
     }
     if rcp.epochs <= 0:
         top1 = evaluate(model, data, splits.num_classes)["top1"]
         return {**block, "top1_before": top1, "top1_after": top1, "seconds": 0.0, "key": None, "cached": False}
     key = adaptation_key(cfg, entry, splits)
     path = cache_dir() / "baselines" / f"{key}.pt"
-    with hold(f"{path}.lock"):  # one process adapts; the others wait here, then load its result
-        if path.exists():
-            cached = _load_adapted(model, path, evaluated_on, splits.num_classes, data, rep)
-            if cached is not None:
-                return cached
+    # one process (rank 0 of a multi-process run) adapts or loads; the others wait here, then use its result
+    with distributed.main_holds(f"{path}.lock"):
+        read = _read_adapted(path, model, rep) if distributed.world().main and path.exists() else None
+        found = distributed.broadcast_object(None if read is None else read[1:])
+        if found is not None:
+            return _use_adapted(model, None if read is None else read[0], *found, evaluated_on, splits.num_classes,
+                                data, rep, path)
         top1_before = evaluate(model, data, splits.num_classes)["top1"]
         rep.log(f"adapting {entry.name} ({entry.trained_on} → {cfg.dataset}): {rcp.epochs:g} epochs, "
                 f"lr {rcp.lr:g} cosine, seed {ADAPT_SEED}; top-1 before {top1_before:.2f}%")
@@ -124,23 +126,22 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
         seconds = round(time.perf_counter() - t0, 3)
         top1_after = evaluate(model, data, splits.num_classes)["top1"]
         block.update(top1_before=top1_before, top1_after=top1_after, seconds=seconds, key=key)
-        atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                           "adaptation": json.dumps(block), "evaluated_on": json.dumps(evaluated_on)}, path)
+        if distributed.world().main:
+            atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                               "adaptation": json.dumps(block), "evaluated_on": json.dumps(evaluated_on)}, path)
     rep.log(f"adapted in {seconds:.1f}s: top-1 {top1_before:.2f}% → {top1_after:.2f}%, cached at {path}")
     return {**block, "cached": False}
 
 
-def _load_adapted(model: nn.Module, path: Path, evaluated_on: dict[str, Any], num_classes: int,
-                  data: DeviceData, rep: Reporter) -> dict[str, Any] | None:
-    """The cached adaptation loaded into ``model`` (which holds the checkpoint), with its record
-    block; None, after moving the file aside to ``<name>.corrupt``, when it is unusable."""
-    from prunebench.runner import evaluate
-
+def _read_adapted(path: Path, model: nn.Module, rep: Reporter) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """(state dict, stored block, what it was evaluated on) of a cached adaptation that fits
+    ``model``; None, after
+    moving the file aside to ``<name>.corrupt``, when it is unusable."""
     what = "cached adapted baseline"
     try:
         payload = checkpoints.read(path, what)
         stored = json.loads(payload["adaptation"])
-        same_test = json.loads(payload["evaluated_on"]) == evaluated_on
+        evaluated_on = json.loads(payload["evaluated_on"])
         state = checkpoints.state_dict(payload, path, what)
         checkpoints.check_finite(state, path, what)
         checkpoints.check_fits(model, state, path, what)
@@ -149,10 +150,24 @@ def _load_adapted(model: nn.Module, path: Path, evaluated_on: dict[str, Any], nu
         os.replace(path, aside)
         rep.log(f"baseline: {what} {path} is unusable ({exc}); moved to {aside}, adapting again")
         return None
+    return state, stored, evaluated_on
+
+
+def _use_adapted(model: nn.Module, state: dict[str, Any] | None, stored: dict[str, Any], stored_on: dict[str, Any],
+                 evaluated_on: dict[str, Any], num_classes: int, data: DeviceData | StreamData, rep: Reporter,
+                 path: Path) -> dict[str, Any]:
+    """Load the cached adaptation (``state``: rank 0's; the other ranks receive its weights)
+    into ``model``, which holds the checkpoint; re-measure the accuracies when they were
+    measured on another test split. Returns the record's ``adaptation`` block."""
+    from prunebench.runner import evaluate
+
+    same_test = stored_on == evaluated_on
     if not same_test:  # measured on another test split: measure both on this run's
         stored["top1_before"] = evaluate(model, data, num_classes)["top1"]
-    model.load_state_dict(state)
+    if state is not None:
+        model.load_state_dict(state)
     model.to(data.device)
+    distributed.broadcast_module(model)
     if not same_test:
         stored["top1_after"] = evaluate(model, data, num_classes)["top1"]
         stored["test_images"] = evaluated_on["test_images"]

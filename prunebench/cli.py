@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -83,8 +84,14 @@ def run(
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     force: Annotated[bool, typer.Option(help="re-run even if a complete record exists")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    nproc: Annotated[int, typer.Option(
+        help="processes for this one run (data-parallel; streamed datasets such as imagenet): one per GPU")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        help="DataLoader workers per process for streamed datasets (default: the CPUs per process, at most 8)")] = None,
 ) -> None:
-    """Run one criterion on one architecture under the protocol and write a result record."""
+    """Run one criterion on one architecture under the protocol and write a result record.
+
+    Under torchrun (several machines) every process runs this same command without --nproc."""
     from prunebench import registry
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
@@ -104,9 +111,31 @@ def run(
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
-        scope=scope,
+        scope=scope, workers=workers,
     )
-    record, path = execute(cfg, Reporter(quiet=quiet))
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    from prunebench import distributed
+
+    if distributed.env_world_size() > 1:  # one process of a torchrun launch
+        if nproc > 1:
+            raise ConfigError("under torchrun, give the processes to torchrun (--nproc-per-node), not --nproc")
+        from prunebench.launch import worker
+
+        worker(cfg, quiet, locked=False)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        from prunebench.records import read_record, run_id
+        from prunebench.store import record_path
+
+        path = record_path(cfg.results_dir, run_id(cfg.identity()))
+        record = read_record(path)
+    elif nproc > 1:
+        from prunebench.launch import launch
+
+        record, path = launch(cfg, nproc, quiet)
+    else:
+        record, path = execute(cfg, Reporter(quiet=quiet))
     if record["status"] == "complete":
         stages = [f"baseline {record['baseline']['top1']:.2f}%"]
         if record.get("oneshot") is not None:  # the scratch control has no one-shot stage

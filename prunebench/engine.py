@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from torch import Tensor, nn
 from prunebench.errors import DivergedError
 from prunebench.precision import check_precision, resolve_precision
 from prunebench.protocols import TrainingHooks
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prunebench.streaming import StreamData
 
 #: steps between host reads of the accumulated loss on CUDA (each read waits for the device)
 CUDA_TICK = 50
@@ -51,6 +55,14 @@ class DeviceData:
     @property
     def device(self) -> torch.device:
         return self.train_x.device
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.test_x.shape[0])
 
 
 class Augmenter:
@@ -158,7 +170,7 @@ def optimizer(model: nn.Module, recipe: Recipe, fused: bool = False) -> torch.op
 
 def train(
     model: nn.Module,
-    data: DeviceData,
+    data: DeviceData | StreamData,
     recipe: Recipe,
     seed: int,
     hooks: TrainingHooks | None = None,
@@ -171,8 +183,13 @@ def train(
 
     ``progress(description, step, total, loss)`` is called every ``tick`` steps and after the
     last one, with the mean loss since the previous call. Raises :class:`DivergedError`
-    naming ``description`` and the steps when that loss is not finite.
+    naming ``description`` and the steps when that loss is not finite. Streamed data
+    (:class:`prunebench.streaming.StreamData`) train through :func:`prunebench.streaming.train_streamed`.
     """
+    if not isinstance(data, DeviceData):
+        from prunebench.streaming import train_streamed
+
+        return train_streamed(model, data, recipe, seed, hooks, progress, description, options=options)
     hooks = hooks or TrainingHooks()
     opts = options or TrainOptions()
     dev = data.device

@@ -40,6 +40,10 @@ class RecordError(PrunebenchError):
     write, where the record was saved instead)."""
 
 
+class RunFailedError(PrunebenchError):
+    """A process of a run over several processes failed; the run is recorded as failed."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest matches, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

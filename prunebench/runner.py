@@ -22,18 +22,19 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from prunebench import checkpoints, divergence, registry, store
+from prunebench import checkpoints, distributed, divergence, registry, store
 from prunebench.budgets import ADAPTATION_FIELDS, Budget
 from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
+from prunebench.datasets.streaming import StreamedSplits
 from prunebench.engine import DeviceData, Recipe, TrainOptions, train
 from prunebench.errors import CheckpointError, ConfigError, DivergedError
-from prunebench.locks import FileLock, hold
+from prunebench.locks import FileLock
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
 from prunebench.precision import check_precision, resolve_precision
 from prunebench.progress import Reporter
@@ -41,6 +42,9 @@ from prunebench.protocols import Calibration, CompressionContext, EpochLedger, T
 from prunebench.records import hardware, is_complete, now, run_id, versions
 from prunebench.surgery import atomic_torch_save, compressed_payload
 from prunebench.validation import check_dataset_options, check_run
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prunebench.streaming import StreamData
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,13 @@ class RunConfig:
     scope: str | None = None  # which layers may be pruned (architecture scopes); None: the default
     precision: str = "auto"  # auto | bf16 | fp32 (prunebench.precision); resolved for the run's device
     sharing: Sharing = field(default_factory=Sharing)
+    workers: int | None = None  # DataLoader workers per process for streamed datasets (None: automatic)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise ConfigError(f"workers must be a whole number >= 0, got {self.workers!r}")
 
     def resolved_precision(self) -> str:
         """``bf16`` or ``fp32``: what this run trains in on its device."""
@@ -200,11 +208,15 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int) -> tuple[
     return x[idx], y[idx]
 
 
-def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits, DeviceData]:
+def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits | StreamedSplits, DeviceData | StreamData]:
+    """The run's data: on the device (small datasets), or streamed when the dataset returns
+    :class:`StreamedSplits` (the dataset chooses). Subsets are taken alike in both."""
     from prunebench.datasets import data_root
 
     ds = registry.datasets.get(cfg.dataset)
     splits = ds.load(data_root(cfg.data_dir), **dict(cfg.dataset_options))
+    if isinstance(splits, StreamedSplits):
+        return splits, stream_data(cfg, splits, device)
     # the data subset is fixed (seed 0) so that every seed and criterion sees the same images
     tx, ty = subset(splits.train_x, splits.train_y, cfg.budget.train_subset, 0)
     vx, vy = subset(splits.test_x, splits.test_y, cfg.budget.test_subset, 1)
@@ -219,7 +231,24 @@ def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits, DeviceD
     return splits, data
 
 
-def preprocessing(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def stream_data(cfg: RunConfig, splits: StreamedSplits, device: torch.device) -> StreamData:
+    from prunebench.streaming import StreamData, default_workers
+
+    def pick(images, n: int | None, seed: int):
+        if n is None or n >= len(images):
+            return images
+        return images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
+    splits = dataclasses.replace(splits, train=pick(splits.train, cfg.budget.train_subset, 0),
+                                 test=pick(splits.test, cfg.budget.test_subset, 1))
+    mean, std = preprocessing(cfg, splits)
+    c = splits.in_channels
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    return StreamData(splits, device, torch.tensor(mean, device=device).view(1, c, 1, 1),
+                      torch.tensor(std, device=device).view(1, c, 1, 1), workers=workers)
+
+
+def preprocessing(cfg: RunConfig, splits: DataSplits | StreamedSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation (mean, std) for everything the run evaluates and trains: a pretrained
     checkpoint's own, else the dataset's training-split statistics."""
     if cfg.pretrained:
@@ -244,9 +273,12 @@ def recipe(budget: Budget, stage: str, epochs: float) -> Recipe:
     )
 
 
-def evaluate(model: nn.Module, data: DeviceData, num_classes: int) -> dict[str, float]:
+def evaluate(model: nn.Module, data: DeviceData | StreamData, num_classes: int) -> dict[str, float]:
     ks = (1, 5) if num_classes >= 100 else (1,)
-    acc = accuracy(model, data.normalise(data.test_x), data.test_y, topk=ks)
+    if isinstance(data, DeviceData):
+        acc = accuracy(model, data.normalise(data.test_x), data.test_y, topk=ks)
+    else:
+        acc = data.evaluate(model, ks)
     return {f"top{k}": round(v, 4) for k, v in acc.items()}
 
 
@@ -258,7 +290,7 @@ def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
         "arch": cfg.arch, "dataset": cfg.dataset, "options": dict(sorted(cfg.dataset_options.items())),
         "n_train": b.train_subset, "epochs": b.baseline_epochs, "lr": b.lr, "batch": b.batch_size,
         "wd": b.weight_decay, "schedule": b.schedule, "milestones": b.milestones, "seed": cfg.seed,
-        "ls": b.label_smoothing, "version": prunebench.__version__, "shape": list(splits.train_x.shape[1:]),
+        "ls": b.label_smoothing, "version": prunebench.__version__, "shape": list(splits.input_shape),
     }
     precision = cfg.resolved_precision()
     if precision != "fp32":  # fp32 baselines keep their cache keys
@@ -268,7 +300,8 @@ def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
 
 
 def get_baseline(
-    cfg: RunConfig, model: nn.Module, splits: DataSplits, data: DeviceData, rep: Reporter
+    cfg: RunConfig, model: nn.Module, splits: DataSplits | StreamedSplits, data: DeviceData | StreamData,
+    rep: Reporter,
 ) -> dict[str, Any]:
     """Load the model zoo's checkpoint (adapted where needed), ``--baseline FILE``, a cached
     checkpoint, or train and cache one.
@@ -289,19 +322,21 @@ def get_baseline(
         return {"source": str(path), "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
     # one process trains a given baseline; another that needs it waits here, then loads it
-    with hold(f"{path}.lock"):
+    with distributed.main_holds(f"{path}.lock"):
         return _cached_or_trained_baseline(cfg, model, data, rep, path)
 
 
-def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceData, rep: Reporter,
+def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceData | StreamData, rep: Reporter,
                                 path: Path) -> dict[str, Any]:
-    if path.exists():
-        cached = _load_cached_baseline(model, path, rep)
-        if cached is not None:
-            rep.log(f"baseline: reusing cached checkpoint {path}")
-            seconds = cached.get("seconds", 0.0)
-            return {"source": "cache", "key": path.stem,
-                    "trained_seconds": float(seconds) if checkpoints.finite_number(seconds) else 0.0}
+    # rank 0 decides and loads; the other ranks of a multi-process run take its weights
+    cached = _load_cached_baseline(model, path, rep) if distributed.world().main and path.exists() else None
+    cached = distributed.broadcast_object(None if cached is None else {"seconds": cached.get("seconds", 0.0)})
+    if cached is not None:
+        distributed.broadcast_module(model)
+        rep.log(f"baseline: reusing cached checkpoint {path}")
+        seconds = cached.get("seconds", 0.0)
+        return {"source": "cache", "key": path.stem,
+                "trained_seconds": float(seconds) if checkpoints.finite_number(seconds) else 0.0}
     t0 = time.perf_counter()
     with divergence.training("baseline training", _lr_hint(cfg.budget, "lr")):
         stats = train(
@@ -310,9 +345,10 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
         )
     divergence.check_training(model, stats, "baseline training", _lr_hint(cfg.budget, "lr"))
     seconds = time.perf_counter() - t0
-    atomic_torch_save(
-        {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
-    )
+    if distributed.world().main:
+        atomic_torch_save(
+            {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
+        )
     rep.log(f"baseline: trained in {seconds:.1f}s, cached at {path}")
     return {"source": "trained", "key": path.stem, "trained_seconds": round(seconds, 3),
             **{k: v for k, v in stats.items() if checkpoints.finite_number(v)}}
@@ -380,19 +416,30 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, locked: bool = 
     The configuration is checked and the results directory probed before any work. The run
     holds ``<results>/<run_id>.lock`` while it executes (waiting for another process that
     holds it); a caller that already holds it passes ``locked=True``.
+
+    In a run of several processes (:mod:`prunebench.distributed`) every rank calls this;
+    rank 0 holds the lock (unless the launcher does: ``locked=True``) and writes the record.
     """
     rep = reporter or Reporter()
     check_run(cfg)
-    device = resolve_device(cfg.device)
+    world = distributed.world()
+    device = distributed.device_for(resolve_device(cfg.device))
+    if world.distributed:
+        check_distributed(cfg, world.size)
     identity = cfg.identity()
     rid = run_id(identity)
     results = Path(cfg.results_dir)
     out_path = store.record_path(results, rid)
-    if is_complete(out_path) and not cfg.force:
+    if (locked or not world.distributed) and is_complete(out_path) and not cfg.force:
         return _already_complete(out_path, rep)
     store.check_results_dir(results)
     if locked:
         return _execute_holding_lock(cfg, rep, device, identity, rid)
+    if world.distributed:  # started by torchrun itself: rank 0 holds the run's lock for all ranks
+        with distributed.main_holds(results / f"{rid}.lock"):
+            if distributed.broadcast_object(is_complete(out_path) and not cfg.force):
+                return _already_complete(out_path, rep)
+            return _execute_holding_lock(cfg, rep, device, identity, rid)
     lock = FileLock(results / f"{rid}.lock")
     if not lock.acquire(blocking=False):
         rep.log(f"another process is running {rid} (it holds {lock.path}); waiting for it to finish")
@@ -411,10 +458,27 @@ def _already_complete(path: Path, rep: Reporter) -> tuple[dict[str, Any], Path]:
         return json.load(f), path
 
 
-def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, identity: dict[str, Any],
-                          rid: str) -> tuple[dict[str, Any], Path]:
-    results = Path(cfg.results_dir)
-    store.remove_partial_files(results, rid)
+def check_distributed(cfg: RunConfig, processes: int) -> None:
+    """A run of several processes needs a streamed dataset and a batch the processes share evenly."""
+    ds = registry.datasets.get(cfg.dataset)
+    if not ds.streamed:
+        streamed = ", ".join(n for n in registry.datasets.names() if _streamed(n))
+        raise ConfigError(f"dataset {cfg.dataset!r} lives on the device and trains in one process; several "
+                          f"processes need a streamed dataset ({streamed})")
+    if cfg.budget.batch_size % processes:
+        raise ConfigError(f"batch_size {cfg.budget.batch_size} (the global batch) must be a multiple of the "
+                          f"{processes} processes; --set batch_size=...")
+
+
+def _streamed(name: str) -> bool:
+    try:
+        return registry.datasets.get(name).streamed
+    except Exception:  # noqa: BLE001 - a broken plug-in is simply not listed
+        return False
+
+
+def base_record(cfg: RunConfig, rid: str, identity: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The fields a record has from the start (status ``running``)."""
     crit_cls = registry.criteria.get(cfg.criterion)
     criterion = crit_cls.from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
     arch = registry.architectures.get(cfg.arch)
@@ -433,6 +497,22 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     if cfg.scratch:
         record.update(criterion="scratch", architecture_from=cfg.criterion)
     record["hardware"] = hardware(device)
+    world = distributed.world()
+    if world.distributed:  # only in runs of several processes, so other records keep their fields
+        record["distributed"] = {**world.describe(), "batch_per_process": cfg.budget.batch_size // world.size,
+                                 "batchnorm": "per process"}
+    return record
+
+
+def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, identity: dict[str, Any],
+                          rid: str) -> tuple[dict[str, Any], Path]:
+    results = Path(cfg.results_dir)
+    main = distributed.world().main  # only rank 0 writes
+    if main:
+        store.remove_partial_files(results, rid)
+    record = base_record(cfg, rid, identity, device)
+    criterion = registry.criteria.get(cfg.criterion).from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
+    arch = registry.architectures.get(cfg.arch)
     rep.header(record)
     try:
         model = _execute(cfg, criterion, arch, device, record, rep, rid)
@@ -442,13 +522,16 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=20)
         record["finished"] = now()
-        try:
-            path = store.commit(results, rid, record, None, rep.log)
-            rep.log(f"run {record['status']}; record written to {path}")
-        except OSError as write_exc:  # the run's own error matters more; say what was lost
-            rep.log(f"run {record['status']}; its record could not be written ({write_exc})")
+        if main:
+            try:
+                path = store.commit(results, rid, record, None, rep.log)
+                rep.log(f"run {record['status']}; record written to {path}")
+            except OSError as write_exc:  # the run's own error matters more; say what was lost
+                rep.log(f"run {record['status']}; its record could not be written ({write_exc})")
         raise
     record["finished"] = now()
+    if not main:
+        return record, store.record_path(results, rid)
     return record, store.commit(results, rid, record, model, rep.log)
 
 
@@ -468,11 +551,11 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     rep.stage("data")
     splits, data = load_data(cfg, device)
     record["data"] = {
-        "train_images": int(data.train_x.shape[0]), "test_images": int(data.test_x.shape[0]),
-        "input_shape": list(splits.train_x.shape[1:]), "num_classes": splits.num_classes,
+        "train_images": data.n_train, "test_images": data.n_test,
+        "input_shape": list(splits.input_shape), "num_classes": splits.num_classes,
     }
     model = arch.build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(device)
-    example = torch.zeros(1, *splits.train_x.shape[1:], device=device)
+    example = torch.zeros(1, *splits.input_shape, device=device)
 
     rep.stage("baseline")
     record["baseline_info"] = get_baseline(cfg, model, splits, data, rep)
@@ -484,12 +567,13 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     tb = min(64, budget.batch_size)
 
     rep.stage("calibration")
-    ncal = min(budget.calibration_size, int(data.train_x.shape[0]))
-    cidx = torch.randperm(int(data.train_x.shape[0]), generator=torch.Generator().manual_seed(cfg.seed + 1000))[:ncal]
-    calibration = Calibration(
-        images=data.normalise(data.train_x[cidx.to(device)]), labels=data.train_y[cidx.to(device)],
-        batch_size=min(128, ncal),
-    )
+    ncal = min(budget.calibration_size, data.n_train)
+    cidx = torch.randperm(data.n_train, generator=torch.Generator().manual_seed(cfg.seed + 1000))[:ncal]
+    if isinstance(data, DeviceData):
+        images, labels = data.normalise(data.train_x[cidx.to(device)]), data.train_y[cidx.to(device)]
+    else:  # decoded with the evaluation preprocessing, identically on every rank
+        images, labels = data.calibration(cidx.tolist())
+    calibration = Calibration(images=images, labels=labels, batch_size=min(128, ncal))
 
     ledger = EpochLedger(total=float(budget.finetune_epochs))
     train_seconds = {"value": 0.0}
@@ -522,6 +606,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
                       shots=cfg.shots, shot_epochs=cfg.shot_epochs)
     compress_seconds = time.perf_counter() - t0
     model = result.model.to(device)
+    distributed.agree_on_model(model, "compression")
     _check_compressed(model, calibration.images[:8], criterion.name)
     record["criterion_seconds"] = round(compress_seconds - train_seconds["value"], 4)
     record["compress_train_seconds"] = round(train_seconds["value"], 4)
@@ -554,7 +639,8 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
         "params_reduction": round(1 - params_after / params_before, 6),
         "within_tolerance": abs(result.achieved - target.ratio) <= target.tolerance + 1e-12,
     }
-    record["latency"] = latency_block(baseline_model, model, example, budget.latency_repeats, tb, cfg.sharing)
+    record["latency"] = latency_block(baseline_model, model, example, budget.latency_repeats, tb, cfg.sharing) \
+        if distributed.world().main else None  # only rank 0's record is written
     record["widths"] = widths(model, prunable)
     record["plan_steps"] = len(result.plan)
     record["peak_memory_mb"] = peak_memory_mb(device)
@@ -583,7 +669,7 @@ def _check_accuracies(record: dict[str, Any]) -> None:
             raise DivergedError(f"{stage} accuracy is not a finite number: {block}")
 
 
-def oneshot_bn(model: nn.Module, calibration: Calibration, data: DeviceData,
+def oneshot_bn(model: nn.Module, calibration: Calibration, data: DeviceData | StreamData,
                num_classes: int) -> dict[str, float] | None:
     """One-shot accuracy after re-estimating BatchNorm statistics on the calibration images
     (adaptive BN, EagleEye). Measured on a copy: the fine-tune starts from the compressed model
@@ -597,7 +683,7 @@ def oneshot_bn(model: nn.Module, calibration: Calibration, data: DeviceData,
     return evaluate(probe, data, num_classes)
 
 
-def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData, record: dict[str, Any],
+def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData | StreamData, record: dict[str, Any],
                        rep: Reporter) -> None:
     """Scratch control: re-initialise every parameter of the compressed model and train it for
     the whole budget (baseline + fine-tune epochs) with the baseline recipe. No one-shot stage."""

@@ -36,13 +36,20 @@ class DataSplits:
         return int(self.train_x.shape[1])
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.train_x.shape[1:])
+
+    @property
     def input_size(self) -> int:
         return int(self.train_x.shape[-1])
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A registered dataset. ``load(root, **options)`` returns :class:`DataSplits`.
+    """A registered dataset. ``load(root, **options)`` returns :class:`DataSplits` (the run keeps
+    it on the device), or, with ``streamed=True``,
+    :class:`~prunebench.datasets.streaming.StreamedSplits` (the run streams it through
+    DataLoader workers, and may use several processes).
 
     ``root`` is the data directory (``--data-dir`` or ``$PRUNEBENCH_DATA``); datasets that
     need files raise :class:`prunebench.errors.DataNotFoundError` naming the exact paths
@@ -54,3 +61,4 @@ class Dataset:
     description: str
     needs_files: bool = False
     default_root: Callable[[Path], Path] | None = None
+    streamed: bool = False

@@ -111,7 +111,7 @@ def _tv(arch: str, weights: str, file: str, top1: float, recipe: str) -> ZooEntr
         name=f"{arch}-imagenet1k-torchvision",
         arch=arch,
         trained_on="imagenet-1k",
-        datasets=("imagefolder",),
+        datasets=("imagefolder", "imagenet"),
         adapt_to=(),
         num_classes=1000,
         file=file,
@@ -124,7 +124,8 @@ def _tv(arch: str, weights: str, file: str, top1: float, recipe: str) -> ZooEntr
         license="BSD-3-Clause (torchvision); the ImageNet terms of use may apply to weights trained on it",
         key_map="none",
         torchvision_weights=weights,
-        note="serves an imagefolder dataset holding ImageNet-1k (1000 classes, torchvision's class order)",
+        note="serves imagenet, and an imagefolder dataset holding ImageNet-1k (1000 classes, torchvision's "
+             "class order: sorted WordNet ids)",
     )
 
 

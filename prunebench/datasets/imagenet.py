@@ -1,0 +1,116 @@
+"""``imagenet`` and ``cifar10-folder``: streamed datasets (:mod:`prunebench.datasets.streaming`).
+
+``imagenet``: ILSVRC-2012 (Russakovsky et al., "ImageNet Large Scale Visual Recognition
+Challenge", IJCV 2015), 1,281,167 training and 50,000 validation images in 1,000 classes,
+expected under ``<data root>/imagenet`` (or the option ``path``) as::
+
+    train/n01440764/n01440764_10026.JPEG ...
+    val/n01440764/ILSVRC2012_val_00000293.JPEG ...   (validation images sorted into class folders)
+
+a directory or an uncompressed ``.tar`` of that layout. Class indices follow the sorted
+folder names (the WordNet ids), which is torchvision's order, so its pretrained weights
+apply as they are. Normalisation uses ImageNet's channel statistics.
+
+``cifar10-folder``: ``cifar10-jpeg.tar.gz`` extracted once into the cache as an ImageFolder
+directory and streamed like ImageNet, at a small input size (32 by default). It exists to
+test and measure the streamed path on data that is at hand; results on it are not the
+device-resident ``cifar10-jpeg``'s (different augmentation), and are labelled apart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from prunebench.datasets import cache_dir, data_root, dataset_options
+from prunebench.datasets.base import Dataset
+from prunebench.datasets.streaming import Preprocess, StreamedSplits, scan
+from prunebench.errors import DataNotFoundError
+from prunebench.locks import hold
+
+
+def _imagenet_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from prunebench.zoo.entries import IMAGENET_MEAN, IMAGENET_STD
+
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _under_root(root: Path | None, path: str, default: str) -> Path:
+    p = Path(path or default).expanduser()
+    return p if p.is_absolute() else data_root(root) / p
+
+
+@dataset_options("imagenet")
+def load_imagenet(root: Path | None = None, *, path: str = "", train_size: int = 224, eval_resize: int = 256,
+                  eval_crop: int = 224) -> StreamedSplits:
+    """ImageNet from ``<root>/imagenet`` (option ``path``: another directory or a plain .tar,
+    relative to the data root); ``train_size``, ``eval_resize``, ``eval_crop``: the recipe's sizes."""
+    source = _under_root(root, path, "imagenet")
+    if not source.exists() and not path:
+        raise DataNotFoundError(
+            f"imagenet not found: expected the folder {source} holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
+            "(validation images sorted into class folders), or a plain .tar of it (--dataset-option path=...); "
+            "point --data-dir or PRUNEBENCH_DATA at the folder that holds imagenet/")
+    train, test, classes, _ = scan(source, ("val",), what="the ImageNet folder")
+    return StreamedSplits("imagenet", train, test, classes, *_imagenet_stats(),
+                          Preprocess(train_size, eval_resize, eval_crop))
+
+
+CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
+
+
+def extracted(archive: Path) -> Path:
+    """``archive`` extracted once into ``<cache>/datasets/<name>-<size>-<mtime>/`` (under a lock,
+    via a temporary folder renamed into place, so a reader never sees half of it)."""
+    st = archive.stat()
+    dest = cache_dir() / "datasets" / f"{archive.name.split('.')[0]}-folder-{st.st_size}-{st.st_mtime_ns}"
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with hold(f"{dest}.lock"):
+        if dest.is_dir():
+            return dest
+        tmp = dest.with_name(dest.name + f".{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with tarfile.open(archive, mode="r:*") as tf:
+                tf.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataNotFoundError(f"cannot extract {archive} into {tmp} ({exc})") from None
+        os.replace(tmp, dest)
+    return dest
+
+
+@dataset_options("cifar10-folder")
+def load_cifar10_folder(root: Path | None = None, *, train_size: int = 32, eval_resize: int = 32,
+                        eval_crop: int = 32) -> StreamedSplits:
+    """``<root>/cifar10-jpeg.tar.gz`` extracted into the cache and streamed (sizes as for imagenet)."""
+    archive = data_root(root) / CIFAR10_ARCHIVE
+    if not archive.is_file():
+        raise DataNotFoundError(
+            f"cifar10-folder not found: expected {archive} (extracted once into {cache_dir() / 'datasets'}). "
+            "Put the archive there, or point --data-dir or PRUNEBENCH_DATA at the folder that holds it.")
+    train, test, classes, _ = scan(extracted(archive), ("test", "val"), what="the extracted cifar10-jpeg folder")
+    return StreamedSplits("cifar10-folder", train, test, classes, *_imagenet_stats(),
+                          Preprocess(train_size, eval_resize, eval_crop))
+
+
+IMAGENET = Dataset(
+    name="imagenet",
+    load=load_imagenet,
+    description="ImageNet-1k, streamed from <data root>/imagenet/{train,val}/<wnid>/ (options path, train_size, "
+                "eval_resize, eval_crop)",
+    needs_files=True,
+    streamed=True,
+)
+
+CIFAR10_FOLDER = Dataset(
+    name="cifar10-folder",
+    load=load_cifar10_folder,
+    description="cifar10-jpeg extracted into the cache and streamed with the ImageNet recipe (input 32 by default)",
+    needs_files=True,
+    streamed=True,
+)
