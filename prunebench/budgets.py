@@ -153,6 +153,20 @@ BUDGETS: dict[str, Budget] = {
         momentum=0.9, weight_decay=5e-4, schedule="step", milestones=(0.5, 0.75),
         train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=100,
     ),
+    # ImageNet from torchvision's pretrained weights (--baseline pretrained), global batch 256 over all
+    # processes. Everyday comparison: a few cosine fine-tune epochs.
+    "imagenet-short": Budget(
+        name="imagenet-short", baseline_epochs=0, finetune_epochs=4, batch_size=256, lr=0.1, finetune_lr=0.01,
+        momentum=0.9, weight_decay=1e-4, schedule="cosine", milestones=(),
+        train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=50,
+    ),
+    # The papers' scale: 90 epochs of torchvision's ResNet recipe (lr 0.1, x0.1 after epochs 30 and 60,
+    # weight decay 1e-4, batch 256) as the fine-tune; the same recipe trains a baseline when none is given.
+    "imagenet-paper": Budget(
+        name="imagenet-paper", baseline_epochs=90, finetune_epochs=90, batch_size=256, lr=0.1, finetune_lr=0.1,
+        momentum=0.9, weight_decay=1e-4, schedule="step", milestones=(1 / 3, 2 / 3),
+        train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=100,
+    ),
 }
 
 
