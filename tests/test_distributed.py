@@ -177,3 +177,18 @@ def test_the_launcher_records_a_failure_rank_0_could_not_write(tmp_path):
     assert record["status"] == "failed" and "rank 0 (pid 7) was killed by SIGKILL" in record["error"]
     assert record["distributed"]["world_size"] == 2
     assert issubclass(RunFailedError, Exception)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_two_processes_on_cifar10_jpeg_streamed_as_an_image_folder(real_data_root, tmp_path):
+    """The real 32x32 JPEGs, extracted once into the cache and streamed (cifar10-folder)."""
+    args = TINY[: TINY.index("--dataset-option")] + TINY[-1:]
+    args[args.index("imagenet")] = "cifar10-folder"  # its input size is 32 by default
+    result = subprocess.run([sys.executable, "-m", "prunebench", "run", *args, "--results-dir", str(tmp_path),
+                             "--nproc", "2"], env=_env(real_data_root), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [record] = _records(tmp_path)
+    assert record["status"] == "complete" and record["dataset"] == "cifar10-folder"
+    assert record["data"] == {"train_images": 64, "test_images": 40, "input_shape": [3, 32, 32], "num_classes": 10}
+    assert record["distributed"]["world_size"] == 2 and record["ledger"]["total_epochs"] == 2
