@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from prunebench import distributed, store
-from prunebench.errors import RunFailedError
+from prunebench.errors import ConfigError, RunFailedError
 from prunebench.locks import FileLock
 from prunebench.progress import Reporter
 from prunebench.records import is_complete, now, read_record, run_id, write_atomic
@@ -80,6 +82,10 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
     rep = Reporter(quiet=quiet)
     check_run(cfg)
     check_distributed(cfg, nproc)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and torch.cuda.device_count() < nproc:
+        raise ConfigError(f"--nproc {nproc} runs one process per GPU, but {torch.cuda.device_count()} "
+                          "GPUs are visible")
     identity = cfg.identity()
     rid = run_id(identity)
     results = Path(cfg.results_dir)
@@ -104,7 +110,7 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
         except Exception as exc:  # noqa: BLE001 - ChildFailedError, or the launcher's own failure
             rank, what = describe_failure(exc)
             path = _record_failure(cfg, rid, identity, results, started, rank, what, nproc,
-                                   base_record_fn=base_record, device=resolve_device(cfg.device), rep=rep)
+                                   base_record_fn=base_record, device=device, rep=rep)
             raise RunFailedError(f"run {rid} failed: {what}; record: {path}") from None
         written = _attempt_written(results, rid, started)
         if written is None or not is_complete(out_path):

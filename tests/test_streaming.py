@@ -126,3 +126,23 @@ def test_streamed_evaluation_and_calibration_match_the_decoded_images(tmp_path):
     cal, cal_labels = data.calibration([5, 0, 7])
     assert torch.equal(cal, data.normalise(torch.stack([files[(TRAIN, i, None)][0] for i in (5, 0, 7)])))
     assert cal_labels.tolist() == [1, 0, 1]
+
+
+def test_a_run_on_a_streamed_dataset_completes_in_one_process(tmp_path):
+    """The whole protocol on streamed data: baseline, calibration, compression, fine-tune, record."""
+    from prunebench.budgets import get_budget
+    from prunebench.progress import Reporter
+    from prunebench.runner import RunConfig, execute
+
+    make_folder(tmp_path / "data" / "imagenet", classes=3, train=8, test=4)
+    budget = get_budget("smoke").override(baseline_epochs=1, finetune_epochs=1, train_subset=16, test_subset=9,
+                                          calibration_size=8, latency_repeats=1, batch_size=8)
+    cfg = RunConfig(criterion="l1", arch="tv_resnet18", dataset="imagenet", budget=budget, data_dir=tmp_path / "data",
+                    results_dir=tmp_path / "results", device="cpu", precision="fp32", workers=0,
+                    dataset_options={"train_size": 32, "eval_resize": 36, "eval_crop": 32})
+    record, path = execute(cfg, Reporter(quiet=True))
+    assert record["status"] == "complete" and path.is_file()
+    assert record["data"] == {"train_images": 16, "test_images": 9, "input_shape": [3, 32, 32], "num_classes": 3}
+    assert record["ledger"]["spent"] == {"finetune": 1.0} and "distributed" not in record
+    assert abs(record["achieved"]["macs_reduction"] - 0.5) <= 0.01
+    assert record["baseline_info"]["steps"] == 2.0  # 16 images, batch 8: two steps per epoch
