@@ -104,13 +104,16 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=rid, rdzv_backend="c10d",
                               rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                               start_method="spawn")
-        started = time.time() - 1.0  # file times may be rounded down to the second
+        started, started_at = time.time() - 1.0, now()  # file times may be rounded down to the second
         try:
             elastic_launch(config, worker)(cfg, quiet, True)
         except Exception as exc:  # noqa: BLE001 - ChildFailedError, or the launcher's own failure
             rank, what = describe_failure(exc)
+            if _attempt_written(results, rid, started) == out_path and is_complete(out_path):
+                rep.log(f"the run completed and its record was written, but then {what}")
+                return _already_complete(out_path, Reporter(quiet=True))
             path = _record_failure(cfg, rid, identity, results, started, rank, what, nproc,
-                                   base_record_fn=base_record, device=device, rep=rep)
+                                   base_record_fn=base_record, device=device, rep=rep, started_at=started_at)
             raise RunFailedError(f"run {rid} failed: {what}; record: {path}") from None
         written = _attempt_written(results, rid, started)
         if written is None or not is_complete(out_path):
@@ -124,7 +127,7 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
 
 def _record_failure(cfg: Any, rid: str, identity: dict[str, Any], results: Path, started: float,
                     rank: int | None, what: str, nproc: int, *, base_record_fn: Any, device: Any,
-                    rep: Reporter) -> Path:
+                    rep: Reporter, started_at: str | None = None) -> Path:
     """Make sure this attempt has a ``failed`` record naming the rank that failed first."""
     written = _attempt_written(results, rid, started)
     if written is not None:
@@ -137,6 +140,7 @@ def _record_failure(cfg: Any, rid: str, identity: dict[str, Any], results: Path,
     record = base_record_fn(cfg, rid, identity, device)
     record["distributed"] = {"world_size": nproc, "backend": "nccl" if device.type == "cuda" else "gloo",
                              "batch_per_process": cfg.budget.batch_size // nproc, "batchnorm": "per process"}
-    record.update(status="failed", error=f"RunFailedError: {what}", finished=now(),
+    record.update(status="failed", error=f"RunFailedError: {what}", started=started_at or record["started"],
+                  finished=now(),
                   traceback=f"written by the launcher (pid {os.getpid()}): rank 0 wrote no record")
     return store.commit(results, rid, record, None, rep.log)

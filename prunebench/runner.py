@@ -232,6 +232,8 @@ def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits | Stream
 
 
 def stream_data(cfg: RunConfig, splits: StreamedSplits, device: torch.device) -> StreamData:
+    """A streamed dataset's budget subsets (seeded permutations, as on the device path), its
+    normalisation on ``device`` and its loader's worker count."""
     from prunebench.streaming import StreamData, default_workers
 
     def pick(images, n: int | None, seed: int):

@@ -9,10 +9,10 @@ to :func:`train_streamed`).
 
 Batches: each epoch is a permutation of the training split drawn from (seed, epoch); step
 ``s`` trains on the ``s``-th slice of ``batch_size`` images of it, the *global* batch, of
-which rank ``r`` of ``N`` takes images ``r, r + N, ...`` (:class:`GlobalBatches`). Each
+which rank ``r`` of ``N`` takes images ``r, r + N, ...`` (:func:`epoch_batches`). Each
 image's crop and flip are drawn from (seed, epoch, image index). The images and their
 augmentation at every step are therefore the same whatever the number of workers and
-processes; only BatchNorm statistics (per process, see docs/performance.md) and the order
+processes; only BatchNorm statistics (per process, see docs/protocol.md) and the order
 of floating-point sums differ.
 """
 
@@ -36,15 +36,13 @@ from prunebench.precision import resolve_precision
 from prunebench.protocols import TrainingHooks
 
 EVAL_BATCH = 256
+TRAIN, TEST = 0, 1  # the splits of ImageFiles' keys
+Key = tuple[int, int, "int | None"]  # (split, image index, augmentation seed or None)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one image's augmentation in one epoch."""
     return ((seed * 1_000_003 + epoch) * 2_147_483_659 + index) % (2**63)
-
-
-TRAIN, TEST = 0, 1
-Key = tuple[int, int, "int | None"]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -113,7 +111,8 @@ class StreamData:
         return (x.float().div_(255.0) - self.mean) / self.std
 
     def batches(self, source: Callable[[], Iterator[list[Key]]]) -> Iterator[tuple[Tensor, Tensor]]:
-        """uint8 image batches and labels (pinned on CUDA) for the keys ``source()`` yields."""
+        """uint8 image batches and labels (pinned on CUDA) for the keys ``source()`` yields.
+        ``source`` must not refer to this object: the loader's workers then end with it."""
         if self._loader is None:
             dataset = ImageFiles(self.splits.train, self.splits.test, self.splits.preprocess, hflip=self.splits.hflip)
             extra = {"prefetch_factor": 4, "persistent_workers": True} if self.workers > 0 else {}
@@ -123,14 +122,15 @@ class StreamData:
         return iter(self._loader)
 
     def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        w = distributed.world()
-        return self.batches(lambda: epoch_batches(self.n_train, batch_size, seed, epoch, w.rank, w.size))
+        w, n = distributed.world(), self.n_train
+        return self.batches(lambda: epoch_batches(n, batch_size, seed, epoch, w.rank, w.size))
 
     def calibration(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         """Training images ``indices`` with the evaluation preprocessing, normalised, on the
         device (the same on every rank), and their labels."""
         xs, ys = [], []
-        for x, y in self.batches(lambda: eval_batches(TRAIN, list(indices))):
+        keys = list(indices)
+        for x, y in self.batches(lambda: eval_batches(TRAIN, keys)):
             xs.append(self.normalise(x.to(self.device)))
             ys.append(y.to(self.device))
         return torch.cat(xs), torch.cat(ys)
@@ -143,7 +143,8 @@ class StreamData:
         model.eval()
         correct = [0.0] * len(topk)
         n = 0
-        for x, y in self.batches(lambda: eval_batches(TEST, list(range(w.rank, self.n_test, w.size)))):
+        shard = list(range(w.rank, self.n_test, w.size))
+        for x, y in self.batches(lambda: eval_batches(TEST, shard)):
             logits = model(self.normalise(x.to(self.device, non_blocking=True))).float()
             y = y.to(self.device, non_blocking=True)
             kmax = min(max(topk), logits.shape[1])
