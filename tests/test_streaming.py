@@ -146,3 +146,14 @@ def test_a_run_on_a_streamed_dataset_completes_in_one_process(tmp_path):
     assert record["ledger"]["spent"] == {"finetune": 1.0} and "distributed" not in record
     assert abs(record["achieved"]["macs_reduction"] - 0.5) <= 0.01
     assert record["baseline_info"]["steps"] == 2.0  # 16 images, batch 8: two steps per epoch
+
+
+def test_any_image_folder_streams_from_a_tar_with_a_test_split(tmp_path):
+    from prunebench.datasets.imagenet import load_imagefolder_stream
+
+    make_tar(make_folder(tmp_path / "tree", classes=2, train=3, test=2, test_name="test"), tmp_path / "mine.tar")
+    splits = load_imagefolder_stream(tmp_path, path="mine.tar", train_size="24", hflip="false")
+    assert splits.classes == ["c0", "c1"] and len(splits.train) == 6 and len(splits.test) == 4
+    assert splits.train.is_tar and splits.preprocess.train_size == 24 and splits.hflip is False
+    with pytest.raises(DataNotFoundError, match="needs the option path="):
+        load_imagefolder_stream(tmp_path)

@@ -1,4 +1,4 @@
-"""``imagenet`` and ``cifar10-folder``: streamed datasets (:mod:`prunebench.datasets.streaming`).
+"""``imagenet``, ``cifar10-folder`` and ``imagefolder-stream``: streamed datasets (:mod:`prunebench.datasets.streaming`).
 
 ``imagenet``: ILSVRC-2012 (Russakovsky et al., "ImageNet Large Scale Visual Recognition
 Challenge", IJCV 2015), 1,281,167 training and 50,000 validation images in 1,000 classes,
@@ -15,6 +15,9 @@ apply as they are. Normalisation uses ImageNet's channel statistics.
 directory and streamed like ImageNet, at a small input size (32 by default). It exists to
 test and measure the streamed path on data that is at hand; results on it are not the
 device-resident ``cifar10-jpeg``'s (different augmentation), and are labelled apart.
+
+``imagefolder-stream``: any ImageFolder tree (option ``path``) streamed the same way, for
+datasets too large for the device; normalised with ImageNet's statistics.
 """
 
 from __future__ import annotations
@@ -98,6 +101,19 @@ def load_cifar10_folder(root: Path | None = None, *, train_size: int = 32, eval_
                           Preprocess(train_size, eval_resize, eval_crop))
 
 
+@dataset_options("imagefolder-stream")
+def load_imagefolder_stream(root: Path | None = None, *, path: str = "", hflip: bool = True, train_size: int = 224,
+                            eval_resize: int = 256, eval_crop: int = 224) -> StreamedSplits:
+    """Any ImageFolder tree too large for the device (option ``path``: a directory or plain .tar
+    with train/ and val/ or test/, relative to the data root), streamed with the ImageNet recipe."""
+    if not path:
+        raise DataNotFoundError("dataset 'imagefolder-stream' needs the option path=<directory or plain .tar> "
+                                "holding train/<class>/<image> and val/<class>/... (or test/)")
+    train, test, classes, _ = scan(_under_root(root, path, ""), ("val", "test"), what="an image folder")
+    return StreamedSplits("imagefolder-stream", train, test, classes, *_imagenet_stats(),
+                          Preprocess(train_size, eval_resize, eval_crop), hflip=hflip)
+
+
 IMAGENET = Dataset(
     name="imagenet",
     load=load_imagenet,
@@ -111,6 +127,15 @@ CIFAR10_FOLDER = Dataset(
     name="cifar10-folder",
     load=load_cifar10_folder,
     description="cifar10-jpeg extracted into the cache and streamed with the ImageNet recipe (input 32 by default)",
+    needs_files=True,
+    streamed=True,
+)
+
+IMAGEFOLDER_STREAM = Dataset(
+    name="imagefolder-stream",
+    load=load_imagefolder_stream,
+    description="an ImageFolder directory or plain .tar (option path), streamed with the ImageNet recipe "
+                "(options hflip, train_size, eval_resize, eval_crop)",
     needs_files=True,
     streamed=True,
 )
