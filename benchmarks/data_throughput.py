@@ -2,7 +2,7 @@
 
 Two sources, both streamed exactly as a run streams them (:mod:`prunebench.streaming`):
 
-* ``cifar10-folder``: the 32x32 cifar10-jpeg images, extracted into the cache (needs
+* ``cifar10-folder``: the 32x32 cifar10-jpeg images, decompressed into the cache as a plain tar (needs
   ``cifar10-jpeg.tar.gz`` under ``PRUNEBENCH_DATA``), at the recipe's input size 32;
 * ``imagenet-like``: ``--images`` generated JPEGs of ImageNet's typical size (500x375,
   quality 90, random content at three scales tuned to about 110 KB per file, ImageNet's

@@ -182,7 +182,7 @@ def test_the_launcher_records_a_failure_rank_0_could_not_write(tmp_path):
 @pytest.mark.slow
 @pytest.mark.data
 def test_two_processes_on_cifar10_jpeg_streamed_as_an_image_folder(real_data_root, tmp_path):
-    """The real 32x32 JPEGs, extracted once into the cache and streamed (cifar10-folder)."""
+    """The real 32x32 JPEGs, decompressed once into the cache as a plain tar and streamed (cifar10-folder)."""
     args = TINY[: TINY.index("--dataset-option")] + TINY[-1:]
     args[args.index("imagenet")] = "cifar10-folder"  # its input size is 32 by default
     result = subprocess.run([sys.executable, "-m", "prunebench", "run", *args, "--results-dir", str(tmp_path),

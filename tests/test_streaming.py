@@ -157,3 +157,18 @@ def test_any_image_folder_streams_from_a_tar_with_a_test_split(tmp_path):
     assert splits.train.is_tar and splits.preprocess.train_size == 24 and splits.hflip is False
     with pytest.raises(DataNotFoundError, match="needs the option path="):
         load_imagefolder_stream(tmp_path)
+
+
+def test_the_listing_is_cached_and_follows_changes(tmp_path, monkeypatch):
+    from prunebench.datasets import streaming
+
+    folder = make_folder(tmp_path / "tree", classes=2, train=2, test=1)
+    first = scan(folder)
+    calls = []
+    monkeypatch.setattr(streaming, "_scan_split_dir", lambda *a: calls.append(a) or {})
+    assert scan(folder) == first and not calls  # from the cached index
+    monkeypatch.undo()
+    (folder / "train" / "c1" / "0001.jpg").rename(folder / "train" / "c1" / "extra.jpg")
+    (folder / "train" / "c0" / "0000.jpg").unlink()
+    train, _, _, _ = scan(folder)
+    assert len(train) == 3 and train.names[-1].endswith("c1/extra.jpg")

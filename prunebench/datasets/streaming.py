@@ -23,6 +23,7 @@ uint8 tensors; normalisation happens on the training device.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tarfile
@@ -126,7 +127,7 @@ def layout(what: str, test_names: tuple[str, ...]) -> str:
 
 
 def _image(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    return not name.startswith(".") and "." in name and "." + name.rsplit(".", 1)[1].lower() in IMAGE_SUFFIXES
 
 
 def _scan_split_dir(root: Path, split: str) -> dict[str, list[str]]:
@@ -166,11 +167,87 @@ def _scan_tar(path: Path) -> tuple[dict[str, dict[str, list[str]]], dict[str, tu
     return splits, where
 
 
+INDEX_FORMAT = 1  # bump when the cached index changes
+
+
+def _stamp(source: Path) -> str:
+    """What the index of ``source`` depends on: a tar's size and mtime; for a directory, the
+    mtimes of its split and class folders (adding or removing an image changes its folder's)."""
+    if source.is_file():
+        st = source.stat()
+        return f"file:{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.sha256()
+    for split in sorted(os.scandir(source), key=lambda e: e.name):
+        if split.is_dir():
+            h.update(f"{split.name}:{split.stat().st_mtime_ns};".encode("utf-8", "surrogateescape"))
+            for cls in sorted(os.scandir(split.path), key=lambda e: e.name):
+                if cls.is_dir():
+                    h.update(f"{cls.name}:{cls.stat().st_mtime_ns};".encode("utf-8", "surrogateescape"))
+    return "dir:" + h.hexdigest()
+
+
+Index = tuple[set[str], dict[str, dict[str, list[str]]], dict[str, list[int]] | None]
+
+
+def _scan(source: Path, splits: tuple[str, ...]) -> Index:
+    """(split folders present, {split: {class: [images]}} for ``splits``, tar offsets and sizes)."""
+    if source.is_dir():
+        present = {p.name for p in source.iterdir() if p.is_dir()}
+        return present, {s: _scan_split_dir(source, s) for s in splits if s in present}, None
+    tree, where = _scan_tar(source)
+    return set(tree), {s: tree[s] for s in splits if s in tree}, {k: list(v) for k, v in where.items()}
+
+
+def index_images(source: Path, splits: tuple[str, ...]) -> Index:
+    """:func:`_scan`, cached as JSON under ``<cache>/datasets/index-*.json`` by the source's
+    stamp: listing ImageNet's 1.3 M files, or reading a tar's 1.3 M headers, is done once, by
+    one process."""
+    import json
+
+    from prunebench.datasets import cache_dir
+    from prunebench.files import replace_atomically
+    from prunebench.locks import hold
+
+    source = source.absolute()
+    stamp = _stamp(source)
+    digest = hashlib.sha256(str(source).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    entry = cache_dir() / "datasets" / f"index-{source.name[:40]}-{digest}.json"
+
+    def cached() -> Index | None:
+        try:
+            data = json.loads(entry.read_bytes())
+        except (OSError, ValueError):  # missing, partial or foreign: scan again
+            return None
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT or data.get("stamp") != stamp \
+                or data.get("splits") != list(splits):
+            return None
+        return set(data["present"]), data["trees"], data["where"]
+
+    found = cached()
+    if found is not None:
+        return found
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with hold(f"{entry}.lock"):
+        found = cached()  # another process may have just written it
+        if found is not None:
+            return found
+        present, trees, where = _scan(source, splits)
+        payload = {"format": INDEX_FORMAT, "stamp": stamp, "splits": list(splits), "present": sorted(present),
+                   "trees": trees, "where": where}
+        try:
+            data = json.dumps(payload, separators=(",", ":")).encode("utf-8", "surrogateescape")
+            replace_atomically(entry, lambda f: f.write(data))
+        except OSError as exc:
+            warnings.warn(f"could not write the image index {entry}: {exc}", stacklevel=2)
+    return present, trees, where
+
+
 def scan(source: Path, test_names: tuple[str, ...] = ("val",), what: str = "an image folder") -> tuple[
         ImageList, ImageList, list[str], str]:
     """Index ``source`` (a directory or an uncompressed ``.tar``): (train, test, classes, test split name).
 
-    Raises a one-line :class:`DataNotFoundError` naming the expected layout when the source
+    The listing is cached (:func:`index_images`). Raises a one-line :class:`DataNotFoundError`
+    naming the expected layout when the source
     is missing, a split or its class folders are missing or empty, or the evaluation split
     has classes the training split lacks.
     """
@@ -178,25 +255,14 @@ def scan(source: Path, test_names: tuple[str, ...] = ("val",), what: str = "an i
     source = Path(source).expanduser()
     if not source.exists():
         raise DataNotFoundError(f"{source} not found: expected {expected}")
-    where: dict[str, tuple[int, int]] | None = None
-    if source.is_dir():
-        present = {p.name for p in source.iterdir() if p.is_dir()}
-
-        def split_of(name: str) -> dict[str, list[str]]:
-            return _scan_split_dir(source, name)
-    else:
-        tree, where = _scan_tar(source)
-        present = set(tree)
-
-        def split_of(name: str) -> dict[str, list[str]]:
-            return tree[name]
+    present, trees, where = index_images(source, (TRAIN, *test_names))
     test_name = next((t for t in test_names if t in present), None)
     missing = [n for n, ok in ((f"{TRAIN}/", TRAIN in present), (" or ".join(f"{t}/" for t in test_names),
                                                                   test_name is not None)) if not ok]
     if missing:
         found = ", ".join(sorted(f"{p}/" for p in present)[:10]) or "nothing"
         raise DataNotFoundError(f"{source}: no {' and no '.join(missing)} (found {found}); expected {expected}")
-    train_tree, test_tree = split_of(TRAIN), split_of(test_name)
+    train_tree, test_tree = trees[TRAIN], trees[test_name]
     for split, tree in ((TRAIN, train_tree), (test_name, test_tree)):
         if not tree:
             raise DataNotFoundError(f"{source}/{split}/ has no class folders; expected {expected}")
