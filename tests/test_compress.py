@@ -76,6 +76,16 @@ def test_impossible_target_is_a_clear_error():
         compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter)
 
 
+def test_l1_scores_are_the_filters_absolute_sums():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Conv2d(5, 4, (1, 2)))
+    s = registry.criteria.get("l1")().scores(model, ["0", "1"], None)
+    for name, conv in (("0", model[0]), ("1", model[1])):
+        w = conv.weight.detach().tolist()
+        expected = [sum(abs(v) for row in f for col in row for v in col) for f in w]  # one filter at a time
+        assert s[name].tolist() == pytest.approx(expected, rel=1e-6)
+
+
 def test_l1_removes_the_smallest_filters():
     arch = registry.architectures.get("resnet20")
     model = arch.build(num_classes=10, in_channels=1).eval()

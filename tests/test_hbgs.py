@@ -499,7 +499,7 @@ def test_hbgts_outputs(output):
 
 
 def test_without_reselect_one_order_and_a_direct_fit():
-    from prunebench.criteria._selection import SELECTORS, filter_gram, ls_coefficients, ridge_value
+    from prunebench.criteria._selection import SELECTORS, filter_gram, ridge_value
     from prunebench.criteria.hbgs.layer import UnitState
 
     g = torch.Generator().manual_seed(0)
@@ -513,10 +513,53 @@ def test_without_reselect_one_order_and_a_direct_fit():
         state.apply(2)
     assert state.removed_set().tolist() == sorted(once[:6].tolist())
     removed, kept, coeffs = state.coefficients()
-    torch.testing.assert_close(coeffs, ls_coefficients(H, kept, removed, lam))
+    torch.testing.assert_close(coeffs, _explicit_ridge(w, kept, removed, lam), rtol=1e-7, atol=1e-9)
     # the search with reselect off runs end to end too
     torch.manual_seed(11)
     model = SmallCNN().eval()
     randomise_bn(model)
     ctx = make_ctx(model, 0.3)
     check_allocation(model, ctx, HBGTS.from_kwargs(reselect=False, lazy=True).allocate(model, ctx))
+
+
+def _explicit_ridge(w: torch.Tensor, kept, removed, lam: float) -> torch.Tensor:
+    """Ridge fit of each removed filter from the kept ones, by numpy's least squares on
+    ``[A_S; √λ I] c = [a_r; 0]`` (``A`` = flattened filters as columns)."""
+    import numpy as np
+
+    a = w.reshape(w.shape[0], -1).T.numpy()
+    kept, removed = [int(i) for i in kept], [int(i) for i in removed]
+    stacked = np.vstack([a[:, kept], np.sqrt(lam) * np.eye(len(kept))])
+    rhs = np.vstack([a[:, removed], np.zeros((len(kept), len(removed)))])
+    return torch.from_numpy(np.linalg.lstsq(stacked, rhs, rcond=None)[0].T)
+
+
+def test_one_move_folds_the_dropped_filters_by_an_explicit_ridge_fit():
+    """With reselect, a move's coefficients are the ridge fit of the dropped filters from the
+    kept ones; the second move chains them: ``T[:, S] += T[:, D] C``."""
+    from prunebench.criteria._selection import SELECTORS, filter_gram, ridge_value
+    from prunebench.criteria.hbgs.layer import UnitState
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(9, 4, 3, 3, generator=g, dtype=torch.float64)
+    H = filter_gram(w)
+    lam = ridge_value(H, 1e-2)
+    state = UnitState("c", ("c",), 9, 8, H, lam, fold=True, drop_order=SELECTORS["omp"][0])
+    d1 = state.drop_set(2).tolist()
+    state.apply(2)
+    s1 = state.pool.tolist()
+    removed, kept, coeffs = state.coefficients()
+    assert removed.tolist() == sorted(d1) and kept.tolist() == s1
+    c1 = _explicit_ridge(w, s1, removed, lam)
+    torch.testing.assert_close(coeffs, c1, rtol=1e-7, atol=1e-9)
+    d2 = state.drop_set(1).tolist()
+    state.apply(1)
+    s2 = state.pool.tolist()
+    c2 = _explicit_ridge(w, s2, d2, lam)  # [1, |S2|]
+    at = {k: j for j, k in enumerate(s1)}
+    expected = torch.zeros(9, len(s2), dtype=torch.float64)  # T[:, S2] after both moves
+    for j, k in enumerate(s2):
+        expected[k, j] = 1.0
+        expected[removed, j] = c1[:, at[k]] + c1[:, at[d2[0]]] * c2[0, j]
+    expected[d2[0]] = c2[0]
+    torch.testing.assert_close(state.T[:, s2], expected, rtol=1e-7, atol=1e-9)

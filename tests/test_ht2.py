@@ -417,3 +417,95 @@ def test_unknown_hyper_parameter_is_suggested() -> None:
         "include_linear": True,
         "include_classifier": True,
     }
+
+
+# ----------------------------------------------------------------------------- independent reference
+
+
+def _numpy_ht2(w, energy: float):
+    """Truncated Tucker-2 + core SVD written out with numpy, as the paper states it.
+
+    ``w`` is ``(T, C, kh, kw)``; returns the reconstructed kernel, the ranks, the squared
+    norm of the projected core and the core's discarded squared singular values.
+    """
+    import numpy as np
+
+    t, c, kh, kw = w.shape
+    x = np.transpose(w, (1, 2, 0, 3))  # (C, kh, T, kw)
+    u1, s1, _ = np.linalg.svd(x.reshape(c, -1), full_matrices=False)
+    u3, s3, _ = np.linalg.svd(np.moveaxis(x, 2, 0).reshape(t, -1), full_matrices=False)
+    r1, r3 = _numpy_energy_rank(s1, energy), _numpy_energy_rank(s3, energy)
+    s13 = np.linalg.svd(x.reshape(c * kh, t * kw), compute_uv=False)
+    r13 = min(_numpy_energy_rank(s13, energy), r1 * kh, r3 * kw)
+    core = np.einsum("ahbw,ai,bj->ihjw", x, u1[:, :r1], u3[:, :r3])  # (R1, kh, R3, kw)
+    cu, cs, cvt = np.linalg.svd(core.reshape(r1 * kh, r3 * kw), full_matrices=False)
+    core13 = ((cu[:, :r13] * cs[:r13]) @ cvt[:r13]).reshape(r1, kh, r3, kw)
+    rec = np.einsum("ihjw,ai,bj->ahbw", core13, u1[:, :r1], u3[:, :r3])  # (C, kh, T, kw)
+    return np.transpose(rec, (2, 0, 1, 3)), (r1, r13, r3), float((core**2).sum()), float((cs[r13:] ** 2).sum())
+
+
+def _kernel_of(fact: Factorized, conv: nn.Conv2d) -> torch.Tensor:
+    """The ``(T, C, kh, kw)`` kernel the four convs apply together (stride 1)."""
+    a = fact[0].weight.detach()[:, :, 0, 0]  # (R1, C)
+    h = fact[1].weight.detach()[..., 0]  # (R13, R1, kh)
+    v = fact[2].weight.detach()[:, :, 0, :]  # (R3, R13, kw)
+    d = fact[3].weight.detach()[:, :, 0, 0]  # (T, R3)
+    return torch.einsum("tb,bsw,sih,ic->tchw", d, v, h, a)
+
+
+@pytest.mark.parametrize("shape", [(12, 8, 3, 3), (6, 10, 3, 5)])
+@pytest.mark.parametrize("energy", [0.9, 0.6, 0.3])
+def test_truncated_tucker2_equals_a_direct_numpy_computation(shape, energy) -> None:
+    """At energy < 1: the kept subspaces are the leading singular directions, the core keeps
+    its leading R13 directions (Eckart-Young), and the ranks are the energy ranks."""
+    import numpy as np
+
+    torch.manual_seed(31 + sum(shape))
+    t, c, kh, kw = shape
+    conv = nn.Conv2d(c, t, (kh, kw), padding=(kh // 2, kw // 2), bias=True).double()
+    with torch.no_grad():  # an uneven spectrum, so that truncation has something to choose
+        conv.weight.mul_(torch.logspace(0, -1.5, t, dtype=torch.float64)[:, None, None, None])
+        conv.weight.mul_(torch.logspace(0, -1, c, dtype=torch.float64)[None, :, None, None])
+    w = conv.weight.detach().numpy()
+    ref, ranks, core_sq, core_tail = _numpy_ht2(w, energy)
+    fact = tucker2_conv(conv, energy)
+    assert (fact[0].out_channels, fact[1].out_channels, fact[2].out_channels) == ranks
+    assert ranks[0] < c or ranks[2] < t  # the truncation is real
+    kernel = _kernel_of(fact, conv)
+    np.testing.assert_allclose(kernel.numpy(), ref, rtol=0, atol=1e-10)
+    # the error: energy outside the two kept subspaces plus the core's discarded directions
+    err = float(((kernel.numpy() - w) ** 2).sum())
+    assert err == pytest.approx(float((w**2).sum()) - core_sq + core_tail, rel=1e-9, abs=1e-12)
+    # the four convs apply that kernel (zero padding splits exactly over the two axes)
+    x = torch.randn(2, c, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        direct = nn.functional.conv2d(x, kernel, conv.bias, padding=conv.padding)
+        torch.testing.assert_close(fact(x), direct, rtol=0, atol=1e-10)
+
+
+def test_full_mode_ranks_reach_the_eckart_young_optimum_of_the_kernel_reshape() -> None:
+    """With both mode bases full, the core step is the best rank-R13 approximation of the
+    ``(C kh) x (T kw)`` reshape: its error is exactly the discarded squared singular values."""
+    import numpy as np
+
+    t, c, kh, kw = 3, 2, 3, 3
+    w = np.random.default_rng(41).standard_normal((t, c, kh, kw))
+    for _ in range(30):  # whiten both mode unfoldings in turn: flat spectra, so R1 = C and R3 = T
+        for axis in (1, 0):
+            m = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+            u, _, vt = np.linalg.svd(m, full_matrices=False)
+            w = np.moveaxis((u @ vt).reshape(np.moveaxis(w, axis, 0).shape), 0, axis)
+    conv = nn.Conv2d(c, t, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(w))
+    x = np.transpose(w, (1, 2, 0, 3)).reshape(c * kh, t * kw)
+    s = np.linalg.svd(x, compute_uv=False)
+    energy = 0.75
+    r1, r13, r3 = ht2_ranks(conv, energy)
+    assert (r1, r3) == (c, t) and r13 < min(c * kh, t * kw)
+    assert r13 == _numpy_energy_rank(s, energy)
+    err = float(((_kernel_of(tucker2_conv(conv, energy), conv).numpy() - w) ** 2).sum())
+    assert err == pytest.approx(float((s[r13:] ** 2).sum()), rel=1e-9)
+    # the smallest rank reaching the energy: one less would not
+    share = np.cumsum(s**2) / (s**2).sum()
+    assert share[r13 - 1] >= energy > (share[r13 - 2] if r13 > 1 else 0.0)

@@ -272,14 +272,71 @@ def test_compensate_on_depthwise_separable_block():
     inner = torch.argsort(s["expand"] + s["depthwise"])[:3]
     outer = torch.argsort(s["stem"] + s["project"])[:2]
     removal = {"expand": inner, "depthwise": inner, "stem": outer, "project": outer}
-    project_before = model.project.weight.clone()
-    fc_before = model.fc.weight.clone()
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in ("expand", "depthwise", "project", "fc")}
     q.compensate(model, removal, cal)
     assert set(q.twins) == set(removal)
     assert torch.equal(q.twins["expand"], q.twins["depthwise"])
-    # the depthwise conv's outputs feed the (dense) project conv: its input weights absorbed the fold
-    assert not torch.equal(model.project.weight, project_before)
-    assert not torch.equal(model.fc.weight, fc_before)  # the residual stream feeds the classifier
+    assert torch.equal(q.twins["stem"], q.twins["project"])
+    for unit, idx in (("expand", inner), ("stem", outer)):
+        twins = q.twins[unit]
+        assert sorted(twins[:, 0].tolist()) == sorted(idx.tolist())
+        assert not set(twins[:, 1].tolist()) & set(idx.tolist())  # twins are kept channels
+
+    def folded(w: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        out = w.clone()
+        for r, k in pairs.tolist():
+            out[:, k] += w[:, r]
+        return out
+
+    # the depthwise conv's outputs feed the (dense) project conv: each removed input column is
+    # added once to its twin's, and nothing else moves
+    torch.testing.assert_close(model.project.weight, folded(before["project"], q.twins["depthwise"]))
+    # the residual stream (stem + project) feeds the expand conv and the classifier
+    torch.testing.assert_close(model.expand.weight, folded(before["expand"], q.twins["stem"]))
+    torch.testing.assert_close(model.fc.weight, folded(before["fc"], q.twins["stem"]))
+    assert torch.equal(model.depthwise.weight, before["depthwise"])  # not linear in the channel mix
+
+
+def _plant_depthwise_twin(model: _MobileBlockNet, src: int, dup: int) -> None:
+    """Channel ``dup`` of the expand -> depthwise path computes exactly what channel ``src`` does."""
+    with torch.no_grad():
+        model.expand.weight[dup] = model.expand.weight[src]
+        model.depthwise.weight[dup] = model.depthwise.weight[src]
+        for bn in (model.bn1, model.bn2):
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[dup] = t[src]
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_removing_a_planted_depthwise_twin_keeps_the_output(compensation):
+    """A duplicate expand/depthwise channel, removed from both convs and folded into its twin:
+    the block's output is unchanged (as for the plain conv pair above)."""
+    torch.manual_seed(3)
+    model = _MobileBlockNet().eval()
+    for bn in (model.bn0, model.bn1, model.bn2, model.bn3):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    src, dup = 3, 11
+    _plant_depthwise_twin(model, src, dup)
+    cal = _calibration()
+    q = QSFM.from_kwargs(compensation=compensation)
+    s = q.scores(model, ["expand", "depthwise"], cal)
+    assert int(torch.argmin(s["expand"] + s["depthwise"])) in (src, dup)
+    with torch.no_grad():
+        before = model(cal.images)
+    q.compensate(model, {"expand": torch.tensor([dup]), "depthwise": torch.tensor([dup])}, cal)
+    with torch.no_grad():
+        model.project.weight[:, dup] = 0.0  # the channel is gone: project is its only consumer
+        after = model(cal.images)
+    err = float((after - before).abs().max())
+    if compensation:
+        assert q.twins["expand"].tolist() == q.twins["depthwise"].tolist() == [[dup, src]]
+        assert err < 1e-5  # folded once: twice would add project's column a second time
+    else:
+        assert q.twins == {} and err > 1e-3
 
 
 class _Residual(nn.Module):

@@ -39,6 +39,30 @@ def brute_error(A: torch.Tensor, kept: list[int], lam: float) -> float:
     return total
 
 
+def explicit_ridge(A: torch.Tensor, kept: list[int], dropped: list[int], lam: float) -> torch.Tensor:
+    """``argmin_c ‖a_d − A_S c‖² + λ‖c‖²`` per dropped filter, as the least-squares problem
+    ``[A_S; √λ I] c = [a_d; 0]`` solved by numpy (no Gram matrix, no normal equations)."""
+    import numpy as np
+
+    a = A.numpy()
+    stacked = np.vstack([a[:, kept], np.sqrt(lam) * np.eye(len(kept))])
+    rhs = np.vstack([a[:, dropped], np.zeros((len(kept), len(dropped)))])
+    return torch.from_numpy(np.linalg.lstsq(stacked, rhs, rcond=None)[0].T)  # [|D|, |S|]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.05, 2.0])
+def test_ls_coefficients_equal_an_explicit_ridge_solve(lam: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(25, 9, generator=g, dtype=torch.float64)  # columns are filters
+    kept, dropped = [0, 2, 3, 5, 8], [7, 1, 4]  # any order: rows follow ``dropped``
+    coeffs = ls_coefficients(A.T @ A, kept, dropped, lam)
+    torch.testing.assert_close(coeffs, explicit_ridge(A, kept, dropped, lam), rtol=1e-9, atol=1e-11)
+    # a dependent filter is rebuilt exactly at lam = 0
+    A[:, 4] = 2.0 * A[:, 0] - A[:, 3]
+    c = ls_coefficients(A.T @ A, kept, [4], 0.0)
+    torch.testing.assert_close(c, torch.tensor([[2.0, 0.0, -1.0, 0.0, 0.0]], dtype=torch.float64), rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.3])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_closed_form_cost_matches_brute_force_refits(seed: int, lam: float) -> None:
@@ -164,7 +188,11 @@ def test_selectors_return_consistent_partitions(name: str) -> None:
     assert sel.kept.tolist() == sorted(sel.kept.tolist())
     assert sel.coeffs.shape == (6, 10)
     H = filter_gram(w)
-    torch.testing.assert_close(sel.coeffs, ls_coefficients(H, sel.kept, sel.dropped, ridge_value(H, 1e-4)))
+    A = w.reshape(16, -1).T.double()
+    lam = 1e-4 * float((A * A).sum()) / 16  # relative to the mean squared filter norm
+    assert ridge_value(H, 1e-4) == pytest.approx(lam, rel=1e-12)
+    expected = explicit_ridge(A, sel.kept.tolist(), sel.dropped.tolist(), lam)
+    torch.testing.assert_close(sel.coeffs, expected, rtol=1e-7, atol=1e-9)
     # drop orders restricted to a pool never leave the pool
     drop = SELECTORS[name][0]
     pool = torch.tensor([1, 3, 4, 8, 9, 12, 15])

@@ -418,3 +418,70 @@ def test_a_target_that_needs_a_higher_energy_than_the_paper_s_stays_reachable() 
     result = compress(crit, model, ctx, meter)
     assert meter.within(result.achieved)
     assert crit.train_energy == 0.9 and steps[-1] == crit.rank_floors  # projections stop at the floors
+
+
+# ----------------------------------------------------------------------------- independent reference
+
+
+def _numpy_best_rank(matrix: torch.Tensor, energy: float):
+    """numpy's SVD: the smallest rank reaching ``energy`` and the best approximation at that rank."""
+    import numpy as np
+
+    u, s, vt = np.linalg.svd(matrix.detach().double().numpy(), full_matrices=False)
+    share = np.cumsum(s**2) / (s**2).sum()
+    r = int(np.argmax(share >= energy - 1e-12)) + 1  # the first rank whose share reaches e
+    assert share[r - 1] >= energy - 1e-12 and (r == 1 or share[r - 2] < energy)
+    return r, (u[:, :r] * s[:r]) @ vt[:r], u[:, :r] @ vt[:r]
+
+
+def _uneven(conv: nn.Conv2d) -> nn.Conv2d:
+    with torch.no_grad():  # a decaying spectrum, so that the truncation has something to choose
+        conv.weight.mul_(torch.logspace(0, -1.5, conv.out_channels)[:, None, None, None])
+    return conv
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("energy", [0.9, 0.6, 0.3])
+def test_projection_is_the_best_rank_r_approximation(scheme: str, energy: float) -> None:
+    import numpy as np
+
+    torch.manual_seed(21)
+    model = Tiny()
+    _uneven(model.conv1), _uneven(model.conv2)
+    before = {n: to_matrix(c.weight.detach().double(), scheme) for n, c in (("conv1", model.conv1), ("conv2", model.conv2))}
+    convs = {"conv1": model.conv1, "conv2": model.conv2}
+    hooks = TRPHooks(convs, energy=energy, nuclear=1.0, period=1, scheme=scheme)
+    hooks.project()  # what training_hooks does before the first step
+    for c in hooks.convs.values():
+        c.weight.grad = torch.zeros_like(c.weight)
+    hooks.after_backward(model, 0)
+    for name, m in before.items():
+        r, best, uv = _numpy_best_rank(m, energy)
+        assert hooks.ranks[name] == r < min(m.shape)
+        projected = to_matrix(hooks.convs[name].weight.detach().double(), scheme).numpy()
+        np.testing.assert_allclose(projected, best, rtol=0, atol=1e-5)  # float32 weights
+        # the sub-gradient waiting for the next backward pass is U_r V_r^T of the same weight
+        sub = to_matrix(hooks.convs[name].weight.grad.double(), scheme).numpy()
+        np.testing.assert_allclose(sub, uv, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("energy", [0.95, 0.7, 0.4])
+def test_split_at_energy_is_the_best_rank_r_approximation(scheme: str, energy: float) -> None:
+    import numpy as np
+
+    torch.manual_seed(22)
+    conv = _uneven(nn.Conv2d(6, 10, (3, 5), padding=(1, 2), bias=True)).double()
+    r, best, _ = _numpy_best_rank(to_matrix(conv.weight, scheme), energy)
+    new = trp_conv(conv, energy, scheme)
+    assert new[0].out_channels == r == trp_rank(conv, energy, scheme)
+    first, second = new[0].weight.detach(), new[1].weight.detach()
+    if scheme == "channel":  # (N x R)(R x C kh kw)
+        product = second.reshape(10, r) @ first.reshape(r, -1)
+    else:  # (C kh x R)(R x N kw)
+        product = first[..., 0].permute(1, 2, 0).reshape(6 * 3, r) @ second[:, :, 0, :].permute(1, 0, 2).reshape(r, -1)
+    np.testing.assert_allclose(product.numpy(), best, rtol=0, atol=1e-10)
+    x = torch.randn(2, 6, 7, 8, dtype=torch.float64)
+    kernel = from_matrix(torch.from_numpy(best), conv.weight.shape, scheme)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), nn.functional.conv2d(x, kernel, conv.bias, padding=(1, 2)), rtol=0, atol=1e-10)
