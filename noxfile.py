@@ -1,5 +1,8 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s slow`, `nox -s leaderboard`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s slow`, `nox -s leaderboard`,
+`nox -s mutants` (mutation testing; slow, not part of CI: see docs/testing.md)."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import nox
@@ -34,3 +37,67 @@ def leaderboard(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
     Path("leaderboard/records").mkdir(parents=True, exist_ok=True)  # no records yet: an empty leaderboard
     session.run("prunebench", "leaderboard", "--records", "leaderboard/records", "--out", "leaderboard", *session.posargs)
+
+
+#: Every module under mutation and the tests that exercise it (only those run per mutant).
+MUTANT_TESTS = {
+    "criteria/ht2.py": ["tests/test_ht2.py"],
+    "criteria/trp.py": ["tests/test_trp.py"],
+    "criteria/coring.py": ["tests/test_coring.py"],
+    "criteria/qsfm.py": ["tests/test_qsfm.py"],
+    "criteria/_selection.py": ["tests/test_selection.py", "tests/test_hbgs.py"],
+    "criteria/hbgs/layer.py": ["tests/test_hbgs.py", "tests/test_selection.py"],
+    "criteria/hbgs/compensation.py": ["tests/test_hbgs.py"],
+    "criteria/hbgs/links.py": ["tests/test_hbgs.py"],
+    "criteria/hbgs/search.py": ["tests/test_hbgs.py"],
+    "criteria/hbgs/runner.py": ["tests/test_hbgs.py"],
+    "criteria/hbgs/__init__.py": ["tests/test_hbgs.py"],
+    "criteria/_factorized.py": ["tests/test_ht2.py", "tests/test_trp.py"],
+    "criteria/_greedy.py": ["tests/test_coring.py", "tests/test_qsfm.py"],
+    "criteria/l1.py": ["tests/test_compress.py"],
+    "criteria/random.py": ["tests/test_compress.py"],
+    "prunebench/compress.py": ["tests/test_compress.py"],
+    "prunebench/costmodel.py": ["tests/test_costmodel.py"],
+    "prunebench/surgery.py": ["tests/test_surgery.py"],
+}
+
+
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """Mutation testing with mutmut: each mutant of a module must make that module's tests fail.
+
+    `nox -s mutants` runs every module of MUTANT_TESTS (hours on 2 cores);
+    `nox -s mutants -- criteria/ht2.py criteria/trp.py` only those. mutmut edits files in
+    place, so it works on a copy of the tracked files under .nox/ (results accumulate there
+    in .mutmut-cache: a second run re-tests only what changed). Prints `mutmut results`.
+    """
+    session.install("-e", ".[dev]")
+    targets = session.posargs or list(MUTANT_TESTS)
+    unknown = [t for t in targets if t not in MUTANT_TESTS]
+    if unknown:
+        session.error(f"no tests are mapped for {unknown}; known: {', '.join(MUTANT_TESTS)}")
+    root = Path(__file__).resolve().parent
+    work = Path(session.create_tmp()).resolve() / "mutants-tree"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout
+    for rel in filter(None, tracked.decode().split("\0")):
+        src, dst = root / rel, work / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    # the copy is imported in place of the installed package: the same layout as pyproject's
+    # package-dir (criteria/ and architectures/ are prunebench.criteria / .architectures)
+    for sub in ("criteria", "architectures"):
+        link = work / "prunebench" / sub
+        if not link.exists():
+            link.symlink_to(Path("..") / sub, target_is_directory=True)
+    env = {"PYTHONPATH": str(work), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with session.chdir(work):
+        for target in targets:
+            runner = "python -m pytest -x -q -p no:cacheprovider " + " ".join(MUTANT_TESTS[target])
+            session.log(f"mutating {target} (tests: {' '.join(MUTANT_TESTS[target])})")
+            # exit status: bit 2 survivors, 4 timeouts, 8 suspicious; only 1 is a failure
+            session.run(
+                "mutmut", "run", "--paths-to-mutate", target, "--tests-dir", "tests", "--runner", runner,
+                env=env, success_codes=[c for c in range(16) if not c & 1],
+            )
+        session.run("mutmut", "results", env=env, success_codes=[0, 2])
