@@ -334,12 +334,22 @@ def test_reduction_monotone_in_energy_and_deterministic() -> None:
 
 
 def test_params_target_uses_parameter_counts() -> None:
+    torch.manual_seed(0)
     model = Tiny()
     x = torch.randn(1, 3, 16, 16)
-    ctx = make_ctx(model, x, metric="params")
     n0 = sum(p.numel() for p in model.parameters())
-    steps = HT2().transform(model, 0.5, ctx)
-    assert steps and sum(p.numel() for p in model.parameters()) < n0
+    m_params, m_macs = copy.deepcopy(model), copy.deepcopy(model)
+    by_params = [s["module"] for s in HT2().transform(m_params, 0.8, make_ctx(model, x, metric="params"))]
+    by_macs = [s["module"] for s in HT2().transform(m_macs, 0.8, make_ctx(model, x, metric="macs"))]
+    assert sum(p.numel() for p in m_params.parameters()) < n0
+    # the strided conv1: its first 1x1 conv runs at the input resolution, so the factorisation
+    # saves parameters but costs MACs; each target decides by its own metric
+    assert "conv1" in by_params and "conv1" not in by_macs
+    assert set(by_params) - set(by_macs) == {"conv1"}
+    alone = copy.deepcopy(model)
+    set_module(alone, "conv1", tucker2_conv(model.conv1, 0.8))
+    assert sum(p.numel() for p in alone.parameters()) < n0
+    assert count_macs(alone, x) > count_macs(model, x)
 
 
 # ----------------------------------------------------------------------------- plan round trip

@@ -18,8 +18,14 @@ from prunebench.protocols import (
 
 def test_builtins_come_from_entry_points():
     entries = registry.criteria.entries()
-    assert {"l1", "random"} <= set(entries)
-    assert entries["l1"].distribution == "prunebench"
+    builtin = {"l1", "random", "coring", "qsfm", "hbgs", "hbgs-b", "hbgts", "hbgts-b", "ht2", "trp"}
+    assert builtin <= set(entries)
+    for name in builtin:  # each one is what its entry point promises
+        assert entries[name].distribution == "prunebench"
+        cls = registry.criteria.get(name)
+        assert cls.name == name and isinstance(cls.needs_data, bool)
+        assert isinstance(cls.summary, str) and cls.summary and isinstance(cls.reference, str) and cls.reference
+    assert {n for n in builtin if registry.criteria.get(n).needs_data} == {"qsfm", "hbgs", "hbgs-b", "hbgts", "hbgts-b", "trp"}
     assert {"resnet56", "vgg16_bn"} <= set(registry.architectures.names())
     assert {"digits", "cifar10", "imagefolder"} <= set(registry.datasets.names())
 

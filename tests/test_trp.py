@@ -367,12 +367,21 @@ def test_training_projects_at_the_energy_that_meets_the_target():
     )
     untouched = copy.deepcopy(model)  # the hooks project the model they are given
     crit = TRP.from_kwargs(match_target=True)
-    crit.training_hooks(model, ctx)
+    untrained = copy.deepcopy(model)
+    crit.training_hooks(model, ctx)  # projects ``model`` at the training energy
     e = crit.train_energy
     assert e < 0.9
+    # on the model it was bisected on, the training energy lands on the target (within the
+    # protocol's one point) and is the largest energy that does (the bisection's last step is
+    # below 6e-5)
+    at, above = copy.deepcopy(untrained), copy.deepcopy(untrained)
+    crit.transform(at, e, ctx)
+    crit.transform(above, e + 1e-4, ctx)
+    assert 0.5 <= meter.reduction(at) <= 0.51 and meter.reduction(above) < 0.5
+    # after the projection the energy ranks can only shrink: the target stays met
     at = copy.deepcopy(model)
     crit.transform(at, e, ctx)
-    assert meter.reduction(at) >= 0.5  # factorising at the training energy meets the target
+    assert meter.reduction(at) >= 0.5
     fixed = TRP.from_kwargs(match_target=False)
     fixed.training_hooks(untouched, ctx)
     assert fixed.train_energy == 0.9  # the target needs less than 0.9 keeps: the paper's energy stays
