@@ -1,8 +1,10 @@
 """Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s slow`, `nox -s leaderboard`,
 `nox -s mutants` (mutation testing; slow, not part of CI: see docs/testing.md)."""
 
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import nox
@@ -69,7 +71,9 @@ def mutants(session: nox.Session) -> None:
     `nox -s mutants` runs every module of MUTANT_TESTS (hours on 2 cores);
     `nox -s mutants -- criteria/ht2.py criteria/trp.py` only those. mutmut edits files in
     place, so it works on a copy of the tracked files under .nox/ (results accumulate there
-    in .mutmut-cache: a second run re-tests only what changed). Prints `mutmut results`.
+    in .mutmut-cache: a second run re-tests only survivors and changed lines). Each mutant's
+    tests run in a fork of a process that has torch imported (tests/_forkserver.py), which
+    saves most of a short run. Prints `mutmut results`.
     """
     session.install("-e", ".[dev]")
     targets = session.posargs or list(MUTANT_TESTS)
@@ -91,13 +95,28 @@ def mutants(session: nox.Session) -> None:
         if not link.exists():
             link.symlink_to(Path("..") / sub, target_is_directory=True)
     env = {"PYTHONPATH": str(work), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    python = session.run("python", "-c", "import sys; print(sys.executable)", silent=True).strip()
+    sock = work / ".forkserver.sock"
     with session.chdir(work):
-        for target in targets:
-            runner = "python -m pytest -x -q -p no:cacheprovider " + " ".join(MUTANT_TESTS[target])
-            session.log(f"mutating {target} (tests: {' '.join(MUTANT_TESTS[target])})")
-            # exit status: bit 2 survivors, 4 timeouts, 8 suspicious; only 1 is a failure
-            session.run(
-                "mutmut", "run", "--paths-to-mutate", target, "--tests-dir", "tests", "--runner", runner,
-                env=env, success_codes=[c for c in range(16) if not c & 1],
-            )
+        # torch & co. imported once; every mutant's pytest run is a fork of that process
+        server = subprocess.Popen([python, "tests/_forkserver.py", "serve", str(sock)], env={**os.environ, **env})
+        try:
+            for _ in range(600):
+                if sock.exists() or server.poll() is not None:
+                    break
+                time.sleep(0.1)
+            if not sock.exists():
+                session.error("the pytest fork server did not start")
+            for target in targets:
+                tests = " ".join(MUTANT_TESTS[target])
+                runner = f"python tests/_forkserver.py run {sock} -x -q -p no:cacheprovider {tests}"
+                session.log(f"mutating {target} (tests: {tests})")
+                # exit status: bit 2 survivors, 4 timeouts, 8 suspicious; only 1 is a failure
+                session.run(
+                    "mutmut", "run", "--paths-to-mutate", target, "--tests-dir", "tests", "--runner", runner,
+                    env=env, success_codes=[c for c in range(16) if not c & 1],
+                )
+        finally:
+            server.terminate()
+            server.wait()
         session.run("mutmut", "results", env=env, success_codes=[0, 2])
