@@ -94,7 +94,10 @@ def mutants(session: nox.Session) -> None:
         link = work / "prunebench" / sub
         if not link.exists():
             link.symlink_to(Path("..") / sub, target_is_directory=True)
-    env = {"PYTHONPATH": str(work), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # no bytecode: two same-sized mutants written within one second would share a stale .pyc
+    for cache in work.rglob("__pycache__"):
+        shutil.rmtree(cache)
+    env = {"PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     python = session.run("python", "-c", "import sys; print(sys.executable)", silent=True).strip()
     sock = work / ".forkserver.sock"
     with session.chdir(work):
