@@ -102,6 +102,7 @@ def mutants(session: nox.Session) -> None:
     sock = work / ".forkserver.sock"
     with session.chdir(work):
         # torch & co. imported once; every mutant's pytest run is a fork of that process
+        sock.unlink(missing_ok=True)
         server = subprocess.Popen([python, "tests/_forkserver.py", "serve", str(sock)], env={**os.environ, **env})
         try:
             for _ in range(600):
