@@ -4,7 +4,8 @@ Each mutant needs a fresh interpreter (the mutated module must be imported anew)
 a short test run is spent importing torch and friends. ``serve`` imports those once and,
 for every request, forks a child that runs ``pytest.main(args)`` with nothing of prunebench
 imported yet; ``run`` is the light client mutmut calls as its runner and exits with pytest's
-status. A client that goes away (mutmut's timeout) takes its child with it.
+status (a collection error or a crash as 1, a failure, which is what it is for a mutant). A
+client that goes away (mutmut's timeout) takes its child with it.
 
     python tests/_forkserver.py serve SOCKET &
     python tests/_forkserver.py run SOCKET -x -q tests/test_ht2.py
@@ -86,7 +87,12 @@ def run(path: str, argv: list[str]) -> int:
     client.connect(path)
     client.sendall((json.dumps({"argv": argv, "cwd": os.getcwd()}) + "\n").encode())
     reply = _recv_all(client).strip()
-    return int(reply) if reply else 3
+    if not reply:
+        return 3
+    code = int(reply)
+    # mutmut counts only status 1 as a failing run; a mutant that breaks the import (pytest's
+    # status 2, a collection error) or crashes the interpreter (a signal) fails the tests too
+    return 1 if code == 2 or code < 0 else code
 
 
 if __name__ == "__main__":

@@ -519,3 +519,39 @@ def test_full_mode_ranks_reach_the_eckart_young_optimum_of_the_kernel_reshape() 
     # the smallest rank reaching the energy: one less would not
     share = np.cumsum(s**2) / (s**2).sum()
     assert share[r13 - 1] >= energy > (share[r13 - 2] if r13 > 1 else 0.0)
+
+
+# ----------------------------------------------------------------------------- what users see
+
+
+def test_metadata_and_messages_are_exact() -> None:
+    import dataclasses
+    import re
+
+    from prunebench.protocols import Knob
+
+    assert HT2.needs_data is False and HT2.knob == Knob("energy", 0.05, 1.0, False)
+    assert HT2.summary.startswith("Hierarchical Tucker-2: each kxk conv -> 1x1, kx1, 1xk, 1x1 convs; SVD for")
+    assert HT2.summary.endswith("1x1 convs and linear layers; ranks from one energy threshold")
+    assert HT2.reference == (
+        "Gabor, Zdunek, 'Compression of convolutional neural networks using hierarchical "
+        "Tucker-2 decomposition', Applied Soft Computing 132, 2023"
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        HT2().params.energy = 0.5
+    with pytest.raises(ConfigError, match=r"^ht2 energy is the share of squared singular values kept"):
+        HT2.from_kwargs(energy=1.5)
+    model, x = Tiny(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(ConfigError, match=r"^ht2 energy is the share"):
+        HT2().transform(model, 0.0, make_ctx(model, x))
+    with pytest.raises(ConfigError, match=r"^ht2 include_first must be true or false, got 3$"):
+        HT2.Params(include_first=3)
+    with pytest.raises(ValueError, match=r"^hierarchical Tucker-2 needs a conv with groups == 1$"):
+        tucker2_conv(nn.Conv2d(4, 4, 3, groups=2), 0.5)
+    spec = {"type": "cp", "rank": 2}
+    expected = (
+        f"ht2 cannot rebuild a Conv2d from plan spec {spec!r}: expected {{'type': 'svd', 'rank': R}} for a "
+        "Linear or a conv, or {'type': 'tucker2', 'ranks': [R1, R13, R3]} for a conv"
+    )
+    with pytest.raises(ConfigError, match="^" + re.escape(expected) + "$"):
+        HT2.rebuild_module(nn.Conv2d(4, 4, 3), spec)

@@ -494,3 +494,74 @@ def test_split_at_energy_is_the_best_rank_r_approximation(scheme: str, energy: f
     kernel = from_matrix(torch.from_numpy(best), conv.weight.shape, scheme)
     with torch.no_grad():
         torch.testing.assert_close(new(x), nn.functional.conv2d(x, kernel, conv.bias, padding=(1, 2)), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("scheme", "c", "n"), [("spatial", 12, 4), ("channel", 2, 40)])
+def test_projection_of_tall_matrices(scheme: str, c: int, n: int) -> None:
+    """More rows than columns (the Gram matrix of the columns): the same best rank-r
+    approximation and the same U_r V_r^T."""
+    import numpy as np
+
+    torch.manual_seed(23)
+    conv = _uneven(nn.Conv2d(c, n, 3, padding=1, bias=False))
+    m = to_matrix(conv.weight.detach().double(), scheme)
+    assert m.shape[0] > m.shape[1]
+    r, best, uv = _numpy_best_rank(m, 0.7)
+    hooks = TRPHooks({"c": conv}, energy=0.7, nuclear=1.0, period=1, scheme=scheme)
+    hooks.after_backward(nn.Module(), 0)  # nothing projected yet: nothing to add
+    assert conv.weight.grad is None and hooks.subgradient_steps == 0
+    assert hooks.project() == {"c": r}
+    np.testing.assert_allclose(to_matrix(conv.weight.detach().double(), scheme).numpy(), best, rtol=0, atol=1e-5)
+    hooks.after_backward(nn.Module(), 0)
+    np.testing.assert_allclose(to_matrix(conv.weight.grad.double(), scheme).numpy(), uv, rtol=0, atol=1e-6)
+    hooks.on_train_end(nn.Module())
+    hooks.after_backward(nn.Module(), 1)  # after training: nothing pending
+    np.testing.assert_allclose(to_matrix(conv.weight.grad.double(), scheme).numpy(), uv, rtol=0, atol=1e-6)
+
+
+def test_numerically_zero_directions_get_no_subgradient() -> None:
+    """Singular directions below 1e-6 of the largest are left out of U_r V_r^T."""
+    u, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(36, 4, dtype=torch.float64))
+    for tiny, counted in ((1.5e-6, True), (0.5e-6, False)):
+        s = torch.tensor([1.0, 0.5, 0.2, tiny], dtype=torch.float64)
+        conv = nn.Conv2d(4, 4, 3, bias=False).double()
+        with torch.no_grad():
+            conv.weight.copy_(from_matrix((u * s) @ v.T, conv.weight.shape, "channel"))
+        hooks = TRPHooks({"c": conv}, energy=1.0, nuclear=1.0, period=1, scheme="channel")
+        hooks.project()
+        hooks.after_backward(nn.Module(), 0)
+        keep = 4 if counted else 3
+        expected = u[:, :keep] @ v[:, :keep].T
+        # (a direction that small is resolved to ~1e-5 through the Gram matrix; it is worth 1 here)
+        torch.testing.assert_close(to_matrix(conv.weight.grad, "channel"), expected, rtol=0, atol=1e-4)
+
+
+def test_trained_convs_are_those_with_a_spatial_kernel() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),  # the first conv: never
+        nn.Conv2d(4, 4, (3, 1), padding=(1, 0)),
+        nn.Conv2d(4, 4, (1, 2)),
+        nn.Conv2d(4, 4, 1),  # 1x1: nothing to regularise
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),  # trained, but never split (strided)
+    )
+    assert TRP().training_targets(model) == ["1", "2", "4"]
+    assert TRP().targets(model) == ["1", "2"]
+
+
+def test_split_defaults_and_messages() -> None:
+    import re
+
+    from prunebench.protocols import Knob
+
+    assert TRP.knob == Knob("energy", 0.05, 1.0, False)
+    torch.manual_seed(24)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    default = trp_conv(conv, 0.8)
+    assert default[0].kernel_size == (3, 3) and default[1].kernel_size == (1, 1)  # the channel scheme
+    with pytest.raises(ValueError, match=r"^trp needs a conv with groups == 1$"):
+        trp_conv(nn.Conv2d(4, 4, 3, groups=2), 0.5)
+    with pytest.raises(ConfigError, match="^" + re.escape("trp scheme 'spatail' is unknown. Did you mean 'spatial'? Available: channel, spatial") + "$"):
+        TRP.from_kwargs(scheme="spatail")
+    with pytest.raises(ConfigError, match=r"^trp energy is the share"):
+        TRPHooks({}, energy=0.0, nuclear=0.0, period=1, scheme="channel")
