@@ -290,3 +290,41 @@ def test_contract_through_the_harness(params):
 
     report = check_criterion(Coring, params)
     assert report["criterion"] == "coring" and report["kind"] == "score"
+
+
+def test_metadata_and_messages_are_exact():
+    import dataclasses
+    import re
+
+    from prunebench.criteria.coring import filter_distance_matrix
+
+    assert Coring.summary == (
+        "CORING: HOSVD mode vectors of each filter; prune the more redundant of the closest pairs"
+    )
+    assert Coring.reference == (
+        "Pham, Zniyed, Nguyen, 'Efficient tensor decomposition-based filter pruning', Neural Networks 2024"
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Coring().params.rank = 2
+
+    def raises(message: str):
+        return pytest.raises(ConfigError, match="^" + re.escape(message) + "$")
+
+    with raises("coring expects a conv weight [N, C, k, k]; layer 'x' has (4,)"):
+        hosvd_mode_vectors(torch.randn(4), layer="x")
+    with raises(
+        "coring: HOSVD rank 4 is larger than mode 1 of layer '0': its filters are 3 x 3 x 3 (mode sizes "
+        "(3, 3, 3)). Use rank <= 3 (rank 1, the paper's setting, works for every layer)."
+    ):
+        Coring.from_kwargs(rank=4).scores(nn.Sequential(nn.Conv2d(3, 8, 3)), ["0"], None)
+    with raises("unknown coring distance 'vdb'. Did you mean 'vbd'?"):
+        filter_distance_matrix(torch.randn(4, 3, 3, 3), distance="vdb")
+    with raises("coring: rank must be a positive integer, got 0"):
+        Coring.from_kwargs(rank=0)
+    with raises("coring: unknown distance 'cosin'. Did you mean 'cosine'? Available: vbd, euclidean, cosine"):
+        Coring(Coring.Params(distance="cosin"))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with raises("coring: the model has no module 'O'."):
+        Coring().scores(model, ["O"], None)
+    with raises("coring scores Conv2d layers; '2' is a Linear"):
+        Coring().scores(model, ["2"], None)
