@@ -565,3 +565,83 @@ def test_split_defaults_and_messages() -> None:
         TRP.from_kwargs(scheme="spatail")
     with pytest.raises(ConfigError, match=r"^trp energy is the share"):
         TRPHooks({}, energy=0.0, nuclear=0.0, period=1, scheme="channel")
+
+
+def test_metadata_log_and_messages_are_exact() -> None:
+    import dataclasses
+    import re
+
+    assert TRP.summary == (
+        "Trained Rank Pruning: periodic SVD projection + nuclear-norm sub-gradient during training, "
+        "then each kxk conv -> two convs at the energy rank"
+    )
+    assert TRP.reference == "Xu et al., 'TRP: Trained Rank Pruning for Efficient Deep Neural Networks', IJCAI 2020"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TRP().params.period = 2
+
+    def raises(message: str):
+        return pytest.raises(ConfigError, match="^" + re.escape(message) + "$")
+
+    with raises("trp period is a number of optimiser steps and must be an integer >= 1, got 0"):
+        TRP.from_kwargs(period=0)
+    with raises("trp nuclear (the nuclear-norm weight) must be >= 0, got -1"):
+        TRP.from_kwargs(nuclear=-1)
+    with raises("trp train_fraction is a share of the remaining epochs and must lie in [0, 1], got 2"):
+        TRP.from_kwargs(train_fraction=2)
+    with raises("trp energy is the share of squared singular values kept and must lie in (0, 1], got 2"):
+        TRP.from_kwargs(energy=2)
+    with raises("trp energy is the share of squared singular values kept and must lie in (0, 1], got 0.0"):
+        TRP().transform(nn.Sequential(nn.Conv2d(2, 2, 3)), 0.0)
+    # the training summary: steps, projections, sub-gradient steps, ranks of the full ones
+    torch.manual_seed(0)
+    msgs: list[str] = []
+    convs = {"a": nn.Conv2d(4, 6, 3), "b": nn.Conv2d(6, 6, 3)}  # spatial matrices 12 x 18, 18 x 18
+    hooks = TRPHooks(convs, energy=0.5, nuclear=0.1, period=2, scheme="spatial", log=msgs.append)
+    hooks.project()
+    hooks.after_step(nn.Module(), 0)
+    hooks.after_step(nn.Module(), 1)
+    hooks.after_backward(nn.Module(), 1)
+    hooks.on_train_end(nn.Module())
+    r = sum(hooks.ranks.values())
+    assert msgs == [
+        f"trp: 2 steps, 2 projections, 1 with the nuclear sub-gradient; energy-0.5 ranks sum to {r} of "
+        "30 full (spatial scheme)"
+    ]
+
+
+def test_matching_the_target_is_logged() -> None:
+    from prunebench import registry
+    from prunebench.compress import Meter
+    from prunebench.protocols import Calibration
+
+    model = registry.architectures.get("resnet20").build(num_classes=10, in_channels=1).eval()
+    x = torch.randn(4, 1, 8, 8)
+    meter = Meter(model, x[:1], Target("macs", 0.5))
+    msgs: list[str] = []
+    ctx = CompressionContext(
+        example_inputs=x[:1], calibration=Calibration(x, torch.zeros(4, dtype=torch.long)), target=Target("macs", 0.5),
+        device=torch.device("cpu"), seed=0, prunable=[], protected=["fc"], ledger=EpochLedger(1.0),
+        reduction=meter.reduction, reduction_of=lambda kept: 0.0, train=lambda *a, **k: None, log=msgs.append,
+    )
+    crit = TRP.from_kwargs(match_target=True)
+    crit.training_hooks(model, ctx)
+    assert msgs == [f"trp: projecting at energy {crit.train_energy:.4f} during training (meets the target)"]
+
+
+def test_a_conv_that_would_not_save_is_skipped_and_the_next_one_split() -> None:
+    import re
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1), nn.Conv2d(1, 16, 3, padding=1))
+    # "1" has one output channel: any split costs more; "2" (16 x 9, rank 2 at energy 0.3) saves
+    assert TRP().transform(model, 0.3) == [  # without a context: parameter counts decide
+        {"op": "replace", "module": "2", "criterion": "trp", "spec": {"scheme": "channel", "rank": 2}}
+    ]
+    assert type(model[1]) is nn.Conv2d and isinstance(model[2], Factorized)
+    spec = {"scheme": "diagonal", "rank": 2}
+    expected = (
+        f"trp cannot rebuild a Conv2d from plan spec {spec!r}: "
+        "expected a Conv2d and {'scheme': 'channel' | 'spatial', 'rank': R}"
+    )
+    with pytest.raises(ConfigError, match="^" + re.escape(expected) + "$"):
+        TRP.rebuild_module(nn.Conv2d(4, 4, 3), spec)
