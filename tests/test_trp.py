@@ -367,14 +367,13 @@ def test_training_projects_at_the_energy_that_meets_the_target():
     )
     untouched = copy.deepcopy(model)  # the hooks project the model they are given
     crit = TRP.from_kwargs(match_target=True)
-    untrained = copy.deepcopy(model)
     crit.training_hooks(model, ctx)  # projects ``model`` at the training energy
     e = crit.train_energy
     assert e < 0.9
     # on the model it was bisected on, the training energy lands on the target (within the
     # protocol's one point) and is the largest energy that does (the bisection's last step is
     # below 6e-5)
-    at, above = copy.deepcopy(untrained), copy.deepcopy(untrained)
+    at, above = copy.deepcopy(untouched), copy.deepcopy(untouched)
     crit.transform(at, e, ctx)
     crit.transform(above, e + 1e-4, ctx)
     assert 0.5 <= meter.reduction(at) <= 0.51 and meter.reduction(above) < 0.5
