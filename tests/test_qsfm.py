@@ -479,3 +479,8 @@ def test_one_shot_qsfm_on_the_converged_resnet56(real_data_root):
     print(f"one-shot top-1 at -48% MACs on 1000 cifar10-jpeg test images: {acc}")
     assert acc["baseline"] > 0.75
     assert acc["qsfm"] > acc["random"] + 0.05
+
+
+def test_feature_maps_of_the_wrong_rank_are_named_exactly():
+    with pytest.raises(ValueError, match=r"^expected feature maps \[B, C, H, W\], got shape \(2, 3, 4\)$"):
+        pairwise_map_similarity(torch.randn(2, 3, 4))

@@ -583,6 +583,9 @@ def test_metadata_log_and_messages_are_exact() -> None:
 
     with raises("trp period is a number of optimiser steps and must be an integer >= 1, got 0"):
         TRP.from_kwargs(period=0)
+    for period in (True, 1.5):  # a flag or a fraction is no number of steps
+        with raises(f"trp period is a number of optimiser steps and must be an integer >= 1, got {period!r}"):
+            TRP.Params(period=period)
     with raises("trp nuclear (the nuclear-norm weight) must be >= 0, got -1"):
         TRP.from_kwargs(nuclear=-1)
     with raises("trp train_fraction is a share of the remaining epochs and must lie in [0, 1], got 2"):
