@@ -627,7 +627,11 @@ def test_matching_the_target_is_logged() -> None:
     )
     crit = TRP.from_kwargs(match_target=True)
     crit.training_hooks(model, ctx)
-    assert msgs == [f"trp: projecting at energy {crit.train_energy:.4f} during training (meets the target)"]
+    e = crit.train_energy  # matching the target: the energy of the target's factorisation
+    assert msgs == [
+        f"trp: projecting at energy {e:.4f} during training, never below the ranks of energy {e:.4f} "
+        "(whose factorisation meets the target)"
+    ]
 
 
 def test_a_conv_that_would_not_save_is_skipped_and_the_next_one_split() -> None:
