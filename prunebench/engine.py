@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,28 @@ def optimizer(model: nn.Module, recipe: Recipe, fused: bool = False) -> torch.op
     return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0, **extra)
 
 
+
+def train_step(model: nn.Module, forward: Callable[[Tensor], Tensor], opt: torch.optim.Optimizer,
+               hooks: TrainingHooks, autocast: Any, x: Tensor, y: Tensor, recipe: Recipe, step: int,
+               total: int) -> tuple[Tensor, Tensor, float]:
+    """One optimiser step at the schedule's learning rate, with the criterion's hooks; shared by
+    the device-resident and the streamed loops. Returns the logits, the loss and the rate."""
+    lr = lr_at(recipe, step, total)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with autocast:
+        out = forward(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=recipe.label_smoothing)
+        extra = hooks.extra_loss(model)
+        if extra is not None:
+            loss = loss + extra
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    hooks.after_backward(model, step)
+    opt.step()
+    hooks.after_step(model, step)
+    return out, loss, lr
+
 def train(
     model: nn.Module,
     data: DeviceData | StreamData,
@@ -229,20 +251,7 @@ def train(
             idx = perm[b * bs : (b + 1) * bs]
             x = data.normalise(augmenter(data.train_x[idx], gen, channels_last=channels_last))
             y = data.train_y[idx]
-            lr = lr_at(recipe, step, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast:
-                out = forward(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=recipe.label_smoothing)
-                extra = hooks.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            hooks.after_backward(model, step)
-            opt.step()
-            hooks.after_step(model, step)
+            out, loss, lr = train_step(model, forward, opt, hooks, autocast, x, y, recipe, step, total)
             step += 1
             value = loss.detach().double()
             window += value

@@ -25,12 +25,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunebench import distributed
 from prunebench.datasets.streaming import ImageFiles, StreamedSplits
-from prunebench.engine import CUDA_TICK, Recipe, TrainOptions, lr_at, optimizer
+from prunebench.engine import CUDA_TICK, Recipe, TrainOptions, optimizer, train_step
 from prunebench.errors import DivergedError
 from prunebench.precision import resolve_precision
 from prunebench.protocols import TrainingHooks
@@ -204,20 +203,7 @@ def train_streamed(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = yb.to(dev, non_blocking=True)
-            lr = lr_at(recipe, step, total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast:
-                out = forward(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=recipe.label_smoothing)
-                extra = hooks.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            hooks.after_backward(model, step)
-            opt.step()
-            hooks.after_step(model, step)
+            out, loss, lr = train_step(model, forward, opt, hooks, autocast, x, y, recipe, step, total)
             step += 1
             value = loss.detach().double()
             window += value
