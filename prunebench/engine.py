@@ -169,6 +169,15 @@ def optimizer(model: nn.Module, recipe: Recipe, fused: bool = False) -> torch.op
 
 
 
+
+def check_tick(mean: float, description: str, first: int, step: int, total: int, lr: float) -> None:
+    """Raise :class:`DivergedError` when the mean loss of steps ``first..step`` is not finite."""
+    if not math.isfinite(mean):
+        where = f"step {step}" if step == first else f"steps {first}-{step}"
+        raise DivergedError(
+            f"{description} diverged: the training loss became {mean} in {where} of {total} "
+            f"(learning rate {lr:.4g}); lower the learning rate or check the model")
+
 def train_step(model: nn.Module, forward: Callable[[Tensor], Tensor], opt: torch.optim.Optimizer,
                hooks: TrainingHooks, autocast: Any, x: Tensor, y: Tensor, recipe: Recipe, step: int,
                total: int) -> tuple[Tensor, Tensor, float]:
@@ -261,11 +270,7 @@ def train(
                 seen += y.numel()
             if step % tick == 0 or step == total:
                 mean = float(window) / (step - window_start + 1)  # the one host read per tick
-                if not math.isfinite(mean):
-                    where = f"step {step}" if step == window_start else f"steps {window_start}-{step}"
-                    raise DivergedError(
-                        f"{description} diverged: the training loss became {mean} in {where} of {total} "
-                        f"(learning rate {lr:.4g}); lower the learning rate or check the model")
+                check_tick(mean, description, window_start, step, total, lr)
                 if progress is not None:
                     progress(description, step, total, mean)
                 window.zero_()

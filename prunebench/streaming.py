@@ -18,7 +18,6 @@ of floating-point sums differ.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -29,8 +28,7 @@ from torch import Tensor, nn
 
 from prunebench import distributed
 from prunebench.datasets.streaming import ImageFiles, StreamedSplits
-from prunebench.engine import CUDA_TICK, Recipe, TrainOptions, optimizer, train_step
-from prunebench.errors import DivergedError
+from prunebench.engine import CUDA_TICK, Recipe, TrainOptions, check_tick, optimizer, train_step
 from prunebench.precision import resolve_precision
 from prunebench.protocols import TrainingHooks
 
@@ -213,11 +211,7 @@ def train_streamed(
                 last[2] += y.numel()
             if step % tick == 0 or step == total:
                 mean = float(distributed.all_sum_(window)) / world.size / (step - window_start + 1)
-                if not math.isfinite(mean):
-                    where = f"step {step}" if step == window_start else f"steps {window_start}-{step}"
-                    raise DivergedError(
-                        f"{description} diverged: the training loss became {mean} in {where} of {total} "
-                        f"(learning rate {lr:.4g}); lower the learning rate or check the model")
+                check_tick(mean, description, window_start, step, total, lr)
                 if progress is not None:
                     progress(description, step, total, mean)
                 window.zero_()
