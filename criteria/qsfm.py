@@ -55,9 +55,10 @@ def pairwise_map_similarity(fmaps: Tensor, measure: str = "psnr", psnr_cap: floa
     """Per-image pairwise similarity of the channel maps of ``fmaps`` ``[B, C, H, W]``.
 
     Returns ``[B, C, C]`` float64. Each map is min-max normalised to [0, 1] (a constant map
-    becomes all zeros). ``"psnr"``: ``10 log10(1 / MSE)``, capped at ``psnr_cap`` dB (identical
-    maps reach the cap). ``"ssim"``: SSIM from the global statistics of the two maps (one
-    window covering the whole map) with ``C1 = 0.01^2``, ``C2 = 0.03^2``; identical maps give 1.
+    becomes all zeros; a map holding a NaN gives NaN similarities). ``"psnr"``:
+    ``10 log10(1 / MSE)``, capped at ``psnr_cap`` dB (identical maps reach the cap). ``"ssim"``:
+    SSIM from the global statistics of the two maps (one window covering the whole map) with
+    ``C1 = 0.01^2``, ``C2 = 0.03^2``; identical maps give 1.
     Everything comes from one Gram matrix per image, so all pairs cost one batched matmul.
     The map norms come from a separate sum of squares, so identical maps land within
     rounding of MSE 0 and are clamped to the cap.
@@ -68,7 +69,8 @@ def pairwise_map_similarity(fmaps: Tensor, measure: str = "psnr", psnr_cap: floa
     p = x.shape[-1]
     lo = x.amin(dim=-1, keepdim=True)
     span = x.amax(dim=-1, keepdim=True) - lo
-    xn = torch.where(span > 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+    # span != 0 (not > 0): a map holding a NaN has a NaN span and stays NaN, so that callers see it.
+    xn = torch.where(span != 0, (x - lo) / span.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
     xt = xn.transpose(1, 2)
     sq = (xn * xn).sum(dim=-1)  # [B, C]
     # The [B, C, C] blocks are built with fused/in-place ops: this elementwise work, not the

@@ -484,3 +484,19 @@ def test_one_shot_qsfm_on_the_converged_resnet56(real_data_root):
 def test_feature_maps_of_the_wrong_rank_are_named_exactly():
     with pytest.raises(ValueError, match=r"^expected feature maps \[B, C, H, W\], got shape \(2, 3, 4\)$"):
         pairwise_map_similarity(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("similarity", ["psnr", "ssim"])
+def test_a_nan_activation_is_a_config_error_not_a_constant_map(similarity):
+    """One NaN pixel must not turn its map into a constant (all-zero) map silently."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 0, 2, 2] = float("nan")
+    sim = pairwise_map_similarity(x, similarity)
+    assert torch.isfinite(sim[0]).all()
+    assert sim[1, 0].isnan().all() and sim[1, :, 0].isnan().all()
+    model = _ConvBnNet()
+    with torch.no_grad():
+        model.conv1.bias[2] = float("nan")
+    with pytest.raises(ConfigError, match="non-finite feature maps in layer 'conv1'"):
+        QSFM.from_kwargs(similarity=similarity).scores(model, ["conv1"], _calibration())
