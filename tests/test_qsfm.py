@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -500,3 +504,231 @@ def test_a_nan_activation_is_a_config_error_not_a_constant_map(similarity):
         model.conv1.bias[2] = float("nan")
     with pytest.raises(ConfigError, match="non-finite feature maps in layer 'conv1'"):
         QSFM.from_kwargs(similarity=similarity).scores(model, ["conv1"], _calibration())
+
+
+# ----------------------------------------------------------------------------- edge cases and exact errors
+def _numpy_psnr(maps: np.ndarray, cap: float = 100.0) -> np.ndarray:
+    """Brute-force mean pairwise PSNR of ``maps`` ``[B, C, H, W]`` (min-max normalised maps)."""
+    b, c = maps.shape[:2]
+    flat = maps.reshape(b, c, -1).astype(np.float64)
+    out = np.zeros((c, c))
+    for img in flat:
+        for i in range(c):
+            for j in range(c):
+                a, d = img[i], img[j]
+                a = (a - a.min()) / (a.max() - a.min()) if a.max() > a.min() else np.zeros_like(a)
+                d = (d - d.min()) / (d.max() - d.min()) if d.max() > d.min() else np.zeros_like(d)
+                mse = np.mean((a - d) ** 2)
+                out[i, j] += cap if mse <= 10.0 ** (-cap / 10.0) else 10.0 * np.log10(1.0 / mse)
+    return out / b
+
+
+def test_accumulator_defaults_to_psnr_and_takes_one_tall_image():
+    """One image whose maps are taller than the layer is wide (H / W > C), default measure."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 16, 2)
+    acc = SimilarityAccumulator(2)
+    acc.update(x)
+    assert acc.count == 1
+    np.testing.assert_allclose(acc.mean().numpy(), _numpy_psnr(x.numpy()), rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 0, 0, 0)])
+def test_an_empty_batch_leaves_the_accumulator_unchanged(shape):
+    acc = SimilarityAccumulator(shape[1])
+    acc.update(torch.zeros(shape))
+    assert acc.count == 0 and torch.equal(acc.total, torch.zeros(shape[1], shape[1], dtype=torch.float64))
+
+
+def test_the_running_sum_follows_the_device_of_the_maps():
+    """QSFM builds its accumulators on the CPU; the maps come from the model's device."""
+    acc = SimilarityAccumulator(4)
+    acc.update(torch.empty(3, 4, 5, 5, device="meta"))
+    mean = acc.mean()
+    assert mean.device.type == "meta" and mean.shape == (4, 4) and mean.dtype == torch.float64
+
+
+def test_one_calibration_image_in_one_full_batch_gives_that_images_similarity():
+    torch.manual_seed(0)
+    model = _ConvBnNet()
+    cal = _calibration(n=1, batch_size=1)
+    sims = QSFM().similarities(model, ["conv1"], cal)
+    with torch.no_grad():
+        maps = model.conv1(cal.images)
+    np.testing.assert_allclose(sims["conv1"].numpy(), _numpy_psnr(maps.numpy()), rtol=1e-9)
+
+
+def test_a_model_without_parameters_is_scored_on_the_cpu():
+    """A conv whose weights are plain tensors (no parameters, no buffers in the model)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    weight = conv.weight.detach().clone()
+    del conv.weight
+    conv.weight = weight
+    model = nn.Sequential(conv)
+    assert not list(model.parameters()) and not list(model.buffers())
+    cal = _calibration(n=2, batch_size=2)
+    sims = QSFM().similarities(model, ["0"], cal)
+    np.testing.assert_allclose(sims["0"].numpy(), _numpy_psnr(conv(cal.images).numpy()), rtol=1e-9)
+
+
+def test_a_small_psnr_cap_is_valid_and_caps_every_pair():
+    q = QSFM.from_kwargs(psnr_cap=0.5)
+    sims = q.similarities(_ConvBnNet(), ["conv2"], _calibration(n=8))
+    torch.testing.assert_close(sims["conv2"], torch.full((6, 6), 0.5, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_params_are_frozen_and_a_new_criterion_has_no_twins():
+    q = QSFM()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        q.params.psnr_cap = -1.0  # would bypass the validation
+    assert q.twins == {} and q.similarity_matrices == {}
+
+
+def test_compensate_recomputes_similarity_when_the_layer_width_changed():
+    """Scores of a 6-wide layer are cached; the layer is then 8 wide, channel 7 a copy of 1."""
+    cal = _calibration()
+    q = QSFM()
+    q.scores(_linear_net(), ["0"], cal)
+    torch.manual_seed(5)
+    wide = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1))
+    with torch.no_grad():
+        wide[0].weight[7] = wide[0].weight[1]
+        wide[0].bias[7] = wide[0].bias[1]
+    q.compensate(wide, {"0": torch.tensor([7])}, cal)
+    assert q.twins["0"].tolist() == [[7, 1]]
+    assert q.similarity_matrices["0"].shape == (8, 8)
+
+
+def test_a_layer_losing_every_channel_is_not_folded_and_the_others_still_are():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+    )
+    with torch.no_grad():  # channel 4 of the middle conv duplicates its channel 1
+        model[1].weight[4] = model[1].weight[1]
+        model[1].bias[4] = model[1].bias[1]
+    w1, w2 = model[1].weight.detach().clone(), model[2].weight.detach().clone()
+    q = QSFM()
+    q.compensate(model, {"0": torch.arange(6), "1": torch.tensor([4])}, _calibration())
+    assert set(q.twins) == {"1"} and q.twins["1"].tolist() == [[4, 1]]
+    assert torch.equal(model[1].weight, w1)  # the first conv's consumer is untouched
+    expected = w2.clone()
+    expected[:, 1] += w2[:, 4]
+    torch.testing.assert_close(model[2].weight, expected)
+
+
+def _never_called() -> nn.Module:
+    model = _ConvBnNet()
+    model.unused = nn.Conv2d(3, 2, 1)
+    return model
+
+
+def _nan_weights() -> nn.Module:
+    model = _ConvBnNet()
+    with torch.no_grad():
+        model.conv1.weight[0] = float("nan")
+    return model
+
+
+_ERRORS = {
+    "measure": (
+        lambda: pairwise_map_similarity(torch.randn(1, 2, 3, 3), "pnsr"),
+        ConfigError,
+        "unknown qsfm similarity 'pnsr'. Did you mean 'psnr'?",
+    ),
+    "accumulator width": (
+        lambda: SimilarityAccumulator(3).update(torch.randn(2, 4, 5, 5)),
+        ValueError,
+        "expected [B, 3, H, W] feature maps, got shape (2, 4, 5, 5)",
+    ),
+    "accumulator rank": (
+        lambda: SimilarityAccumulator(3).update(torch.randn(2, 3, 5)),
+        ValueError,
+        "expected [B, 3, H, W] feature maps, got shape (2, 3, 5)",
+    ),
+    "accumulator empty": (lambda: SimilarityAccumulator(3).mean(), ValueError, "no feature maps were seen"),
+    "similarity": (
+        lambda: QSFM.from_kwargs(similarity="pnsr"),
+        ConfigError,
+        "qsfm: unknown similarity 'pnsr'. Did you mean 'psnr'? Available: psnr, ssim",
+    ),
+    "compensation": (
+        lambda: QSFM.from_kwargs(compensation=1),
+        ConfigError,
+        "qsfm: compensation must be true or false, got 1",
+    ),
+    "cap zero": (
+        lambda: QSFM.from_kwargs(psnr_cap=0.0),
+        ConfigError,
+        "qsfm: psnr_cap must be a positive number of dB, got 0.0",
+    ),
+    "cap inf": (
+        lambda: QSFM.from_kwargs(psnr_cap="inf"),
+        ConfigError,
+        "qsfm: psnr_cap must be a positive number of dB, got inf",
+    ),
+    "cap bool": (
+        lambda: QSFM.from_kwargs(psnr_cap=True),
+        ConfigError,
+        "qsfm: psnr_cap must be a positive number of dB, got True",
+    ),
+    "cap text": (
+        lambda: QSFM.Params(psnr_cap="40"),
+        ConfigError,
+        "qsfm: psnr_cap must be a positive number of dB, got '40'",
+    ),
+    "no calibration": (
+        lambda: QSFM().scores(_ConvBnNet(), ["conv1"], None),
+        ConfigError,
+        "qsfm needs calibration data (feature maps of training images) but none was given",
+    ),
+    "short calibration": (
+        lambda: QSFM().scores(_ConvBnNet(), ["conv1"], _calibration(n=5, batch_size=8)),
+        ConfigError,
+        "qsfm needs at least one full calibration batch: 5 image(s) were given, 8 are needed "
+        "(batch size 8); give more calibration images or a smaller batch size",
+    ),
+    "unknown layer": (
+        lambda: QSFM().scores(_ConvBnNet(), ["conv3"], _calibration()),
+        ConfigError,
+        "qsfm: the model has no module 'conv3'. Did you mean 'conv2' or 'conv1'?",
+    ),
+    "not a conv": (
+        lambda: QSFM().scores(_ConvBnNet(), ["bn1"], _calibration()),
+        ConfigError,
+        "qsfm scores Conv2d layers; 'bn1' is a BatchNorm2d",
+    ),
+    "never called": (
+        lambda: QSFM().scores(_never_called(), ["conv1", "unused"], _calibration()),
+        ConfigError,
+        "qsfm: layer 'unused' was never called in the forward pass",
+    ),
+    "non-finite": (
+        lambda: QSFM().scores(_nan_weights(), ["conv1"], _calibration()),
+        ConfigError,
+        "qsfm: non-finite feature maps in layer 'conv1' (NaN/inf activations)",
+    ),
+    "compensation without data": (
+        lambda: QSFM().compensate(_linear_net(), {"0": torch.tensor([0])}, None),
+        ConfigError,
+        "qsfm compensation needs calibration data (example inputs) but none was given",
+    ),
+    "index too large": (
+        lambda: QSFM().compensate(_linear_net(), {"0": torch.tensor([1, 6])}, _calibration()),
+        ConfigError,
+        "qsfm: channel indices to remove from '0' must lie in [0, 6)",
+    ),
+    "negative index": (
+        lambda: QSFM().compensate(_linear_net(), {"0": torch.tensor([-1])}, _calibration()),
+        ConfigError,
+        "qsfm: channel indices to remove from '0' must lie in [0, 6)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_ERRORS))
+def test_errors_are_exact(case):
+    call, exc, message = _ERRORS[case]
+    with pytest.raises(exc, match=f"^{re.escape(message)}$"):
+        call()
