@@ -57,16 +57,22 @@ def _reference_greedy(dist: np.ndarray) -> list[int]:
     return scores
 
 
-def _reference_mode_vectors(weight: np.ndarray) -> list[np.ndarray]:
-    """Per-filter loop: tensorly unfold + numpy SVD, rank 1, largest-|entry| positive."""
+def _reference_mode_vectors(weight: np.ndarray, rank: int = 1) -> list[np.ndarray]:
+    """Per-filter loop: tensorly unfold + numpy SVD, largest-|entry| positive.
+
+    Each mode of size > 1 of every filter gives its leading ``rank`` left singular vectors
+    (fewer when the unfolding has fewer columns), concatenated first vector first.
+    """
     out = []
-    for mode in range(3):
+    for mode in range(weight.ndim - 1):
         if weight.shape[1 + mode] == 1:
             continue
         rows = []
         for f in weight:
-            u = np.linalg.svd(tl.unfold(tl.tensor(f), mode), full_matrices=False)[0][:, 0]
-            rows.append(u * (1.0 if u[np.argmax(np.abs(u))] >= 0 else -1.0))
+            u = np.linalg.svd(tl.unfold(tl.tensor(f), mode), full_matrices=False)[0]
+            cols = [u[:, j] * (1.0 if u[np.argmax(np.abs(u[:, j])), j] >= 0 else -1.0)
+                    for j in range(min(rank, u.shape[1]))]
+            rows.append(np.concatenate(cols))
         out.append(np.stack(rows))
     return out
 
@@ -77,6 +83,24 @@ def _reference_distance(a: np.ndarray, b: np.ndarray, distance: str) -> float:
     if distance == "cosine":
         return 1.0 - abs(float(a @ b)) / (np.linalg.norm(a) * np.linalg.norm(b))
     return float(np.var(a - b) / (np.var(a) + np.var(b)))
+
+
+def _reference_distance_matrix(weight: np.ndarray, distance: str, rank: int = 1) -> np.ndarray:
+    """Mean over the non-trivial modes of the pairwise distance, one pair at a time."""
+    vecs = _reference_mode_vectors(weight, rank)
+    n = weight.shape[0]
+    dist = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                dist[i, j] = np.mean([_reference_distance(v[i], v[j], distance) for v in vecs])
+    return dist
+
+
+def _off_diagonal(d: torch.Tensor) -> np.ndarray:
+    """The matrix with its diagonal zeroed: the ranking ignores it, and the Gram-form
+    Euclidean distance of a vector to itself is sqrt(rounding), about 1e-8, not 0."""
+    return d.numpy() * (1.0 - np.eye(d.shape[0]))
 
 
 # ----------------------------------------------------------------------------- behaviour
@@ -328,3 +352,102 @@ def test_metadata_and_messages_are_exact():
         Coring().scores(model, ["O"], None)
     with raises("coring scores Conv2d layers; '2' is a Linear"):
         Coring().scores(model, ["2"], None)
+
+
+def test_defaults_are_the_papers_rank_one_vbd():
+    # callers such as benchmarks/fidelity_checks.py rely on the function defaults being the
+    # criterion's (and the paper's): rank 1, VBD
+    conv = _conv(5, 6, seed=4)
+    w = conv.weight.detach().double()
+    ref_vectors = _reference_mode_vectors(w.numpy())
+    got_vectors = hosvd_mode_vectors(conv.weight)
+    assert [tuple(v.shape) for v in got_vectors] == [(6, 5), (6, 3), (6, 3)]
+    for a, b in zip(got_vectors, ref_vectors, strict=True):
+        np.testing.assert_allclose(a.numpy(), b, atol=1e-10)
+    expected = _reference_distance_matrix(w.numpy(), "vbd")
+    np.testing.assert_allclose(_off_diagonal(filter_distance_matrix(conv.weight)), expected, atol=1e-10)
+    np.testing.assert_allclose(_off_diagonal(Coring().distance_matrix(conv)), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_higher_rank_distances_equal_numpy_reference(distance, rank):
+    # rank 3 = every mode's full size on a 3 x 3 x 3 filter (allowed); the 5 x 3 x 1 conv
+    # has a 3 x 5 spatial unfolding and a 5 x 3 channel one, the 2 x 2 conv a 4 x 2 one
+    for shape in [(7, 3, 3, 3), (7, 5, 3, 1), (7, 4, 2, 2)]:
+        if rank > min(s for s in shape[1:] if s > 1):
+            continue
+        torch.manual_seed(rank)
+        w = torch.randn(*shape, dtype=torch.float64)
+        vectors = hosvd_mode_vectors(w, rank=rank)
+        for a, b in zip(vectors, _reference_mode_vectors(w.numpy(), rank), strict=True):
+            np.testing.assert_allclose(a.numpy(), b, atol=1e-10)
+        got = filter_distance_matrix(w, rank=rank, distance=distance)
+        np.testing.assert_allclose(_off_diagonal(got), _reference_distance_matrix(w.numpy(), distance, rank), atol=1e-10)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("shape", [(6, 5), (6, 4, 3)], ids=["linear", "conv1d"])
+def test_weights_with_fewer_modes_are_filters_of_lower_order(shape, distance):
+    # a Linear weight [N, C] is N one-mode filters (its unit rows, sign-fixed), a Conv1d
+    # weight [N, C, k] N two-mode ones: the same maths as a conv with size-1 modes
+    torch.manual_seed(7)
+    w = torch.randn(*shape, dtype=torch.float64)
+    got = filter_distance_matrix(w, distance=distance)
+    np.testing.assert_allclose(_off_diagonal(got), _reference_distance_matrix(w.numpy(), distance), atol=1e-10)
+    if len(shape) == 2:
+        rows = w.numpy() / np.linalg.norm(w.numpy(), axis=1, keepdims=True)
+        rows *= np.sign(rows[np.arange(6), np.abs(rows).argmax(axis=1)])[:, None]
+        (vectors,) = hosvd_mode_vectors(w)
+        np.testing.assert_allclose(vectors.numpy(), rows, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("conv", "rank", "message"),
+    [
+        (
+            nn.Conv2d(8, 8, 3, groups=8),
+            4,
+            "coring: HOSVD rank 4 is larger than mode 2 of layer '0': its filters are 1 x 3 x 3 (mode sizes "
+            "(1, 3, 3)). Use rank <= 3 (rank 1, the paper's setting, works for every layer).",
+        ),
+        (
+            nn.Conv2d(4, 8, 2),
+            3,
+            "coring: HOSVD rank 3 is larger than mode 2 of layer '0': its filters are 4 x 2 x 2 (mode sizes "
+            "(4, 2, 2)). Use rank <= 2 (rank 1, the paper's setting, works for every layer).",
+        ),
+    ],
+    ids=["depthwise", "2x2-kernel"],
+)
+def test_too_large_rank_suggests_the_smallest_non_trivial_mode(conv, rank, message):
+    import re
+
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        Coring.from_kwargs(rank=rank).scores(nn.Sequential(conv), ["0"], None)
+
+
+@pytest.mark.parametrize(("rank", "shown"), [(True, "True"), (2.5, "2.5"), ("2", "'2'")])
+def test_rank_must_be_a_real_positive_int(rank, shown):
+    import re
+
+    message = f"coring: rank must be a positive integer, got {shown}"
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        Coring(Coring.Params(rank=rank))
+
+
+def test_errors_without_a_layer_name_name_none():
+    import re
+
+    def raises(message: str):
+        return pytest.raises(ConfigError, match="^" + re.escape(message) + "$")
+
+    with raises("coring expects a conv weight [N, C, k, k]; layer '' has (4,)"):
+        hosvd_mode_vectors(torch.randn(4))
+    with raises("coring expects a conv weight [N, C, k, k]; layer '' has (4,)"):
+        filter_distance_matrix(torch.randn(4))
+    with raises(
+        "coring: HOSVD rank 4 is larger than mode 1 of layer '': its filters are 3 x 3 x 3 (mode sizes "
+        "(3, 3, 3)). Use rank <= 3 (rank 1, the paper's setting, works for every layer)."
+    ):
+        Coring.from_kwargs(rank=4).distance_matrix(nn.Conv2d(3, 8, 3))
