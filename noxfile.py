@@ -124,3 +124,30 @@ def mutants(session: nox.Session) -> None:
             server.terminate()
             server.wait()
         session.run("mutmut", "results", env=env, success_codes=[0, 2])
+    for line in mutation_scores(work / ".mutmut-cache"):
+        session.log(line)
+
+
+def mutation_scores(cache: Path) -> list[str]:
+    """One line per mutated module from mutmut 2's cache: killed (suspicious included), survived,
+    timed out, not yet tested, and the raw score killed / tested."""
+    import sqlite3
+
+    rows = sqlite3.connect(f"file:{cache}?mode=ro", uri=True).execute(
+        "SELECT s.filename, m.status, COUNT(*) FROM Mutant m JOIN Line l ON m.line = l.id "
+        "JOIN SourceFile s ON l.sourcefile = s.id GROUP BY s.filename, m.status ORDER BY s.filename"
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for filename, status, n in rows:
+        counts.setdefault(filename, {})[status] = n
+    lines = []
+    for filename, c in counts.items():
+        killed = c.get("ok_killed", 0) + c.get("ok_suspicious", 0)
+        survived, timeout, untested = c.get("bad_survived", 0), c.get("bad_timeout", 0), c.get("untested", 0)
+        tested = killed + survived + timeout
+        score = f"{100 * killed / tested:.1f} %" if tested else "-"
+        lines.append(
+            f"{filename}: {sum(c.values())} mutants, {killed} killed, {survived} survived, "
+            f"{timeout} timed out, {untested} untested; score {score}"
+        )
+    return lines
