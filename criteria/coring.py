@@ -75,10 +75,9 @@ def hosvd_mode_vectors(weight: Tensor, rank: int = 1, layer: str = "") -> list[T
     has only ``P_m`` singular vectors, and all of them are used. Raises :class:`ConfigError`
     when ``rank`` exceeds a non-trivial mode's size ``d_m`` (e.g. rank 4 on a 3x3 kernel).
     """
+    where = f"layer {layer!r}" if layer else "the weight"
     if weight.dim() < 2:
-        raise ConfigError(
-            f"coring expects a conv weight [N, C, k, k]; layer {layer!r} has {tuple(weight.shape)}"
-        )
+        raise ConfigError(f"coring expects a conv weight [N, C, k, k]; {where} has {tuple(weight.shape)}")
     w = weight.detach().to(torch.float64)
     n = int(w.shape[0])
     sizes = tuple(int(s) for s in w.shape[1:])
@@ -91,7 +90,7 @@ def hosvd_mode_vectors(weight: Tensor, rank: int = 1, layer: str = "") -> list[T
             shape = " x ".join(str(s) for s in sizes)
             small = min(s for s in sizes if s > 1)
             raise ConfigError(
-                f"coring: HOSVD rank {rank} is larger than mode {mode + 1} of layer {layer!r}: "
+                f"coring: HOSVD rank {rank} is larger than mode {mode + 1} of {where}: "
                 f"its filters are {shape} (mode sizes {sizes}). Use rank <= {small} "
                 f"(rank 1, the paper's setting, works for every layer)."
             )

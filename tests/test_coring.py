@@ -436,18 +436,18 @@ def test_rank_must_be_a_real_positive_int(rank, shown):
         Coring(Coring.Params(rank=rank))
 
 
-def test_errors_without_a_layer_name_name_none():
+def test_errors_without_a_layer_name_speak_of_the_weight():
     import re
 
     def raises(message: str):
         return pytest.raises(ConfigError, match="^" + re.escape(message) + "$")
 
-    with raises("coring expects a conv weight [N, C, k, k]; layer '' has (4,)"):
+    with raises("coring expects a conv weight [N, C, k, k]; the weight has (4,)"):
         hosvd_mode_vectors(torch.randn(4))
-    with raises("coring expects a conv weight [N, C, k, k]; layer '' has (4,)"):
+    with raises("coring expects a conv weight [N, C, k, k]; the weight has (4,)"):
         filter_distance_matrix(torch.randn(4))
     with raises(
-        "coring: HOSVD rank 4 is larger than mode 1 of layer '': its filters are 3 x 3 x 3 (mode sizes "
+        "coring: HOSVD rank 4 is larger than mode 1 of the weight: its filters are 3 x 3 x 3 (mode sizes "
         "(3, 3, 3)). Use rank <= 3 (rank 1, the paper's setting, works for every layer)."
     ):
         Coring.from_kwargs(rank=4).distance_matrix(nn.Conv2d(3, 8, 3))
