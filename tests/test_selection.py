@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import re
 
 import pytest
 import torch
@@ -57,6 +59,9 @@ def test_ls_coefficients_equal_an_explicit_ridge_solve(lam: float) -> None:
     kept, dropped = [0, 2, 3, 5, 8], [7, 1, 4]  # any order: rows follow ``dropped``
     coeffs = ls_coefficients(A.T @ A, kept, dropped, lam)
     torch.testing.assert_close(coeffs, explicit_ridge(A, kept, dropped, lam), rtol=1e-9, atol=1e-11)
+    # one kept filter: each dropped filter is a multiple of it
+    one = ls_coefficients(A.T @ A, [6], dropped, lam)
+    torch.testing.assert_close(one, explicit_ridge(A, [6], dropped, lam), rtol=1e-9, atol=1e-11)
     # a dependent filter is rebuilt exactly at lam = 0
     A[:, 4] = 2.0 * A[:, 0] - A[:, 3]
     c = ls_coefficients(A.T @ A, kept, [4], 0.0)
@@ -89,10 +94,12 @@ def test_reconstruction_error_matches_brute_force() -> None:
     A = torch.randn(20, 7, generator=g, dtype=torch.float64)
     H = A.T @ A
     for lam in (0.0, 0.5):
-        for kept in ([0, 1], [2, 4, 6], []):
+        for kept in ([0, 1], [2, 4, 6], [5], []):
             assert reconstruction_error(H, kept, lam=lam) == pytest.approx(
                 brute_error(A, kept, lam), rel=1e-9
             )
+    # plain least squares unless a ridge is given
+    assert reconstruction_error(H, [2, 4, 6]) == pytest.approx(brute_error(A, [2, 4, 6], 0.0), rel=1e-9)
 
 
 def test_downdated_inverse_equals_fresh_inverse() -> None:
@@ -187,6 +194,8 @@ def test_selectors_return_consistent_partitions(name: str) -> None:
     assert sorted(sel.kept.tolist() + sel.dropped.tolist()) == list(range(16))
     assert sel.kept.tolist() == sorted(sel.kept.tolist())
     assert sel.coeffs.shape == (6, 10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sel.kept = sel.dropped  # a result is a value: nothing downstream may rewrite it
     H = filter_gram(w)
     A = w.reshape(16, -1).T.double()
     lam = 1e-4 * float((A * A).sum()) / 16  # relative to the mean squared filter norm
@@ -200,9 +209,135 @@ def test_selectors_return_consistent_partitions(name: str) -> None:
     assert set(order.tolist()) <= set(pool.tolist()) and len(set(order.tolist())) == 4
 
 
-def test_singular_gram_without_ridge_is_explained() -> None:
-    A = torch.randn(3, 6, dtype=torch.float64)
-    with pytest.raises(ValueError, match="ridge > 0"):
-        backward_order(A.T @ A, 2, 0.0)
-    with pytest.raises(ValueError):
-        ridge_value(A.T @ A, -1.0)
+SINGULAR = (
+    "the filters' Gram matrix is singular (linearly dependent filters, or more "
+    "filters than weights per filter); use ridge > 0"
+)
+
+
+def _gram(n: int, seed: int = 0) -> torch.Tensor:
+    A = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return A.T @ A
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: backward_order(_gram(6)[:, :3] @ _gram(6)[:3], 2, 0.0), SINGULAR),  # rank 3 of 6
+        (lambda: select_backward(torch.ones(4, 2, 3, 3), 2, ridge=0.0), SINGULAR),  # four equal filters
+        (lambda: ridge_value(_gram(4), -0.5), "ridge must be >= 0, got -0.5"),
+        (lambda: select_omp(torch.ones(4, 9), 2, ridge=-1e-3), "ridge must be >= 0, got -0.001"),
+        (lambda: backward_order(_gram(4), 5, 0.1), "cannot drop 5 of 4 filters"),
+        (lambda: backward_order(_gram(4), -1, 0.1), "cannot drop -1 of 4 filters"),
+        (lambda: backward_order(_gram(6), 4, 0.1, pool=[0, 2, 5]), "cannot drop 4 of 3 filters"),
+        (lambda: forward_order(_gram(4), 5, 0.1), "cannot select 5 of 4 filters"),
+        (lambda: select_omp(torch.ones(4, 9), -1), "cannot select -1 of 4 filters"),
+    ],
+    ids=[
+        "rank-deficient",
+        "equal-filters",
+        "ridge",
+        "ridge-omp",
+        "drop-too-many",
+        "drop-negative",
+        "drop-from-pool",
+        "select-too-many",
+        "select-negative",
+    ],
+)
+def test_bad_input_raises_a_one_line_error(call, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{re.escape(message)}$"):
+        call()
+
+
+def test_ridge_is_zero_for_no_filters_and_for_zero_filters() -> None:
+    assert ridge_value(torch.zeros(0, 0, dtype=torch.float64), 0.5) == 0.0
+    assert ridge_value(filter_gram(torch.zeros(3, 2, 3, 3)), 0.5) == 0.0
+
+
+def test_singular_verdict_does_not_depend_on_the_weight_scale() -> None:
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    near = A.clone()
+    near[:, 5] = A[:, 0] + 1e-7 * torch.randn(20, generator=g, dtype=torch.float64)  # relative pivot ~1e-14
+    order = backward_order(A.T @ A, 3, 0.0)[0]
+    for scale in (1e-5, 1.0, 1e5):
+        B = scale * A
+        assert backward_order(B.T @ B, 3, 0.0)[0].tolist() == order.tolist()
+        C = scale * near
+        with pytest.raises(ValueError, match="singular"):
+            backward_order(C.T @ C, 3, 0.0)
+
+
+def test_selectors_accept_the_extreme_sizes() -> None:
+    g = torch.Generator().manual_seed(12)
+    A = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    H, lam = A.T @ A, 0.1
+    order, costs = backward_order(H, 0, lam)
+    assert order.numel() == 0 and costs.numel() == 0
+    order, costs = backward_order(H, 5, lam)  # dropping everything: E goes from E(all) to Σ‖a_t‖²
+    assert sorted(order.tolist()) == list(range(5))
+    assert float(costs.sum()) == pytest.approx(
+        float((A * A).sum()) - brute_error(A, list(range(5)), lam), rel=1e-9
+    )
+    assert forward_order(H, 0, lam).numel() == 0
+    w = A.T.reshape(5, 3, 2, 2)
+    for name in sorted(SELECTORS):
+        none = SELECTORS[name][1](w, 0)
+        assert none.kept.numel() == 0 and sorted(none.dropped.tolist()) == list(range(5))
+        assert none.coeffs.shape == (5, 0)
+        every = SELECTORS[name][1](w, 5)
+        assert every.kept.tolist() == list(range(5)) and every.dropped.numel() == 0
+        assert every.coeffs.shape == (0, 5)
+
+
+def test_ls_coefficients_on_a_singular_gram_are_the_minimum_norm_fit() -> None:
+    g = torch.Generator().manual_seed(13)
+    A = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    A[:, 2] = 0.0  # a zero filter
+    A[:, 4] = A[:, 1]  # and a duplicate: the kept Gram is exactly singular
+    H = A.T @ A
+    kept, dropped = [0, 1, 2, 4], [3, 5]
+    coeffs = ls_coefficients(H, kept, dropped, 0.0)
+    torch.testing.assert_close(coeffs, explicit_ridge(A, kept, dropped, 0.0), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(coeffs[:, 2], torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)  # no weight
+    torch.testing.assert_close(coeffs[:, 1], coeffs[:, 3])  # the twins share the weight
+    # nothing to rebuild: an empty coefficient matrix, singular or not
+    assert ls_coefficients(H, kept, [], 0.0).shape == (0, 4)
+
+
+def somp_reference(A: torch.Tensor, n: int, lam: float, pool: list[int], targets: list[int]) -> list[int]:
+    """Simultaneous OMP written out: refit the targets on the picks (numpy ridge solve), take the
+    explicit residuals, pick the pool filter with the largest ``Σ_t ⟨a_p, r_t⟩² / ‖a_p‖²``."""
+    picks: list[int] = []
+    for _ in range(n):
+        R = A[:, targets]
+        if picks:
+            R = R - A[:, picks] @ explicit_ridge(A, picks, targets, lam).T
+        scores = {p: float(((A[:, p] @ R) ** 2).sum() / (A[:, p] @ A[:, p])) for p in pool if p not in picks}
+        picks.append(max(scores, key=scores.get))
+    return picks
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.5])
+@pytest.mark.parametrize("subset", [False, True])
+def test_omp_picks_follow_the_explicit_residual_correlations(ridge: float, subset: bool) -> None:
+    g = torch.Generator().manual_seed(14)
+    A = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    A = A * torch.exp(torch.randn(9, generator=g, dtype=torch.float64))  # filters of unequal norms
+    H = A.T @ A
+    lam = ridge_value(H, ridge)
+    pool = [0, 2, 3, 5, 7, 8] if subset else list(range(9))
+    targets = [1, 2, 4, 6, 8] if subset else list(range(9))
+    picks = forward_order(H, len(pool), lam, pool=pool, targets=targets)
+    assert picks.tolist() == somp_reference(A, len(pool), lam, pool, targets)
+
+
+def test_omp_at_zero_ridge_keeps_picking_after_an_exactly_spanned_filter() -> None:
+    # filters e1, 2·e1, 3·e1, e2: after e1 and e2 the multiples of e1 are exactly spanned
+    w = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    H = filter_gram(w)
+    assert sorted(forward_order(H, 4, 0.0).tolist()) == [0, 1, 2, 3]
+    assert sorted(SELECTORS["omp"][0](H, 4, 0.0).tolist()) == [0, 1, 2, 3]
+    sel = select_omp(w, 4, ridge=0.0)
+    assert sel.kept.tolist() == [0, 1, 2, 3] and sel.dropped.numel() == 0
