@@ -60,7 +60,8 @@ MUTANT_TESTS = {
     "criteria/random.py": ["tests/test_compress.py"],
     "prunebench/compress.py": ["tests/test_compress.py"],
     "prunebench/costmodel.py": ["tests/test_costmodel.py"],
-    "prunebench/surgery.py": ["tests/test_surgery.py"],
+    # surgery's units, replay and compressed-model files are exercised through whole models
+    "prunebench/surgery.py": ["tests/test_surgery.py", "tests/test_roundtrip.py", "tests/test_residual_scope.py"],
 }
 
 
