@@ -15,9 +15,17 @@ from torch import nn
 from prunebench.architectures.cifar_resnet import build_resnet
 from prunebench.criteria._factorized import (
     Factorized,
+    Spectrum,
     SVDCache,
+    build_svd_conv1x1,
+    check_energy,
+    conv_chain_macs,
     energy_rank,
+    input_sizes,
+    keeps_saving,
+    left_basis,
     low_rank_factors,
+    module_cost,
     select_targets,
     set_module,
     spectrum,
@@ -146,6 +154,8 @@ def test_energy_rank() -> None:
         4,
     ]
     assert energy_rank(torch.zeros(3), 0.5) == 1
+    # a threshold hit exactly counts (rounding slack), one just above it needs the next value
+    assert energy_rank(torch.ones(2), 0.5) == 1 and energy_rank(torch.ones(2), 0.5 + 1.5e-12) == 2
 
 
 @pytest.mark.parametrize("shape", [(6, 20), (20, 6), (3, 7, 9)])
@@ -182,8 +192,19 @@ def test_decompositions_are_cached_per_weight() -> None:
     cache.get("a", w, "k3", lambda: compute("k3"))
     cache.get("a", w, "k1", lambda: compute("k1"))
     assert calls == ["k1", "k2", "k3"]
+    cache.get("a", w, "k2", lambda: compute("k2"))  # dropped to keep two keys: recomputed
+    assert calls == ["k1", "k2", "k3", "k2"]
     cache.get("a", w + 1, "k1", lambda: compute("k1"))  # changed weight: recomputed
-    assert calls == ["k1", "k2", "k3", "k1"]
+    assert calls == ["k1", "k2", "k3", "k2", "k1"]
+    # by default four keys per layer are kept
+    cache, calls = SVDCache(), []
+    for key in range(5):
+        cache.get("a", w, key, lambda key=key: compute(key))
+    for key in (4, 3, 2, 1):
+        cache.get("a", w, key, lambda key=key: compute(key))
+    assert calls == [0, 1, 2, 3, 4]
+    cache.get("a", w, 0, lambda: compute(0))  # the least recently used one went
+    assert calls == [0, 1, 2, 3, 4, 0]
 
 
 def test_conv_and_linear_subclasses_are_left_alone() -> None:
@@ -555,3 +576,217 @@ def test_metadata_and_messages_are_exact() -> None:
     )
     with pytest.raises(ConfigError, match="^" + re.escape(expected) + "$"):
         HT2.rebuild_module(nn.Conv2d(4, 4, 3), spec)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (4, 7), (7, 4), (2, 5, 5)])
+def test_spectrum_basis_is_the_singular_vectors_of_the_documented_side(shape) -> None:
+    """Wide and square matrices give left singular vectors (eigenvectors of ``M M^T``), tall
+    ones right singular vectors (of ``M^T M``); a spectrum is immutable."""
+    import dataclasses
+
+    import numpy as np
+
+    torch.manual_seed(12)
+    m = torch.randn(*shape, dtype=torch.float64)
+    spec = spectrum(m)
+    rows, cols = shape[-2:]
+    assert spec.side == ("left" if rows <= cols else "right")
+    mn = m.numpy()
+    gram = mn @ np.swapaxes(mn, -1, -2) if rows <= cols else np.swapaxes(mn, -1, -2) @ mn
+    basis, values = spec.basis.numpy(), spec.values.numpy()
+    assert basis.shape == (*shape[:-2], rows if rows <= cols else cols, min(rows, cols))
+    np.testing.assert_allclose(gram @ basis, basis * values[..., None, :] ** 2, rtol=0, atol=1e-10)
+    eye = np.broadcast_to(np.eye(min(rows, cols)), gram.shape)
+    np.testing.assert_allclose(np.swapaxes(basis, -1, -2) @ basis, eye, rtol=0, atol=1e-10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.side = "right"
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (5, 5), (8, 3)])
+def test_left_basis_is_the_thin_left_singular_basis(shape) -> None:
+    import numpy as np
+
+    torch.manual_seed(13)
+    m = torch.randn(*shape, dtype=torch.float64)
+    u, s = left_basis(m)
+    ref_u, ref_s, _ = np.linalg.svd(m.numpy(), full_matrices=False)
+    assert u.shape == ref_u.shape and s.shape == ref_s.shape
+    np.testing.assert_allclose(s.numpy(), ref_s, rtol=1e-10)
+    # the same vectors up to sign (distinct singular values)
+    np.testing.assert_allclose(np.abs(u.numpy().T @ ref_u), np.eye(min(shape)), atol=1e-9)
+
+
+def test_factors_are_balanced_except_for_numerically_zero_directions() -> None:
+    """``A = U_r sqrt(S_r)``; a direction whose singular value is at most 1e-12 of the largest
+    (far below what the Gram spectrum resolves) keeps scale 1 instead."""
+    import numpy as np
+
+    rng = np.random.default_rng(14)
+    u = np.linalg.qr(rng.standard_normal((4, 4)))[0]
+    v = np.linalg.qr(rng.standard_normal((6, 4)))[0]
+    s = np.array([1.0, 3e-12, 1e-12, 1e-13])
+    matrix = torch.from_numpy((u * s) @ v.T)
+    spec = Spectrum(matrix, "left", torch.from_numpy(u), torch.from_numpy(s))
+    a, b = low_rank_factors(spec, 4)
+    np.testing.assert_allclose(a.norm(dim=0).numpy(), [1.0, np.sqrt(3e-12), 1.0, 1.0], rtol=1e-9)
+    torch.testing.assert_close(a @ b, matrix, rtol=0, atol=1e-15)
+
+
+_HELPER_ERRORS = {
+    "energy": (
+        lambda: check_energy(1.5),
+        ConfigError,
+        "energy is the share of squared singular values kept and must lie in (0, 1], got 1.5",
+    ),
+    "energy-type": (
+        lambda: HT2.from_kwargs(energy=None),
+        ConfigError,
+        "ht2 energy must be a number in (0, 1], got None",
+    ),
+    "no-values": (
+        lambda: energy_rank(torch.tensor([]), 0.5),
+        ValueError,
+        "energy_rank needs at least one singular value",
+    ),
+    "batched-factors": (
+        lambda: low_rank_factors(spectrum(torch.randn(2, 3, 4)), 1),
+        ValueError,
+        "low_rank_factors takes a single matrix",
+    ),
+    "grouped-svd": (
+        lambda: svd_conv(nn.Conv2d(4, 4, 3, groups=2), 0.5),
+        ValueError,
+        "an SVD split needs a conv with groups == 1",
+    ),
+    "replace-root": (
+        lambda: set_module(Tiny(), "", nn.Identity()),
+        ValueError,
+        "cannot replace the model itself",
+    ),
+    "replace-missing": (
+        lambda: set_module(nn.Sequential(nn.Sequential(nn.ReLU())), "0.fc", nn.Identity()),
+        KeyError,
+        "Sequential has no sub-module 'fc' (0.fc)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HELPER_ERRORS))
+def test_helper_errors_are_exact(case: str) -> None:
+    call, error, message = _HELPER_ERRORS[case]
+    with pytest.raises(error) as exc:
+        call()
+    assert exc.value.args[0] == message
+
+
+def test_select_targets_defaults_and_factorised_blocks() -> None:
+    class Scaled(nn.Linear):
+        pass
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        Factorized(nn.Conv2d(4, 2, 3, bias=False), nn.Conv2d(2, 4, 1)),
+        nn.Conv2d(4, 4, 3),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+        Scaled(4, 4),
+        Factorized(nn.Linear(4, 2, bias=False), nn.Linear(2, 4)),
+    )
+    # linear layers by default; nothing inside an existing factorisation is split again
+    assert select_targets(model) == ["2", "4"]
+    assert select_targets(model, include_linear=False) == ["2"]
+    # the model itself is never a target
+    assert select_targets(nn.Conv2d(3, 4, 3), include_first=True) == []
+
+
+def test_input_sizes_are_each_layer_s_first_input_without_the_batch() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.shared = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+            self.tokens = nn.Linear(9, 5)
+            self.head = nn.Linear(5, 2)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.shared(self.shared(self.conv(x)))  # the shared conv runs at two resolutions
+            t = self.tokens(x.flatten(2))
+            return self.head(input=t.mean(1))  # called by keyword: its input is not seen
+
+    model = Net().train()
+    sizes = input_sizes(model, ["conv", "shared", "tokens", "head", "unused"], torch.randn(3, 3, 12, 10))
+    assert sizes == {"conv": (3, 12, 10), "shared": (4, 12, 10), "tokens": (4, 9)}
+    assert model.training
+
+
+def _brute_force_macs(layer: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Multiply-accumulates of one sample through ``layer`` counted from its real output."""
+    with torch.no_grad():
+        y = layer(x)
+    if isinstance(layer, nn.Conv2d):
+        per_out = layer.weight[0].numel()
+    else:
+        per_out = layer.in_features
+    outs = y[0].numel()
+    return outs * per_out + (outs if layer.bias is not None else 0), y
+
+
+def test_conv_costs_equal_a_count_from_the_real_outputs() -> None:
+    torch.manual_seed(15)
+    chain = [
+        nn.Conv2d(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+        nn.Conv2d(6, 5, (1, 3), stride=(1, 2), padding=(0, 2), dilation=(1, 2), bias=False),
+        nn.Conv2d(5, 6, (3, 5), padding="same", groups=1),
+        nn.Conv2d(6, 4, (2, 3), padding="valid", groups=2),
+        nn.Conv2d(4, 3, 3, stride=2, padding=1),
+    ]
+    x = torch.randn(1, 4, 13, 11)
+    in_shape = tuple(x.shape[1:])
+    total = 0
+    for conv in chain:
+        macs, y = _brute_force_macs(conv, x)
+        assert module_cost(conv, "macs", tuple(x.shape[1:])) == macs
+        assert type(conv_chain_macs([conv], x.shape[2], x.shape[3])) is int
+        total, x = total + macs, y
+    assert conv_chain_macs(chain, 13, 11) == total
+    assert module_cost(Factorized(*chain), "macs", in_shape) == total
+    n_params = sum(p.numel() for m in chain for p in m.parameters())
+    assert module_cost(Factorized(*chain), "params", in_shape) == n_params
+    assert module_cost(Factorized(*chain), "macs", None) == n_params
+
+
+@pytest.mark.parametrize("lead", [(), (7,), (2, 3)])
+def test_linear_costs_count_every_position(lead: tuple[int, ...]) -> None:
+    lin, no_bias = nn.Linear(6, 5), nn.Linear(5, 4, bias=False)
+    x = torch.randn(1, *lead, 6)
+    macs_lin, y = _brute_force_macs(lin, x)
+    macs_no_bias, _ = _brute_force_macs(no_bias, y)
+    assert module_cost(lin, "macs", (*lead, 6)) == macs_lin
+    assert module_cost(no_bias, "macs", (*lead, 5)) == macs_no_bias
+    assert module_cost(Factorized(lin, no_bias), "macs", (*lead, 6)) == macs_lin + macs_no_bias
+
+
+def test_a_replacement_must_cost_strictly_less() -> None:
+    lin = nn.Linear(8, 8)
+    assert not keeps_saving(lin, copy.deepcopy(lin), "macs", (8,))
+    assert not keeps_saving(lin, copy.deepcopy(lin), "params", None)
+    cheaper = Factorized(nn.Linear(8, 2, bias=False), nn.Linear(2, 8))
+    assert keeps_saving(lin, cheaper, "macs", (8,)) and keeps_saving(lin, cheaper, "params", None)
+    assert not keeps_saving(cheaper, lin, "macs", (8,))
+
+
+def test_a_pointwise_svd_split_rebuilds_from_its_rank() -> None:
+    torch.manual_seed(16)
+    pw = nn.Conv2d(12, 9, 1, stride=2, padding=1)
+    split = svd_conv1x1(pw, 0.7)
+    rank = split[0].out_channels
+    assert rank < 9
+    rebuilt = build_svd_conv1x1(pw, rank)
+    rebuilt.load_state_dict(split.state_dict())
+    x = torch.randn(2, 12, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), split(x), rtol=0, atol=0)
