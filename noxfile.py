@@ -60,8 +60,11 @@ MUTANT_TESTS = {
     "criteria/random.py": ["tests/test_compress.py"],
     "prunebench/compress.py": ["tests/test_compress.py"],
     "prunebench/costmodel.py": ["tests/test_costmodel.py"],
-    # surgery's units, replay and compressed-model files are exercised through whole models
-    "prunebench/surgery.py": ["tests/test_surgery.py", "tests/test_roundtrip.py", "tests/test_residual_scope.py"],
+    # surgery's units and channel removal are run by compress and the cost model; its replay and
+    # compressed-model files by the round trips
+    "prunebench/surgery.py": [
+        "tests/test_surgery.py", "tests/test_roundtrip.py", "tests/test_compress.py", "tests/test_costmodel.py"
+    ],
 }
 
 
