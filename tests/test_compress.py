@@ -178,3 +178,49 @@ def test_k_shot_prunes_iteratively_and_charges_the_ledger():
     fresh.load_state_dict(model.state_dict())
     x = torch.randn(2, 1, 8, 8)
     assert torch.allclose(fresh(x), model(x), atol=1e-5)
+
+
+# --- the built-in controls (l1, random) as a user sees them ------------------------------
+@pytest.mark.parametrize("entry", ["l1", "random"])
+def test_controls_are_data_free_and_described_by_prunebench_info(entry):
+    from typer.testing import CliRunner
+
+    from prunebench.cli import app
+
+    ep = registry.criteria.entries()[entry]
+    assert registry.criteria.get(entry).needs_data is False  # a bool, as the protocol declares
+    res = CliRunner().invoke(app, ["info", "--criterion", entry])
+    assert res.exit_code == 0, res.output
+    header, summary, reference, params = res.output.splitlines()
+    assert header == f"{entry} (score) from {ep.distribution} {ep.version}"  # no calibration data
+    assert summary.startswith("  ") and summary.strip() not in ("", "None")
+    assert reference.startswith("  reference: ") and reference[len("  reference: "):] not in ("", "None")
+    assert params == "  no hyper-parameters"
+
+
+@pytest.mark.parametrize("entry", ["l1", "random"])
+def test_control_classes_used_directly_carry_their_entry_point_name(entry):
+    """Before (or without) the registry, a control's errors name it as `prunebench list` does."""
+    import importlib.util
+    import re
+    import runpy
+
+    module, attr = registry.criteria.entries()[entry].value.split(":")
+    # the class as its source defines it, not the loaded one the registry has named
+    fresh = runpy.run_path(importlib.util.find_spec(module).origin)[attr]
+    message = f"criterion {entry!r} has no hyper-parameter 'bogus'. Available: (none)"
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        fresh.from_kwargs(bogus=1)
+
+
+def test_random_scores_come_from_the_seed_alone():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 5, 1))
+    crit = registry.criteria.get("random").from_kwargs(seed=7)
+    torch.manual_seed(0)
+    a = crit.scores(model, ["0", "1"], None)
+    torch.manual_seed(1)
+    torch.rand(3)  # the global generator is elsewhere: the scores must not move
+    b = crit.scores(model, ["0", "1"], None)
+    assert a["0"].shape == (8,) and a["1"].shape == (5,)
+    assert torch.equal(a["0"], b["0"]) and torch.equal(a["1"], b["1"])
+    assert all(((s >= 0) & (s < 1)).all() for s in a.values())

@@ -451,3 +451,33 @@ def test_errors_without_a_layer_name_speak_of_the_weight():
         "(3, 3, 3)). Use rank <= 3 (rank 1, the paper's setting, works for every layer)."
     ):
         Coring.from_kwargs(rank=4).distance_matrix(nn.Conv2d(3, 8, 3))
+
+
+# --- _greedy.py: the pair elimination on its own: scale, exact errors, extreme magnitudes ---
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scale", [2.0**-70, 2.0**1023], ids=["tiny", "near-float-max"])
+def test_greedy_ranking_does_not_depend_on_the_unit_of_distance(seed, scale):
+    # A power of two rescales exactly: the pair order and every row-sum comparison are the
+    # same, so the ranking must be too, from ~1e-21 up to entries near the float64 maximum
+    # (rows of 3 entries below 0.6 * 2**1023 keep every total finite).
+    g = torch.Generator().manual_seed(seed)
+    a = 0.3 * torch.rand(4, 4, generator=g, dtype=torch.float64)
+    d = a + a.T
+    d.fill_diagonal_(0.0)
+    expected = _reference_greedy(d.numpy())
+    assert greedy_redundancy_scores(d).long().tolist() == expected
+    assert greedy_redundancy_scores(d * scale).long().tolist() == expected
+
+
+@pytest.mark.parametrize(("distance", "message"), [
+    (torch.zeros(2, 3), "expected a square distance matrix, got shape (2, 3)"),
+    (torch.zeros(3), "expected a square distance matrix, got shape (3,)"),
+    (torch.zeros(2, 2, 2), "expected a square distance matrix, got shape (2, 2, 2)"),
+    (torch.tensor([[0.0, float("nan")], [1.0, 0.0]]), "the distance matrix contains NaN or infinite entries"),
+    (torch.tensor([[0.0, 1.0], [float("inf"), 0.0]]), "the distance matrix contains NaN or infinite entries"),
+], ids=["wide", "vector", "cube", "nan", "inf"])
+def test_greedy_errors_are_exact(distance, message):
+    import re
+
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        greedy_redundancy_scores(distance)
