@@ -19,6 +19,8 @@ iteration costs at most ``O(N^2)`` and typically ``O(N)``. The loop runs on nump
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -44,6 +46,12 @@ def greedy_redundancy_scores(distance: Tensor) -> Tensor:
     d0 = distance.detach().to(device="cpu", dtype=torch.float64).numpy()
     if not np.isfinite(d0).all():
         raise ValueError("the distance matrix contains NaN or infinite entries")
+    # Only comparisons between distances and between row totals matter: an exact power-of-two
+    # rescale to |d| < 1 keeps every one of them and keeps the sums below finite, whatever the
+    # unit (finite entries near the float64 maximum would overflow them to inf).
+    top = float(np.abs(d0).max()) if d0.size else 0.0
+    if top > 0.0:
+        d0 = np.ldexp(d0, -math.frexp(top)[1])
     # Symmetrise: a distance is symmetric, but d[i, j] and d[j, i] may come out of a matmul
     # with different rounding, and that must not decide a tie (e.g. the last pair standing).
     d0 = 0.5 * (d0 + d0.T)

@@ -469,6 +469,14 @@ def test_greedy_ranking_does_not_depend_on_the_unit_of_distance(seed, scale):
     assert greedy_redundancy_scores(d * scale).long().tolist() == expected
 
 
+def test_finite_distances_near_the_float_maximum_still_give_a_permutation():
+    # (D + D^T) and the row totals overflowed to inf here: channel 0 came out removed twice.
+    d = torch.full((3, 3), 1e308, dtype=torch.float64).fill_diagonal_(0.0)
+    assert sorted(greedy_redundancy_scores(d).long().tolist()) == [0, 1, 2]
+    d = torch.tensor([[0.0, 1.7e308, 1.0e308], [1.7e308, 0.0, 1.5e308], [1.0e308, 1.5e308, 0.0]], dtype=torch.float64)
+    assert greedy_redundancy_scores(d).long().tolist() == _reference_greedy((d * 2.0**-1000).numpy())
+
+
 @pytest.mark.parametrize(("distance", "message"), [
     (torch.zeros(2, 3), "expected a square distance matrix, got shape (2, 3)"),
     (torch.zeros(3), "expected a square distance matrix, got shape (3,)"),
