@@ -130,6 +130,14 @@ def set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _changed_by_batch(model: nn.Module, step: Mapping[str, Any]) -> bool:
+    """The step was recorded on a layer of another width than it has now (``channels`` is recorded)."""
+    if "channels" not in step:
+        return False
+    module = dict(model.named_modules()).get(step["layer"])
+    return getattr(module, "out_channels", step["channels"]) != step["channels"]
+
+
 def replay(model: nn.Module, example_inputs: Tensor, plan: Sequence[Mapping[str, Any]]) -> nn.Module:
     """Apply a recorded plan to a freshly built model (shapes only; weights come later)."""
     from prunebench import registry
@@ -144,7 +152,10 @@ def replay(model: nn.Module, example_inputs: Tensor, plan: Sequence[Mapping[str,
     for step in plan:
         op = step.get("op")
         if op == "prune":
-            if step["layer"] in prune_batch:  # pruned again later (iterative pruning): keep the order
+            # A layer pruned again later (iterative pruning), or one whose channels an earlier step
+            # of the batch changes (another member of its unit, named in an earlier call): the
+            # step's indices refer to the channels left after those steps, so apply them first.
+            if step["layer"] in prune_batch or (prune_batch and _changed_by_batch(model, step)):
                 flush()
             prune_batch[step["layer"]] = list(step["keep"])
         elif op == "replace":
