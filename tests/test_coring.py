@@ -489,3 +489,16 @@ def test_greedy_errors_are_exact(distance, message):
 
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         greedy_redundancy_scores(distance)
+
+
+def test_a_channel_s_distance_to_itself_adds_nothing_to_its_total():
+    # Channels 0 and 1 are the closest pair and 1 has the smaller total, by 1e-17, while the
+    # largest distance (between 2 and 3) is 1: a diagonal counted into the totals (1 + 3e-10
+    # each) would round that difference away, tie them, and remove the lower index, 0.
+    d = torch.zeros(4, 4, dtype=torch.float64)
+    small = {(0, 1): 1e-10, (0, 2): 1e-10, (0, 3): 1e-10 + 1e-17, (1, 2): 1e-10, (1, 3): 1e-10}
+    for (i, j), v in {**small, (2, 3): 1.0}.items():
+        d[i, j] = d[j, i] = v
+    scores = greedy_redundancy_scores(d).long().tolist()
+    assert scores[1] == 0  # the smaller total is the more redundant: 1 goes first
+    assert scores == _reference_greedy(d.numpy())
