@@ -1425,11 +1425,11 @@ def test_runner_on_an_untraceable_model_runs_whole_forwards() -> None:
 
 def test_logits_of_takes_the_first_tensor_of_nested_outputs() -> None:
     a, b = torch.arange(4, dtype=torch.float16).reshape(2, 2), torch.ones(2)
-    for out in (a, (a, b), [(a, b), b]):
+    for out in (a, (a,), (a, b), [(a, b), b]):
         got = logits_of(out)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, a.float())
-    for bad in ({"logits": a}, (None, a)):
+    for bad in ({"logits": a}, (None, a), (), [[], a]):
         with pytest.raises(ConfigError) as exc:
             logits_of(bad)
         assert str(exc.value) == (
