@@ -49,7 +49,7 @@ def _is_inplace(node: Node) -> bool:
 
 def logits_of(out) -> Tensor:
     """The logits tensor of a model output (the first element of nested tuples)."""
-    while isinstance(out, (tuple, list)):
+    while isinstance(out, (tuple, list)) and out:
         out = out[0]
     if not isinstance(out, Tensor):
         raise ConfigError(
