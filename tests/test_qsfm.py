@@ -732,3 +732,13 @@ def test_errors_are_exact(case):
     call, exc, message = _ERRORS[case]
     with pytest.raises(exc, match=f"^{re.escape(message)}$"):
         call()
+
+
+def test_maps_whose_range_is_exactly_one_are_normalised_like_any_other():
+    # min 0, max 1 (a binary map, say): the span is exactly 1 and the map is already in [0, 1].
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    maps[:, 0] = (maps[:, 0] > 0.5).double()
+    maps[:, 0, 0, 0], maps[:, 0, 0, 1] = 0.0, 1.0
+    got = pairwise_map_similarity(maps, "psnr").mean(dim=0)
+    np.testing.assert_allclose(got.numpy(), _numpy_psnr(maps.numpy()), rtol=1e-9)
