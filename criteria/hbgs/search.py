@@ -285,7 +285,7 @@ class Search:
             return [logits_of(o) for o in self.runner.run(start, record)]
         got: list[Tensor | None] = []
         h = self.work.model.get_submodule(self.capture).register_forward_hook(
-            lambda mod, inp, out: got.__setitem__(-1, out.detach().float()))
+            lambda mod, inp, out: got.__setitem__(-1, out.detach().clone().float()))
         try:
             for ci in range(len(self.chunks)):
                 got.append(None)
@@ -306,7 +306,7 @@ class Search:
             else:
                 got: list[Tensor] = []
                 h = self.original.get_submodule(self.capture).register_forward_hook(
-                    lambda mod, inp, out: got.append(out.detach().float()))
+                    lambda mod, inp, out: got.append(out.detach().clone().float()))
                 try:
                     for x in self.chunks:
                         self.original(x)
