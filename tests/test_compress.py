@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.compress import Meter, compress
+from prunebench.compress import Meter, compress, plan_scores, unit_profile, unit_scores
 from prunebench.errors import ConfigError, PluginError, TargetMissedError
-from prunebench.protocols import CompressionContext, EpochLedger, ScoreCriterion, Target
+from prunebench.protocols import AllocateCriterion, CompressionContext, EpochLedger, ScoreCriterion, Target
 from prunebench.surgery import pruning_units
 from prunebench.testing import TinyNet
 
@@ -149,7 +149,7 @@ def test_bad_scores_are_a_plugin_error(criterion, message):
     before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     with pytest.raises(PluginError) as exc:
         compress(criterion(), model, ctx, meter)
-    assert message in str(exc.value)
+    assert str(exc.value) == message
     assert {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)} == before
 
 
@@ -224,3 +224,256 @@ def test_random_scores_come_from_the_seed_alone():
     assert a["0"].shape == (8,) and a["1"].shape == (5,)
     assert torch.equal(a["0"], b["0"]) and torch.equal(a["1"], b["1"])
     assert all(((s >= 0) & (s < 1)).all() for s in a.values())
+
+
+
+# --- compress.py mutants: allocation decisions, the measured reduction and one-line errors ---
+# A two-conv chain whose parameter count is known in closed form: conv 1->a (3x3, no bias),
+# conv a->b (3x3, no bias), global pooling, linear b->2 with bias.
+def _chain():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2),
+    ).eval()
+
+
+def _reduction(removed0, removed2):
+    """Parameter reduction of the chain with this many channels removed from each conv (by hand)."""
+    a, b = 8 - removed0, 8 - removed2
+    return 1 - (9 * a + 9 * a * b + 2 * b + 2) / 666
+
+
+class _Fixed(ScoreCriterion):
+    name = "fixed"
+
+    def __init__(self, given):
+        super().__init__()
+        self.given = given
+
+    def scores(self, model, layers, calibration):
+        return {n: torch.tensor(self.given[n], dtype=torch.float64) for n in layers}
+
+
+def _removed(original, pruned):
+    """Output channels each chain conv lost, found by matching the surviving filters' weights."""
+    w0, p0 = original[0].weight, pruned[0].weight
+    kept0 = [i for i in range(8) if any(torch.equal(w0[i], w) for w in p0)]
+    w2, p2 = original[2].weight[:, kept0], pruned[2].weight
+    kept2 = [j for j in range(8) if any(torch.equal(w2[j], w) for w in p2)]
+    assert (len(kept0), len(kept2)) == (p0.shape[0], p2.shape[0])  # each filter matched once
+    return sorted(set(range(8)) - set(kept0)), sorted(set(range(8)) - set(kept2))
+
+
+def _run_chain(crit, target, prunable=("0", "2"), **kw):
+    model = _chain()
+    original = copy.deepcopy(model)
+    ctx, meter = make_ctx(model, list(prunable), target)
+    logs = []
+    ctx.log = logs.append
+    result = compress(crit, model, ctx, meter, **kw)
+    # the model itself, counted by hand
+    assert sum(p.numel() for p in model.parameters()) == round((1 - result.achieved) * 666)
+    assert abs(result.achieved - target.ratio) <= target.tolerance
+    return result, _removed(original, model), logs
+
+
+_S0 = [5, 1, 7, 3, 8, 2, 6, 4]
+_S2 = [40, 10, 80, 20, 70, 30, 60, 50]
+
+
+@pytest.mark.parametrize("s0, s2, ratio, removed", [
+    # 4 + 4 channels land in the band: each layer loses the same share, its lowest scores
+    (_S0, _S2, _reduction(4, 4), ([1, 3, 5, 7], [0, 1, 3, 5])),
+    # one more channel must go, and either layer's would land in the band: the one whose next
+    # channel has the lower normalised score (conv 2's 45, against conv 0's 5) goes
+    (_S0, [40, 10, 80, 20, 70, 30, 90, 45], 0.777, ([1, 3, 5, 7], [0, 1, 3, 5, 7])),
+    # conv 0's next channel is cheaper, but removing it would overshoot the band: conv 2's goes
+    ([5, 1, 7, 3, 8, 2, 9, 4.5], _S2, 0.766, ([1, 3, 5, 7], [0, 1, 3, 5, 7])),
+], ids=["even", "top-up-cheapest", "top-up-within-band"])
+def test_uniform_removes_each_layers_lowest_scores_in_equal_shares(s0, s2, ratio, removed):
+    assert abs(_reduction(4, 5) - ratio) <= 0.01 or ratio == _reduction(4, 4)
+    _, got, _ = _run_chain(_Fixed({"0": s0, "2": s2}), Target("params", ratio), allocation="uniform")
+    assert got == removed
+
+
+@pytest.mark.parametrize("k, expected", [(5, ([0, 1], [0, 1, 2])), (9, ([0, 1, 2, 3, 4], [0, 1, 2, 3]))])
+def test_global_removes_the_lowest_mean_normalised_scores_across_layers(k, expected):
+    s0 = [1000 + 100 * i for i in range(8)]  # large raw scores, evenly spread
+    s2 = [5, 5.1, 5.2, 14, 15, 16, 17, 18]  # small raw scores, three nearly the lowest
+    norm = {k: [(v - min(s)) / (sum(s) / 8 - min(s)) for v in s] for k, s in (("0", s0), ("2", s2))}
+    lowest = sorted((v, k, i) for k, vs in norm.items() for i, v in enumerate(vs))[:k]
+    assert expected == ([i for _, n, i in lowest if n == "0"], [i for _, n, i in lowest if n == "2"])
+    ratio = _reduction(len(expected[0]), len(expected[1])) + 1e-9
+    result, got, _ = _run_chain(_Fixed({"0": s0, "2": s2}), Target("params", ratio), allocation="global")
+    assert got == expected
+    assert result.knob == {"allocation": "global"}
+
+
+def test_profile_scales_the_given_ratios_and_leaves_unlisted_layers_whole():
+    # 0.2 : 0.4 of 8 channels, scaled by one factor (1.25) to meet the target
+    crit = _Fixed({"0": _S0, "2": _S2})
+    _, got, _ = _run_chain(crit, Target("params", _reduction(2, 4) + 0.005), allocation="profile",
+                           profile={"0": 0.2, "2": 0.4})
+    assert got == ([1, 5], [0, 1, 3, 5])
+    # a layer outside the pruned scope is skipped (and reported) without ending the profile;
+    # a prunable layer the profile does not name keeps all its channels
+    result, got, logs = _run_chain(crit, Target("params", _reduction(4, 0) + 0.005), allocation="profile",
+                                   profile={"6": 0.3, "0": 0.5})
+    assert got == ([1, 3, 5, 7], [])
+    assert result.knob == {"allocation": "profile", "profile_ignored": ["6"]}
+    assert logs == ["layer-ratio profile: 1 layer(s) outside the pruned scope ignored: 6"]
+
+
+def test_max_layer_ratio_lets_a_layer_keep_a_single_channel_but_no_fewer():
+    crit = _Fixed({"0": _S0})
+    # 90% of 8 channels rounds down to 7: one channel, conv 0's most important, survives
+    _, got, _ = _run_chain(crit, Target("params", _reduction(7, 0)), prunable=("0",))
+    assert got == ([0, 1, 2, 3, 5, 6, 7], [])
+    message = ("could not reach a params reduction of 95.0% ± 1.0%: closest 85.14%. The architecture's "
+               "prunable layers may not allow it (see `prunebench info --arch`), or raise --max-layer-ratio.")
+    with pytest.raises(TargetMissedError) as exc:
+        _run_chain(crit, Target("params", 0.95), prunable=("0",))
+    assert str(exc.value) == message
+
+
+def test_k_shot_meets_each_shots_share_of_the_target_and_its_plan_replays():
+    from prunebench.surgery import replay
+
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.64))
+    after_first = []
+    ctx.train = lambda m, epochs, hooks=None, purpose="": after_first.append(
+        (1 - sum(p.numel() for p in m.parameters()) / 666, epochs, purpose))
+    result = compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter, shots=2, shot_epochs=0.5)
+    assert len(after_first) == 1 and after_first[0][1:] == (0.5, "k-shot")
+    assert abs(after_first[0][0] - 0.32) <= 0.01  # the first shot removes half the target
+    assert abs(result.achieved - 0.64) <= 0.01
+    assert result.achieved == 1 - sum(p.numel() for p in model.parameters()) / 666
+    assert result.knob == {"allocation": "uniform", "shots": 2, "shot_epochs": 0.5}
+    fresh = _chain()
+    replay(fresh, ctx.example_inputs, result.plan)
+    fresh.load_state_dict(model.state_dict())
+    assert [fresh[i].weight.shape for i in (0, 2)] == [model[i].weight.shape for i in (0, 2)]
+
+
+def test_ties_are_broken_by_the_run_seed_not_the_global_generator():
+    crit = _Fixed({"0": [1.0] * 8, "2": [1.0] * 8})
+    removed = []
+    for global_seed in (1, 2):
+        model = _chain()
+        original = copy.deepcopy(model)
+        ctx, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(4, 4)))
+        torch.manual_seed(global_seed)
+        compress(crit, model, ctx, meter)
+        removed.append(_removed(original, model))
+    assert removed[0] == removed[1]
+
+
+def test_prune_and_count_fallback_allocates_as_the_cost_model_does(monkeypatch):
+    """The same decision as with the cost model (the top-up case of the uniform test above)."""
+    monkeypatch.setattr(Meter, "cost_model", lambda self, model, units: None)
+    crit = _Fixed({"0": _S0, "2": [40, 10, 80, 20, 70, 30, 90, 45]})
+    _, got, _ = _run_chain(crit, Target("params", 0.777), allocation="uniform")
+    assert got == ([1, 3, 5, 7], [0, 1, 3, 5, 7])
+
+
+def test_a_target_finer_than_one_channel_names_the_closest_reachable():
+    # removing any one channel of conv 0 removes 12.2% of the parameters: 5% +- 1% is out of reach,
+    # and keeping everything (0%) is the closest
+    with pytest.raises(TargetMissedError) as exc:
+        _run_chain(_Fixed({"0": _S0}), Target("params", 0.05), prunable=("0",), allocation="global")
+    assert str(exc.value).startswith("could not reach a params reduction of 5.0% ± 1.0%: closest 0.00%. ")
+
+
+class _Alloc(AllocateCriterion):
+    """Probes a few plans through ``ctx.reduction_of`` (recording model widths), then keeps ``kept``."""
+
+    name = "alloc"
+
+    def __init__(self, kept, probes):
+        super().__init__()
+        self.kept, self.probes = kept, probes
+
+    def allocate(self, model, ctx):
+        self.seen = [ctx.reduction_of(p) for p in self.probes]
+        self.widths = [model[0].out_channels, model[2].out_channels]
+        return self.kept
+
+
+_PROBES = [{"0": [0, 1, 2, 3]}, {"0": list(range(8)), "2": [0, 1]}, {"2": [5]}]
+
+
+@pytest.mark.parametrize("cost_model", [True, False], ids=["cost-model", "prune-and-count"])
+def test_allocate_plans_are_measured_exactly_and_a_plan_at_the_band_edge_is_accepted(cost_model, monkeypatch):
+    if not cost_model:  # the fallback when the cost model does not validate: prune a copy and count
+        monkeypatch.setattr(Meter, "cost_model", lambda self, model, units: None)
+    achieved = _reduction(4, 0)
+    model = _chain()
+    # exactly one tolerance away from the target: inside the closed band
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.9, tolerance=0.9 - achieved))
+    crit = _Alloc({"0": torch.tensor([0, 1, 2, 3])}, _PROBES)
+    result = compress(crit, model, ctx, meter)
+    assert crit.seen == [pytest.approx(r, abs=1e-12) for r in (_reduction(4, 0), _reduction(0, 6), _reduction(0, 7))]
+    assert crit.widths == [8, 8]  # probing never touches the model
+    assert result.achieved == achieved and model[0].out_channels == 4
+    assert result.search_evaluations == len(_PROBES) + 1  # every probe and the final count
+    assert (result.knob, [s["layer"] for s in result.plan]) == ({}, ["0"])
+
+
+@pytest.mark.parametrize("kept, message", [
+    ({"0": [0, 1, 2, 3]}, "criterion 'alloc' reached 48.65% params reduction, outside 30.0% ± 1.0%"),
+    ({"6": [0]}, "criterion 'alloc' allocated non-prunable layers: ['6']"),
+], ids=["missed", "non-prunable"])
+def test_allocate_errors_are_one_line(kept, message):
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.3))
+    with pytest.raises((TargetMissedError, PluginError)) as exc:
+        compress(_Alloc({k: torch.tensor(v) for k, v in kept.items()}, []), model, ctx, meter)
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"allocation": "bogus"}, "unknown allocation 'bogus'. Available: uniform, global, profile"),
+    ({"allocation": "profile"}, "allocation 'profile' needs per-layer ratios (--layer-ratios FILE)"),
+    ({"allocation": "profile", "profile": {"layer1.0.conv": 0.5}},
+     "layer-ratio profile names 'layer1.0.conv', which is not a layer of the model. Did you mean "
+     "'layer1.0.conv1' or 'layer3.0.conv1' or 'layer2.0.conv1'? Prunable: layer1.0.conv1, layer1.1.conv1, "
+     "layer1.2.conv1, layer2.0.conv1, layer2.1.conv1, layer2.2.conv1, layer3.0.conv1, layer3.1.conv1..."),
+], ids=["allocation", "no-profile", "profile-layer"])
+def test_allocation_config_errors_are_one_line(kw, message):
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.3))
+    with pytest.raises(ConfigError) as exc:
+        compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter, **kw)
+    assert str(exc.value) == message
+
+
+def test_plan_scores_rejects_a_profile_of_non_units():
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    example = torch.randn(1, 1, 8, 8)
+    units = pruning_units(model, example, arch.prunable(model))
+    with pytest.raises(ConfigError) as exc:
+        plan_scores(units, {u.root: torch.rand(u.channels) for u in units}, Meter(model, example, Target()),
+                    model, "profile", 0.9, 0, {f"x{i}": 0.1 for i in range(7)})
+    assert str(exc.value) == (
+        "layer-ratio profile names layers that are not prunable units: ['x0', 'x1', 'x2', 'x3', 'x4']. "
+        "Prunable: layer1.0.conv1, layer1.1.conv1, layer1.2.conv1, layer2.0.conv1, layer2.1.conv1, "
+        "layer2.2.conv1, layer3.0.conv1, layer3.1.conv1...")
+
+
+def test_members_of_one_unit_share_a_profile_ratio_and_their_scores_add():
+    model = TinyNet()
+    units = pruning_units(model, torch.randn(1, 3, 8, 8), ["stem.0", "conv2", "conv1"])
+    assert unit_profile({"stem.0": 0.3, "conv2": 0.3}, units, model) == ({"stem.0": 0.3}, [])
+    with pytest.raises(ConfigError) as exc:
+        unit_profile({"stem.0": 0.3, "conv2": 0.5}, units, model)
+    assert str(exc.value) == ("layer-ratio profile gives 'stem.0' ratio 0.3 and 'conv2' ratio 0.5, but they share "
+                              "their output channels (one pruning unit): give them one ratio")
+    given = {"stem.0": [float(i) for i in range(12)], "conv2": [float(12 - i) ** 2 for i in range(12)],
+             "conv1": [1.0] * 24}
+    summed = unit_scores(_Fixed(given), model, units, None)
+    assert summed["stem.0"].tolist() == [i + (12 - i) ** 2 for i in range(12)]
+    assert summed["conv1"].tolist() == [1.0] * 24
