@@ -9,8 +9,17 @@ from torch import nn
 from prunebench import registry
 from prunebench.compress import Meter, compress, plan_scores, unit_profile, unit_scores
 from prunebench.errors import ConfigError, PluginError, TargetMissedError
-from prunebench.protocols import AllocateCriterion, CompressionContext, EpochLedger, ScoreCriterion, Target
-from prunebench.surgery import pruning_units
+from prunebench.protocols import (
+    AllocateCriterion,
+    CompressionContext,
+    EpochLedger,
+    Knob,
+    ScoreCriterion,
+    Target,
+    TrainingHooks,
+    TransformCriterion,
+)
+from prunebench.surgery import prune_kept, pruning_units
 from prunebench.testing import TinyNet
 
 
@@ -477,3 +486,98 @@ def test_members_of_one_unit_share_a_profile_ratio_and_their_scores_add():
     summed = unit_scores(_Fixed(given), model, units, None)
     assert summed["stem.0"].tolist() == [i + (12 - i) ** 2 for i in range(12)]
     assert summed["conv1"].tolist() == [1.0] * 24
+
+
+class _Toy(TransformCriterion):
+    """Removes floor(8 * share) of conv 0's channels, where share is the knob or one minus it."""
+
+    name = "toy"
+    knob = Knob("frac", 0.0, 1.0, increases_compression=True)
+
+    def __init__(self, hooks=None, epochs=0.0):
+        super().__init__()
+        self.hooks, self.epochs, self.values = hooks, epochs, []
+
+    def training_epochs(self, ctx):
+        return self.epochs
+
+    def training_hooks(self, model, ctx):
+        return self.hooks
+
+    def transform(self, model, value, ctx):
+        self.values.append(value)
+        share = value if self.knob.increases_compression else 1 - value
+        n = min(7, int(share * 8))
+        return prune_kept(model, ctx.example_inputs, {"0": torch.arange(n, 8)})
+
+    @classmethod
+    def rebuild_module(cls, original, spec):
+        raise NotImplementedError
+
+
+class _ToyKeep(_Toy):
+    knob = Knob("keep", 0.0, 1.0, increases_compression=False)
+
+
+@pytest.mark.parametrize("crit, value", [(_Toy, 0.25), (_ToyKeep, 0.75)], ids=["increasing", "decreasing"])
+def test_transform_knob_is_bisected_in_its_direction_to_the_target(crit, value):
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(2, 0)))
+    c = crit()
+    result = compress(c, model, ctx, meter)
+    # 0.5 removes 4 channels (too many, or too few read the other way), then 0.25 / 0.75 removes 2
+    assert c.values == [0.5, value, value]  # two probes on copies, then the model itself
+    assert result.knob == {c.knob.name: value} and model[0].out_channels == 6
+    assert result.achieved == _reduction(2, 0) and result.search_evaluations == 3
+    assert [s["layer"] for s in result.plan] == ["0"]
+
+
+def test_transform_out_of_reach_is_a_one_line_error():
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.95))
+    with pytest.raises(TargetMissedError) as exc:
+        compress(_Toy(), model, ctx, meter)
+    assert str(exc.value) == ("toy: no frac in [0.0, 1.0] gives 95.0% ± 1.0% params reduction; "
+                              "closest 85.14% at frac=0.8750")
+    assert model[0].out_channels == 8
+
+
+class _Hooks(TrainingHooks):
+    pass
+
+
+class _TypoHooks(TrainingHooks):
+    def after_stepp(self, model, step):
+        pass
+
+    def helper(self):  # not close to any hook name: allowed
+        pass
+
+
+@pytest.mark.parametrize("hooks, message", [
+    (_TypoHooks(), "criterion 'toy': hook method 'after_stepp' is not a training hook and would never be called. "
+                   "Did you mean 'after_step'? Hooks: after_backward, after_step, extra_loss, on_train_end"),
+    ("hooks", "criterion 'toy': training_hooks() must return a TrainingHooks, got 'hooks'"),
+], ids=["typo", "not-hooks"])
+def test_transform_training_hooks_are_checked_before_training(hooks, message):
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(2, 0)))
+    trained = []
+    ctx.train = lambda *a, **k: trained.append(k)
+    with pytest.raises(PluginError) as exc:
+        compress(_Toy(hooks, epochs=1.5), model, ctx, meter)
+    assert str(exc.value) == message and trained == []
+
+
+def test_transform_trains_with_its_hooks_for_its_epochs_first():
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(2, 0)))
+    hooks, trained = _Hooks(), []
+    ctx.train = lambda m, epochs, hooks=None, purpose="": trained.append((m, epochs, hooks, purpose))
+    compress(_Toy(hooks, epochs=1.5), model, ctx, meter)
+    assert trained == [(model, 1.5, hooks, "toy")]
+    model = _chain()
+    ctx2, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(2, 0)))
+    ctx2.train = ctx.train
+    compress(_Toy(hooks, epochs=0.0), model, ctx2, meter)  # no epochs: no training
+    assert len(trained) == 1
