@@ -322,16 +322,16 @@ def test_global_removes_the_lowest_mean_normalised_scores_across_layers(k, expec
 def test_profile_scales_the_given_ratios_and_leaves_unlisted_layers_whole():
     # 0.2 : 0.4 of 8 channels, scaled by one factor (1.25) to meet the target
     crit = _Fixed({"0": _S0, "2": _S2})
-    _, got, _ = _run_chain(crit, Target("params", _reduction(2, 4) + 0.005), allocation="profile",
-                           profile={"0": 0.2, "2": 0.4})
-    assert got == ([1, 5], [0, 1, 3, 5])
+    _, got, logs = _run_chain(crit, Target("params", _reduction(2, 4) + 0.005), allocation="profile",
+                              profile={"0": 0.2, "2": 0.4})
+    assert got == ([1, 5], [0, 1, 3, 5]) and logs == []
     # a layer outside the pruned scope is skipped (and reported) without ending the profile;
     # a prunable layer the profile does not name keeps all its channels
     result, got, logs = _run_chain(crit, Target("params", _reduction(4, 0) + 0.005), allocation="profile",
                                    profile={"6": 0.3, "0": 0.5})
     assert got == ([1, 3, 5, 7], [])
     assert result.knob == {"allocation": "profile", "profile_ignored": ["6"]}
-    assert logs == ["layer-ratio profile: 1 layer(s) outside the pruned scope ignored: 6"]
+    assert len(logs) == 1 and logs[0].endswith(": 6") and "1 layer(s)" in logs[0]  # one line, naming it
 
 
 def test_max_layer_ratio_lets_a_layer_keep_a_single_channel_but_no_fewer():
@@ -341,9 +341,10 @@ def test_max_layer_ratio_lets_a_layer_keep_a_single_channel_but_no_fewer():
     assert got == ([0, 1, 2, 3, 5, 6, 7], [])
     message = ("could not reach a params reduction of 95.0% ± 1.0%: closest 85.14%. The architecture's "
                "prunable layers may not allow it (see `prunebench info --arch`), or raise --max-layer-ratio.")
-    with pytest.raises(TargetMissedError) as exc:
-        _run_chain(crit, Target("params", 0.95), prunable=("0",))
-    assert str(exc.value) == message
+    for ratio in (0.95, 0.99):  # even where removing the last channel would land in the band
+        with pytest.raises(TargetMissedError) as exc:
+            _run_chain(crit, Target("params", ratio), prunable=("0",))
+        assert str(exc.value) == message.replace("95.0%", f"{ratio:.1%}")
 
 
 def test_k_shot_meets_each_shots_share_of_the_target_and_its_plan_replays():
@@ -360,6 +361,7 @@ def test_k_shot_meets_each_shots_share_of_the_target_and_its_plan_replays():
     assert abs(result.achieved - 0.64) <= 0.01
     assert result.achieved == 1 - sum(p.numel() for p in model.parameters()) / 666
     assert result.knob == {"allocation": "uniform", "shots": 2, "shot_epochs": 0.5}
+    assert meter.target == Target("params", 0.64)  # the full target again, for whoever measures next
     fresh = _chain()
     replay(fresh, ctx.example_inputs, result.plan)
     fresh.load_state_dict(model.state_dict())
@@ -543,7 +545,8 @@ def test_transform_out_of_reach_is_a_one_line_error():
 
 
 class _Hooks(TrainingHooks):
-    pass
+    def _after_step(self, model, step):  # private helpers are not checked, however named
+        pass
 
 
 class _TypoHooks(TrainingHooks):
@@ -581,3 +584,47 @@ def test_transform_trains_with_its_hooks_for_its_epochs_first():
     ctx2.train = ctx.train
     compress(_Toy(hooks, epochs=0.0), model, ctx2, meter)  # no epochs: no training
     assert len(trained) == 1
+
+
+def test_k_shot_trains_between_shots_only_when_given_epochs_and_shots_must_be_positive():
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.64))
+    trained = []
+    ctx.train = lambda *a, **k: trained.append(a)
+    result = compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter, shots=2)
+    assert trained == [] and result.knob == {"allocation": "uniform", "shots": 2, "shot_epochs": 0.0}
+    with pytest.raises(ConfigError) as exc:
+        compress(registry.criteria.get("l1").from_kwargs(), _chain(), ctx, meter, shots=0)
+    assert str(exc.value) == "--shots must be at least 1, got 0"
+
+
+@pytest.mark.parametrize("count, listed", [
+    (6, "layer1.0.conv2, layer1.1.conv2, layer1.2.conv2, layer2.0.conv2, layer2.1.conv2, layer2.2.conv2"),
+    (7, "layer1.0.conv2, layer1.1.conv2, layer1.2.conv2, layer2.0.conv2, layer2.1.conv2, layer2.2.conv2..."),
+])
+def test_profile_layers_outside_the_scope_are_logged_once_by_name(count, listed):
+    arch = registry.architectures.get("resnet20")
+    model = arch.build(num_classes=10, in_channels=1).eval()
+    outside = [f"layer{i}.{j}.conv2" for i in (1, 2, 3) for j in range(3)][:count]
+    ctx, meter = make_ctx(model, arch.prunable(model), Target("macs", 0.3))
+    logs = []
+    ctx.log = logs.append
+    profile = {**{n: 0.5 for n in outside}, **{n: 0.5 for n in arch.prunable(model)}}
+    result = compress(registry.criteria.get("l1").from_kwargs(), model, ctx, meter, allocation="profile",
+                      profile=profile, shots=2)
+    # one line (in the first shot only), naming how many and the first six
+    assert len(logs) == 1 and logs[0].endswith(f": {listed}") and f" {count} layer(s) " in logs[0]
+    assert result.knob["profile_ignored"] == outside
+
+
+class _Recording(_Fixed):
+    def compensate(self, model, removal, calibration):
+        self.removal = {k: v.tolist() for k, v in removal.items()}
+        self.widths = [model[0].out_channels, model[2].out_channels]
+
+
+def test_compensate_sees_the_removed_channels_before_they_go():
+    crit = _Recording({"0": _S0, "2": _S2})
+    _, got, _ = _run_chain(crit, Target("params", _reduction(4, 4)))
+    assert crit.removal == {"0": got[0], "2": got[1]} == {"0": [1, 3, 5, 7], "2": [0, 1, 3, 5]}
+    assert crit.widths == [8, 8]
