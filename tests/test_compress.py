@@ -12,6 +12,7 @@ from prunebench.errors import ConfigError, PluginError, TargetMissedError
 from prunebench.protocols import (
     AllocateCriterion,
     CompressionContext,
+    Criterion,
     EpochLedger,
     Knob,
     ScoreCriterion,
@@ -435,7 +436,8 @@ def test_allocate_plans_are_measured_exactly_and_a_plan_at_the_band_edge_is_acce
 @pytest.mark.parametrize("kept, message", [
     ({"0": [0, 1, 2, 3]}, "criterion 'alloc' reached 48.65% params reduction, outside 30.0% ± 1.0%"),
     ({"6": [0]}, "criterion 'alloc' allocated non-prunable layers: ['6']"),
-], ids=["missed", "non-prunable"])
+    ({n: [0] for n in "abcdef"}, "criterion 'alloc' allocated non-prunable layers: ['a', 'b', 'c', 'd', 'e']"),
+], ids=["missed", "non-prunable", "non-prunable-many"])
 def test_allocate_errors_are_one_line(kept, message):
     model = _chain()
     ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.3))
@@ -521,16 +523,18 @@ class _ToyKeep(_Toy):
     knob = Knob("keep", 0.0, 1.0, increases_compression=False)
 
 
-@pytest.mark.parametrize("crit, value", [(_Toy, 0.25), (_ToyKeep, 0.75)], ids=["increasing", "decreasing"])
-def test_transform_knob_is_bisected_in_its_direction_to_the_target(crit, value):
+@pytest.mark.parametrize("crit, removed, values", [
+    (_Toy, 2, [0.5, 0.25]), (_ToyKeep, 2, [0.5, 0.75]), (_Toy, 6, [0.5, 0.75]), (_ToyKeep, 6, [0.5, 0.25]),
+], ids=["increasing-down", "decreasing-up", "increasing-up", "decreasing-down"])
+def test_transform_knob_is_bisected_in_its_direction_to_the_target(crit, removed, values):
     model = _chain()
-    ctx, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(2, 0)))
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(removed, 0)))
     c = crit()
     result = compress(c, model, ctx, meter)
-    # 0.5 removes 4 channels (too many, or too few read the other way), then 0.25 / 0.75 removes 2
-    assert c.values == [0.5, value, value]  # two probes on copies, then the model itself
-    assert result.knob == {c.knob.name: value} and model[0].out_channels == 6
-    assert result.achieved == _reduction(2, 0) and result.search_evaluations == 3
+    # 0.5 removes 4 channels (too many or too few), the next midpoint in the right direction lands
+    assert c.values == [*values, values[-1]]  # two probes on copies, then the model itself
+    assert result.knob == {c.knob.name: values[-1]} and model[0].out_channels == 8 - removed
+    assert result.achieved == _reduction(removed, 0) and result.search_evaluations == 3
     assert [s["layer"] for s in result.plan] == ["0"]
 
 
@@ -577,8 +581,8 @@ def test_transform_trains_with_its_hooks_for_its_epochs_first():
     ctx, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(2, 0)))
     hooks, trained = _Hooks(), []
     ctx.train = lambda m, epochs, hooks=None, purpose="": trained.append((m, epochs, hooks, purpose))
-    compress(_Toy(hooks, epochs=1.5), model, ctx, meter)
-    assert trained == [(model, 1.5, hooks, "toy")]
+    compress(_Toy(hooks, epochs=0.5), model, ctx, meter)
+    assert trained == [(model, 0.5, hooks, "toy")]
     model = _chain()
     ctx2, meter = make_ctx(model, ["0", "2"], Target("params", _reduction(2, 0)))
     ctx2.train = ctx.train
@@ -628,3 +632,13 @@ def test_compensate_sees_the_removed_channels_before_they_go():
     _, got, _ = _run_chain(crit, Target("params", _reduction(4, 4)))
     assert crit.removal == {"0": got[0], "2": got[1]} == {"0": [1, 3, 5, 7], "2": [0, 1, 3, 5]}
     assert crit.widths == [8, 8]
+
+
+def test_a_criterion_of_no_known_kind_is_a_plugin_error():
+    class _Kindless(Criterion):
+        name = "kindless"
+
+    model = _chain()
+    ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.3))
+    with pytest.raises(PluginError, match=r"^criterion <.*_Kindless object at 0x[0-9a-f]+> has no known kind$"):
+        compress(_Kindless(), model, ctx, meter)
