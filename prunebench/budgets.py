@@ -143,6 +143,13 @@ BUDGETS: dict[str, Budget] = {
         train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=20,
         adapt_epochs=4.0, adapt_lr=0.02,
     ),
+    # The same with four times the fine-tune: does a ranking made after 0.25 epoch hold after a longer one?
+    "cpu-pretrained-long": Budget(
+        name="cpu-pretrained-long", baseline_epochs=0, finetune_epochs=1.0, batch_size=128, lr=0.1,
+        finetune_lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine", milestones=(),
+        train_subset=None, test_subset=None, calibration_size=1024, latency_repeats=20,
+        adapt_epochs=4.0, adapt_lr=0.02,
+    ),
     "fast": Budget(
         name="fast", baseline_epochs=30, finetune_epochs=15, batch_size=256, lr=0.2, finetune_lr=0.02,
         momentum=0.9, weight_decay=5e-4, schedule="onecycle", milestones=(),
