@@ -58,8 +58,11 @@ def _target(target_macs: float | None, target_params: float | None, tolerance: f
 
 @app.command()
 def run(
-    criterion: Annotated[str, typer.Option("--criterion", "-c", help="criterion name (prunebench list criteria)")],
     arch: Annotated[str, typer.Option("--arch", "-a", help="architecture name")],
+    criterion: Annotated[str | None, typer.Option("--criterion", "-c", help="criterion name (prunebench list criteria)")] = None,
+    dense: Annotated[str | None, typer.Option(
+        help="instead of a criterion: the smaller-dense control, this smaller architecture (e.g. resnet20 beside "
+             "resnet56) trained for the post-compression epochs and recorded against --arch")] = None,
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "digits",
     target_macs: Annotated[float | None, typer.Option(help="fraction of baseline MACs to remove (default 0.5)")] = None,
     target_params: Annotated[float | None, typer.Option(help="fraction of baseline params to remove")] = None,
@@ -98,6 +101,11 @@ def run(
     from prunebench.runner import RunConfig, execute
     from prunebench.validation import load_profile
 
+    if (criterion is None) == (dense is None):
+        raise ConfigError("give --criterion NAME (prunebench list criteria), or --dense ARCH for the smaller-dense "
+                          "control" if criterion is None else "give either --criterion or --dense, not both")
+    if dense is not None:
+        criterion = "random"  # compresses nothing; the record names the control
     profile = None
     if scope is not None:
         registry.architectures.get(arch).resolve_scope(scope)
@@ -111,7 +119,7 @@ def run(
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
-        scope=scope, workers=workers,
+        scope=scope, workers=workers, dense=dense,
     )
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -143,11 +151,15 @@ def run(
             stages.append(f"one-shot {record['oneshot']['top1']:.2f}%{bn}")
         stages.append(f"final {record['final']['top1']:.2f}%")
         out.print(
-            f"{record['criterion']} on {record['arch']}/{record['dataset']}: {' → '.join(stages)} at "
+            f"{_row_name(record)} on {record['arch']}/{record['dataset']}: {' → '.join(stages)} at "
             f"{record['achieved']['macs_reduction']:.1%} MACs ↓, {record['achieved']['params_reduction']:.1%} params ↓",
             highlight=False, markup=False,
         )
     out.print(f"record: {path}", highlight=False, markup=False)
+
+
+def _row_name(record: dict) -> str:
+    return f"dense {record['dense']}" if record.get("dense") else str(record["criterion"])
 
 
 @app.command()

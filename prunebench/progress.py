@@ -39,7 +39,7 @@ class Reporter:
             f"[bold]prunebench {v['prunebench']}[/] run {record['run_id']}\n"
             f"  criterion {record['criterion']} ({record['criterion_kind']}) {record['criterion_params']}\n"
             f"  arch {record['arch']} · dataset {record['dataset']} · budget {record['budget']['name']} · "
-            f"target {record['target']['metric']} -{record['target']['ratio']:.0%} · seed {record['seed']}\n"
+            f"{_target_text(record)} · seed {record['seed']}\n"
             f"  device {record['hardware']['device']} · precision {record.get('precision', 'fp32')} · torch {v['torch']} · torch-pruning {v['torch_pruning']} "
             f"· tensorly {v['tensorly']}\n"
             f"  plug-ins: " + ", ".join(f"{k} ({d})" for k, d in record.get("plugins", {}).items()),
@@ -64,3 +64,9 @@ class Reporter:
                 self._progress = None
 
         return update
+
+
+def _target_text(record: dict[str, Any]) -> str:
+    if record.get("dense"):
+        return f"dense control {record['dense']} (no target: its own MACs)"
+    return f"target {record['target']['metric']} -{record['target']['ratio']:.0%}"

@@ -37,9 +37,11 @@ def run_id(config: Mapping[str, Any]) -> str:
     blob = json.dumps(config, sort_keys=True, default=str)
     digest = hashlib.sha1(blob.encode()).hexdigest()[:8]
     t = config["target"]
+    # a dense control has no target: its id names the smaller architecture instead
+    where = f"{config['dense']}" if t is None else f"{t['metric']}{round(t['ratio'] * 100)}"
     return (
         f"{config['dataset']}-{config['arch']}-{config['criterion']}-"
-        f"{t['metric']}{round(t['ratio'] * 100)}-{config['budget']['name']}-s{config['seed']}-{digest}"
+        f"{where}-{config['budget']['name']}-s{config['seed']}-{digest}"
     )
 
 

@@ -90,6 +90,7 @@ class RunConfig:
     device: str = "auto"
     force: bool = False
     scratch: bool = False  # control: the compressed architecture re-initialised and trained from scratch
+    dense: str | None = None  # control: this smaller architecture, trained for the post-compression epochs
     scope: str | None = None  # which layers may be pruned (architecture scopes); None: the default
     precision: str = "auto"  # auto | bf16 | fp32 (prunebench.precision); resolved for the run's device
     sharing: Sharing = field(default_factory=Sharing)
@@ -149,6 +150,10 @@ class RunConfig:
             identity["scope"] = self.scope
         if self.scratch:  # only when set, so the ids of all other runs stay what they were
             identity.update(criterion="scratch", scratch=True, architecture_from=self.criterion)
+        if self.dense is not None:  # prunes nothing: no criterion, no target, no pruning options
+            identity.update(criterion="dense", dense=self.dense, criterion_params={}, target=None,
+                            allocation=None, max_layer_ratio=None, layer_ratios=None, shots=None, shot_epochs=None)
+            identity.pop("scope", None)
         providers = plugin_providers(self)
         if providers:  # likewise only for plug-ins from other distributions
             identity["plugins"] = providers
@@ -157,6 +162,9 @@ class RunConfig:
 
             entry = zoo.lookup(self.arch, self.dataset)
             identity["pretrained"] = f"{entry.name}@{entry.sha256[:8]}"
+            if self.dense is not None:
+                small = zoo.lookup(self.dense, self.dataset)
+                identity["dense_pretrained"] = f"{small.name}@{small.sha256[:8]}"
         precision = self.resolved_precision()
         if precision != "fp32":  # fp32 runs keep the ids they had before precision was a choice
             identity["precision"] = precision
@@ -498,6 +506,9 @@ def base_record(cfg: RunConfig, rid: str, identity: dict[str, Any], device: torc
     }
     if cfg.scratch:
         record.update(criterion="scratch", architecture_from=cfg.criterion)
+    if cfg.dense is not None:
+        record.update(criterion="dense", dense=cfg.dense, criterion_kind="control", criterion_params={},
+                      allocation=None, layer_ratios=None, scope=None)
     record["hardware"] = hardware(device)
     world = distributed.world()
     if world.distributed:  # only in runs of several processes, so other records keep their fields
@@ -517,7 +528,12 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     arch = registry.architectures.get(cfg.arch)
     rep.header(record)
     try:
-        model = _execute(cfg, criterion, arch, device, record, rep, rid)
+        if cfg.dense is not None:
+            from prunebench.dense import execute_dense
+
+            model = execute_dense(cfg, device, record, rep, rid)
+        else:
+            model = _execute(cfg, criterion, arch, device, record, rep, rid)
         record["status"] = "complete"
     except BaseException as exc:
         record["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"

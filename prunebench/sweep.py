@@ -48,7 +48,7 @@ EXECUTORS = ("local", "ray")
 TOP_KEYS = (
     "description", "criteria", "architectures", "dataset", "targets", "seeds", "budget", "allocation",
     "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir", "baseline", "scope",
-    "precision", "runs_per_gpu",
+    "precision", "runs_per_gpu", "dense",
 )
 CRITERION_KEYS = ("name", "params")
 DATASET_KEYS = ("name", "options", "data_dir")
@@ -87,6 +87,7 @@ class Sweep:
     precision: str = "auto"
     runs_per_gpu: int = 1
     scope: str | None = None
+    dense: tuple[str, ...] = ()  # smaller-dense controls: one run per (architecture, dense arch, seed)
 
     def runs(self) -> list[RunConfig]:
         """Every run of the grid, in a stable order, each once (a control that is also listed
@@ -112,6 +113,10 @@ class Sweep:
                                               seed=seed, **base))
                     for cfg in cell:
                         out.setdefault(cfg_run_id(cfg), cfg)
+            for small in self.dense:  # no target: one run per seed, whatever the targets
+                for seed in self.seeds:
+                    cfg = RunConfig(criterion="random", dense=small, arch=arch, seed=seed, **base)
+                    out.setdefault(cfg_run_id(cfg), cfg)
         return list(out.values())
 
 
@@ -156,7 +161,12 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         if key not in doc:
             raise ConfigError(f"the sweep config needs {key!r} (a list)")
 
-    criteria = tuple(_criterion(item, i) for i, item in enumerate(_list(doc["criteria"], "criteria")))
+    dense = tuple(_str(a, "dense") for a in _list(doc["dense"], "dense")) if "dense" in doc else ()
+    for name in dense:
+        registry.architectures.get(name)
+    # a file of dense controls alone may list no criterion
+    listed = doc["criteria"] if dense and doc["criteria"] == [] else _list(doc["criteria"], "criteria")
+    criteria = tuple(_criterion(item, i) for i, item in enumerate(listed))
     architectures = tuple(_str(a, "architectures") for a in _list(doc["architectures"], "architectures"))
     for name in architectures:
         registry.architectures.get(name)
@@ -210,7 +220,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         shot_epochs=_float(doc.get("shot_epochs", 0.0), "shot_epochs"),
         device=check_device(_str(doc.get("device", "auto"), "device")),
         data_dir=data_dir if data_dir is not None else file_data_dir, results_dir=Path(results_dir),
-        baseline=baseline, precision=precision, runs_per_gpu=runs_per_gpu, scope=scope,
+        baseline=baseline, precision=precision, runs_per_gpu=runs_per_gpu, scope=scope, dense=dense,
     )
     for cfg in sweep.runs():  # every run of the grid, checked as `prunebench run` checks one
         check_run(cfg)

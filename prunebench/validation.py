@@ -153,6 +153,10 @@ def check_run(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.shots} shots with {cfg.shot_epochs:g} epochs between them need {between:g} "
                           f"epochs, but the budget's ledger holds {cfg.budget.finetune_epochs:g} (finetune_epochs)")
     check_device(cfg.device)
+    if getattr(cfg, "dense", None) is not None:
+        from prunebench.dense import check_dense
+
+        check_dense(cfg)
     if cfg.pretrained:
         from prunebench import zoo
 
