@@ -33,4 +33,8 @@ def put(folder: Path, name: str, record: dict) -> None:
 
 
 def table_rows(page: str) -> list[list[str]]:
+    """The rows of the page's tables (header lines and the folded pairwise matrices left out)."""
+    import re
+
+    page = re.sub(r"<details>.*?</details>", "", page, flags=re.S)
     return [[c.strip() for c in line.split("|")[1:-1]] for line in page.splitlines() if line.startswith("| ")][1:]

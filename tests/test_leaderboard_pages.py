@@ -82,16 +82,19 @@ def test_index_pages_csv_and_plot(records):
     sections = page.split("## ")[1:]
     assert [s.splitlines()[0] for s in sections] == [
         f"digits · resnet20 · macs -{r}% · budget `smoke`" for r in (30, 50, 70)]
-    rows70 = [line for line in sections[2].splitlines() if line.startswith("| ")][1:]
+    ranked70 = sections[2].split("<details>")[0]  # the ranked table, not the pairwise matrix below it
+    rows70 = [line for line in ranked70.splitlines() if line.startswith("| ")][1:]
     assert [r.split("|")[2].strip() for r in rows70] == ["l1", "scratch", "random"]
     l1 = [c.strip() for c in rows70[0].split("|")[1:-1]]
-    # seeds 78, 79 vs random's 70, 71: Welch's t = 8 / sqrt(0.5/2 + 0.5/2) on 2 df
-    assert l1 == ["1", "l1", "78.50 ± 0.71", "-12.00", "47.00", "—", "yes (p=0.004)", "70.0%", "68.0%", "1.70×",
-                  "0.25", "2"]
+    # seeds 78, 79 vs random's 70, 71: Welch's t = 8 / sqrt(0.5/2 + 0.5/2) on 2 df, p = 0.0039 before
+    # the page's Holm adjustment; the 95 % interval is 78.5 ± t(0.975, 1) · 0.5 = 78.5 ± 6.353
+    assert l1 == ["1", "l1", "78.50 ± 0.71", "72.15 – 84.85", "-12.00", "47.00", "—", l1[7], "70.0%", "68.0%",
+                  "1.70×", "0.25", "2"]
+    assert l1[7].startswith("yes (p=")
     scratch = [c.strip() for c in rows70[1].split("|")[1:-1]]
-    assert scratch[1] == "scratch" and scratch[4] == "—"
+    assert scratch[1] == "scratch" and scratch[5] == "—"
     random = [c.strip() for c in rows70[2].split("|")[1:-1]]
-    assert random[1] == "random" and random[6] == "control"
+    assert random[1] == "random" and random[7] == "control"
 
     csv = pd.read_csv(io.StringIO(files["digits-resnet20.csv"]))
     assert len(csv) == 9 and set(csv["criterion"]) == {"l1", "random", "scratch"}

@@ -42,8 +42,8 @@ def test_oneshot_bn_column_and_per_option_random_matching(tmp_path):
         put(tmp_path, f"ra{seed}", rec("random", seed=seed, final=85.0 + seed, scope="all"))
     rows = {r[1]: r for r in table_rows(build(tmp_path)["digits-resnet20.md"])}
     l1 = rows["l1 · scope inner"]
-    assert l1[5] == "62.00" and l1[6].startswith("yes (p=")
-    assert rows["random · scope all"][6] == "control"
+    assert l1[6] == "62.00" and l1[7].startswith("yes (p=")
+    assert rows["random · scope all"][7] == "control"
 
 
 def test_pretrained_provenance_scratch_note_and_reported_table(tmp_path):

@@ -46,7 +46,7 @@ def build(records_dir: Path) -> dict[str, str | bytes]:
             plots = {}
             for budget in sorted(p["budget"].unique()):
                 b = p[p["budget"] == budget]
-                png = tradeoff_png(dataset, arch, budget, b, _labels(b)[0])
+                png = tradeoff_png(dataset, arch, budget, b, _labels(b[b["name"] != "dense"])[0])
                 if png is not None:
                     name = f"{stem}.{slug(budget)}.png"
                     files[name] = png

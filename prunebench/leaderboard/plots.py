@@ -9,11 +9,13 @@ import pandas as pd
 
 def tradeoff_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels: dict[str, str]) -> bytes | None:
     """PNG of final top-1 vs MACs reduction (mean ± std over seeds), one line per configuration
-    label; None when there are fewer than two MACs targets (or matplotlib is missing).
+    label, and the smaller-dense controls as one series of their own; None when there are fewer
+    than two MACs targets (or matplotlib is missing).
 
     Deterministic: no version or date metadata, fixed style, sorted series.
     """
-    macs = df[df["metric"] == "macs"].copy()
+    macs = df[(df["metric"] == "macs") & (df["name"] != "dense")].copy()
+    dense = df[df["name"] == "dense"]
     if macs["ratio"].nunique() < 2:
         return None
     try:
@@ -38,6 +40,14 @@ def tradeoff_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels:
             ax.errorbar(pts["x"], pts["y"], yerr=pts["s"].fillna(0.0), marker=markers[i % len(markers)],
                         capsize=3, label=name, color=palette[(2 * i) % 20 + (2 * i) // 20 % 2],
                         linestyle="--" if control else "-")
+        if not dense.empty:  # the smaller dense networks: one series, each point named
+            pts = (dense.groupby("criterion").agg(x=("macs_down", "mean"), y=("final", "mean"), s=("final", "std"))
+                   .reset_index().sort_values("x"))
+            ax.errorbar(pts["x"], pts["y"], yerr=pts["s"].fillna(0.0), marker="*", markersize=10, capsize=3,
+                        color="black", linestyle=":", label="dense smaller networks (control)")
+            for x, y, name in zip(pts["x"], pts["y"], pts["criterion"], strict=True):
+                ax.annotate(name.removeprefix("dense "), (x, y), textcoords="offset points", xytext=(5, 5),
+                            fontsize="small")
         ax.axhline(macs["baseline"].mean(), color="grey", linestyle="--", linewidth=1, label="baseline")
         ax.set_xlabel("MACs reduction (%)")
         ax.set_ylabel("final top-1 (%)")

@@ -71,6 +71,8 @@ def criterion_label(rec: Mapping[str, Any]) -> str:
     """Criterion name plus the hyper-parameters that differ from its defaults, and the allocation
     of score criteria when it is not ``uniform``. Scratch controls are ``scratch`` (or
     ``scratch[<criterion>]`` when their architecture came from a criterion other than ``random``)."""
+    if rec["criterion"] == "dense" and rec.get("dense"):
+        return f"dense {rec['dense']}"
     if rec["criterion"] == "scratch":
         source = rec.get("architecture_from", "random")
         inner = criterion_label({**rec, "criterion": source})
@@ -181,7 +183,7 @@ def row(rec: Mapping[str, Any], source: str) -> dict[str, Any]:
     adaptation = info.get("adaptation") or {}
     return {
         "dataset": rec["dataset"], "arch": rec["arch"], "budget": budget_label(rec["budget"]),
-        "budget_info": budget_summary(rec["budget"]),
+        "budget_info": budget_summary(rec["budget"]), "finetune_epochs": rec["budget"].get("finetune_epochs"),
         "target": f"{t['metric']} -{t['ratio']:.0%}", "metric": t["metric"], "ratio": float(t["ratio"]),
         "criterion": criterion_label(rec), "name": rec["criterion"], "config": configuration(rec),
         "options": json.dumps(options_of(rec), sort_keys=False), "match": match_key(rec), "seed": rec["seed"],
