@@ -134,6 +134,11 @@ def check_run(cfg: RunConfig) -> None:
                           f"got {cfg.max_layer_ratio!r}")
     if cfg.allocation == "profile" and not cfg.layer_ratios:
         raise ConfigError("allocation 'profile' needs per-layer ratios (--layer-ratios FILE)")
+    if cfg.layer_ratios is not None and criterion.kind.value != "score" and getattr(cfg, "dense", None) is None:
+        # an allocate criterion chooses its own per-layer rates, a transform criterion removes no channel:
+        # a profile would be ignored while the record and the leaderboard row named it
+        raise ConfigError(f"a layer-ratio profile sets the per-layer rates of score criteria; {cfg.criterion!r} is a "
+                          f"{criterion.kind.value} criterion and would ignore it")
     if cfg.layer_ratios is not None:
         if cfg.allocation != "profile":
             raise ConfigError(f"layer ratios were given, but the allocation is {cfg.allocation!r}; use 'profile'")

@@ -106,3 +106,15 @@ def test_a_named_profile_drives_a_run_in_both_scopes():
             assert model.layer1[0].conv2.out_channels < 16 and model.layer2[0].conv2.out_channels < 32
             # stages 1 and 2 lose residual channels in the list's proportion (0.4 each)
             assert model.layer1[0].conv2.out_channels / 16 == pytest.approx(model.layer2[0].conv2.out_channels / 32, abs=0.07)
+
+
+@pytest.mark.parametrize("criterion", ["hbgs", "ht2"])
+def test_a_profile_is_refused_for_criteria_that_would_ignore_it(criterion):
+    from prunebench.budgets import get_budget
+    from prunebench.runner import RunConfig
+    from prunebench.validation import check_run
+
+    cfg = RunConfig(criterion=criterion, arch="resnet56", dataset="digits", budget=get_budget("smoke"),
+                    allocation="profile", layer_ratios=load_profile("hrank-resnet56-2", arch="resnet56"))
+    with pytest.raises(ConfigError, match=f"sets the per-layer rates of score criteria; '{criterion}' is a"):
+        check_run(cfg)
