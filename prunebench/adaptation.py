@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from prunebench import checkpoints, distributed, divergence, zoo
-from prunebench.engine import Recipe, train
+from prunebench.engine import DeviceData, Recipe, train
 from prunebench.errors import CheckpointError
+from prunebench.resume import StageCheckpoint
 from prunebench.surgery import atomic_torch_save
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,9 +120,12 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
                 f"lr {rcp.lr:g} cosine, seed {ADAPT_SEED}; top-1 before {top1_before:.2f}%")
         t0 = time.perf_counter()
         hint = f"lower the learning rate (now adapt_lr={rcp.lr:g}; --set adapt_lr=...)"
+        # an interrupted adaptation resumes from its partial checkpoint (the lock keeps other processes out)
+        partial = StageCheckpoint(path.with_suffix(""), {"stage": "adaptation", "key": key}, rep.log) \
+            if distributed.world().main and isinstance(data, DeviceData) else None
         with divergence.training("adaptation", hint):
-            stats = train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(), description="adapt",
-                          options=train_options(cfg))
+            stats = train(model, data, rcp, ADAPT_SEED, progress=rep.train_callback(rcp.batch_size),
+                          description="adapt", options=train_options(cfg), checkpoint=partial)
         divergence.check_training(model, stats, "adaptation", hint)
         seconds = round(time.perf_counter() - t0, 3)
         top1_after = evaluate(model, data, splits.num_classes)["top1"]
@@ -129,6 +133,8 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
         if distributed.world().main:
             atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                "adaptation": json.dumps(block), "evaluated_on": json.dumps(evaluated_on)}, path)
+        if partial is not None:
+            partial.clear()
     rep.log(f"adapted in {seconds:.1f}s: top-1 {top1_before:.2f}% → {top1_after:.2f}%, cached at {path}")
     return {**block, "cached": False}
 

@@ -102,7 +102,7 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
         hint = _lr_hint(budget, "finetune_lr")
         with divergence.training("dense training", hint):
             stats = train(model, data, recipe(budget, "finetune", epochs), cfg.seed + 7,
-                          progress=rep.train_callback(), description="dense", options=train_options(cfg))
+                          progress=rep.train_callback(budget.batch_size), description="dense", options=train_options(cfg))
         divergence.check_training(model, stats, "dense training", hint)
     record["compress_train_seconds"] = 0.0
     record["ledger"] = {"total_epochs": epochs, "spent": {"finetune": epochs} if epochs > 0 else {},

@@ -31,6 +31,7 @@ from prunebench.precision import check_precision, resolve_precision
 from prunebench.protocols import TrainingHooks
 
 if TYPE_CHECKING:  # pragma: no cover
+    from prunebench.resume import StageCheckpoint
     from prunebench.streaming import StreamData
 
 #: steps between host reads of the accumulated loss on CUDA (each read waits for the device)
@@ -209,8 +210,13 @@ def train(
     description: str = "train",
     *,
     options: TrainOptions | None = None,
+    checkpoint: StageCheckpoint | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``recipe.epochs`` (fractions allowed). Returns last-epoch stats.
+
+    ``checkpoint`` (:mod:`prunebench.resume`): resume from its newest usable state, and save
+    the whole training state at every epoch's end and every few minutes, so that an
+    interrupted stage started again ends with the same weights.
 
     ``progress(description, step, total, loss)`` is called every ``tick`` steps and after the
     last one, with the mean loss since the previous call. Raises :class:`DivergedError`
@@ -252,29 +258,45 @@ def train(
     last_loss = torch.zeros((), dtype=torch.float64, device=dev)
     last_correct = torch.zeros((), dtype=torch.int64, device=dev)
     window_start, seen, step = 1, 0, 0
+    perm = torch.empty(0, dtype=torch.long)
+    fingerprint = {"n": n, "total": total, "seed": seed, "precision": precision}
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None and state.get("engine") != fingerprint:
+        state = None  # the same stage key, but trained otherwise here (e.g. another precision)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"].to(gen.get_state().device))
+        perm, step, seen = state["perm"].to(dev), int(state["step"]), int(state["seen"])
+        window_start = step + 1
+        last_loss += float(state["last_loss"])
+        last_correct += int(state["last_correct"])
     while step < total:
-        perm = torch.randperm(n, generator=gen, device=gen.device).to(dev)
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            idx = perm[b * bs : (b + 1) * bs]
-            x = data.normalise(augmenter(data.train_x[idx], gen, channels_last=channels_last))
-            y = data.train_y[idx]
-            out, loss, lr = train_step(model, forward, opt, hooks, autocast, x, y, recipe, step, total)
-            step += 1
-            value = loss.detach().double()
-            window += value
-            if step > total - steps_per_epoch:  # stats over the last epoch
-                last_loss += value * y.numel()
-                last_correct += (out.argmax(1) == y).sum()
-                seen += y.numel()
-            if step % tick == 0 or step == total:
-                mean = float(window) / (step - window_start + 1)  # the one host read per tick
-                check_tick(mean, description, window_start, step, total, lr)
-                if progress is not None:
-                    progress(description, step, total, mean)
-                window.zero_()
-                window_start = step + 1
+        b = step % steps_per_epoch
+        if b == 0:  # a new epoch: a new permutation (after a resume, from the restored generator)
+            perm = torch.randperm(n, generator=gen, device=gen.device).to(dev)
+        idx = perm[b * bs : (b + 1) * bs]
+        x = data.normalise(augmenter(data.train_x[idx], gen, channels_last=channels_last))
+        y = data.train_y[idx]
+        out, loss, lr = train_step(model, forward, opt, hooks, autocast, x, y, recipe, step, total)
+        step += 1
+        value = loss.detach().double()
+        window += value
+        if step > total - steps_per_epoch:  # stats over the last epoch
+            last_loss += value * y.numel()
+            last_correct += (out.argmax(1) == y).sum()
+            seen += y.numel()
+        if step % tick == 0 or step == total:
+            mean = float(window) / (step - window_start + 1)  # the one host read per tick
+            check_tick(mean, description, window_start, step, total, lr)
+            if progress is not None:
+                progress(description, step, total, mean)
+            window.zero_()
+            window_start = step + 1
+        if checkpoint is not None and step < total and checkpoint.due(step % steps_per_epoch == 0):
+            checkpoint.save({"engine": fingerprint, "step": step, "perm": perm.cpu(), "generator": gen.get_state(),
+                             "model": model.state_dict(), "optimizer": opt.state_dict(), "seen": seen,
+                             "last_loss": float(last_loss), "last_correct": int(last_correct)})
     hooks.on_train_end(model)
     if channels_last:
         model.to(memory_format=torch.contiguous_format)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,10 +47,19 @@ class Reporter:
             highlight=False,
         )
 
-    def train_callback(self) -> Callable[[str, int, int, float], None]:
+    def train_callback(self, batch: int | None = None) -> Callable[[str, int, int, float], None]:
+        """The engine's progress callback: a rich bar on a terminal, plain lines elsewhere (a log
+        file, a background job, CI), and one line with the stage's expected duration, measured
+        from its first steps, when it will take more than a minute. ``batch``: images per step."""
+        plain = PlainProgress(self.log, batch)
+        if not self.console.is_terminal:
+            return lambda description, step, total, loss: None if self.quiet else plain(description, step, total,
+                                                                                         loss)
+
         def update(description: str, step: int, total: int, loss: float) -> None:
             if self.quiet:
                 return
+            plain.announce(description, step, total)
             if self._progress is None:
                 self._progress = Progress(
                     TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -70,3 +80,64 @@ def _target_text(record: dict[str, Any]) -> str:
     if record.get("dense"):
         return f"dense control {record['dense']} (no target: its own MACs)"
     return f"target {record['target']['metric']} -{record['target']['ratio']:.0%}"
+
+
+class PlainProgress:
+    """Progress as plain lines: at least every ``every`` seconds and every 10 % of the steps,
+    with the step, the mean loss, images (or steps) per second and the remaining time; and,
+    once ``probe`` seconds of the stage have run, its expected duration when that exceeds
+    ``announce_over`` seconds. ``clock`` is injectable for tests."""
+
+    def __init__(self, log: Callable[[str], None], batch: int | None = None, every: float = 30.0,
+                 probe: float = 5.0, announce_over: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.log, self.batch, self.every, self.probe, self.announce_over = log, batch, every, probe, announce_over
+        self.clock = clock
+        self._start: float | None = None
+        self._first_step = 0
+        self._last_time = 0.0
+        self._last_decile = 0
+        self._announced = False
+
+    def _rate(self, step: int, now: float) -> float:
+        return (step - self._first_step) / max(now - self._start, 1e-9)
+
+    def announce(self, description: str, step: int, total: int) -> None:
+        """Say once how long the stage will take, from the speed of its first steps."""
+        now = self.clock()
+        if self._start is None:
+            self._start, self._first_step, self._last_time = now, step, now
+            return
+        if self._announced or now - self._start < self.probe or step >= total:
+            return
+        self._announced = True
+        rate = self._rate(step, now)
+        expected = total / rate if rate > 0 else float("inf")
+        if expected > self.announce_over:
+            speed = f"{rate * self.batch:.0f} img/s" if self.batch else f"{rate:.2f} steps/s"
+            self.log(f"{description}: {total} steps, expected to take {_duration(expected)} "
+                     f"({speed}, measured on its first {step} steps)")
+
+    def __call__(self, description: str, step: int, total: int, loss: float) -> None:
+        self.announce(description, step, total)
+        now = self.clock()
+        decile = int(10 * step / max(total, 1))
+        if step < total and decile <= self._last_decile and now - self._last_time < self.every:
+            return
+        self._last_decile, self._last_time = decile, now
+        rate = self._rate(step, now) if self._start is not None else 0.0
+        speed = f"{rate * self.batch:.0f} img/s" if self.batch else f"{rate:.2f} steps/s"
+        eta = (total - step) / rate if rate > 0 else float("inf")
+        self.log(f"{description}: step {step}/{total} ({100 * step / max(total, 1):.0f} %), loss {loss:.3f}, "
+                 f"{speed}, " + ("done" if step >= total else f"about {_duration(eta)} left"))
+        if step >= total:
+            self._start, self._announced, self._last_decile = None, False, 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "an unknown time"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -40,6 +40,7 @@ from prunebench.precision import check_precision, resolve_precision
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 from prunebench.records import hardware, is_complete, now, run_id, versions
+from prunebench.resume import StageCheckpoint
 from prunebench.surgery import atomic_torch_save, compressed_payload
 from prunebench.validation import check_dataset_options, check_run
 
@@ -348,10 +349,14 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
         return {"source": "cache", "key": path.stem,
                 "trained_seconds": float(seconds) if checkpoints.finite_number(seconds) else 0.0}
     t0 = time.perf_counter()
+    # an interrupted training resumes from its partial checkpoint (the lock keeps other processes out)
+    partial = StageCheckpoint(path.with_suffix(""), {"stage": "baseline", "key": path.stem}, rep.log) \
+        if distributed.world().main and isinstance(data, DeviceData) else None
     with divergence.training("baseline training", _lr_hint(cfg.budget, "lr")):
         stats = train(
             model, data, recipe(cfg.budget, "baseline", cfg.budget.baseline_epochs), cfg.seed,
-            progress=rep.train_callback(), description="baseline", options=train_options(cfg),
+            progress=rep.train_callback(cfg.budget.batch_size), description="baseline", options=train_options(cfg),
+            checkpoint=partial,
         )
     divergence.check_training(model, stats, "baseline training", _lr_hint(cfg.budget, "lr"))
     seconds = time.perf_counter() - t0
@@ -359,6 +364,8 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
         atomic_torch_save(
             {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
         )
+    if partial is not None:
+        partial.clear()
     rep.log(f"baseline: trained in {seconds:.1f}s, cached at {path}")
     return {"source": "trained", "key": path.stem, "trained_seconds": round(seconds, 3),
             **{k: v for k, v in stats.items() if checkpoints.finite_number(v)}}
@@ -601,7 +608,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
         t0 = time.perf_counter()
         with divergence.training(f"{purpose} training", _lr_hint(budget, "finetune_lr")):
             stats = train(m, data, recipe(budget, "finetune", epochs), cfg.seed + 7, hooks=hooks,
-                          progress=rep.train_callback(), description=purpose, options=train_options(cfg))
+                          progress=rep.train_callback(budget.batch_size), description=purpose, options=train_options(cfg))
         train_seconds["value"] += time.perf_counter() - t0
         divergence.check_training(m, stats, f"{purpose} training", _lr_hint(budget, "finetune_lr"))
 
@@ -712,7 +719,7 @@ def train_from_scratch(cfg: RunConfig, model: nn.Module, data: DeviceData | Stre
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     with divergence.training("scratch training", _lr_hint(cfg.budget, "lr")):
-        stats = train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(),
+        stats = train(model, data, recipe(cfg.budget, "baseline", epochs), cfg.seed, progress=rep.train_callback(cfg.budget.batch_size),
                       description="scratch", options=train_options(cfg))
     divergence.check_training(model, stats, "scratch training", _lr_hint(cfg.budget, "lr"))
     record["oneshot"] = None
