@@ -91,10 +91,14 @@ def run(
         help="processes for this one run (data-parallel; streamed datasets such as imagenet): one per GPU")] = 1,
     workers: Annotated[int | None, typer.Option(
         help="DataLoader workers per process for streamed datasets (default: the CPUs per process, at most 8)")] = None,
+    threads: Annotated[str | None, typer.Option(
+        help="CPU threads per process (default: measured at the start of each training stage; "
+             "or PRUNEBENCH_THREADS)")] = None,
 ) -> None:
     """Run one criterion on one architecture under the protocol and write a result record.
 
     Under torchrun (several machines) every process runs this same command without --nproc."""
+    _set_threads(threads)
     from prunebench import registry
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
@@ -158,6 +162,15 @@ def run(
     out.print(f"record: {path}", highlight=False, markup=False)
 
 
+def _set_threads(value: str | None) -> None:
+    """``--threads N`` (or ``PRUNEBENCH_THREADS``), checked before any work, fixes the count."""
+    from prunebench import threads
+
+    if value is not None:
+        os.environ[threads.ENV] = str(threads.check_threads(value))
+    threads.apply_fixed()
+
+
 def _row_name(record: dict) -> str:
     return f"dense {record['dense']}" if record.get("dense") else str(record["criterion"])
 
@@ -175,11 +188,15 @@ def sweep(
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP + "; overrides the file's")] = None,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every run's stages")] = False,
+    threads: Annotated[str | None, typer.Option(
+        help="CPU threads per process (default: measured at the start of each training stage; "
+             "or PRUNEBENCH_THREADS)")] = None,
 ) -> None:
     """Run a benchmark grid (criteria × architectures × targets × seeds, plus controls) from a TOML file.
 
     Complete runs are skipped, so an interrupted sweep is resumed by starting it again.
     """
+    _set_threads(threads)
     from prunebench.sweep import EXECUTORS, describe, load_sweep, plan, run_sweep, summary
 
     if executor not in EXECUTORS:
@@ -345,9 +362,13 @@ def baseline(
     pretrained: Annotated[bool, typer.Option(
         "--pretrained", help="the model zoo's checkpoint, adapted to the dataset where needed")] = False,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    threads: Annotated[str | None, typer.Option(
+        help="CPU threads per process (default: measured at the start of each training stage; "
+             "or PRUNEBENCH_THREADS)")] = None,
 ) -> None:
     """Train (or find in the cache) the baseline for (arch, dataset, budget, seed); with
     --pretrained, load the zoo's checkpoint and run (or find) its adaptation."""
+    _set_threads(threads)
     import torch
 
     from prunebench import registry

@@ -260,6 +260,14 @@ def train(
     window_start, seen, step = 1, 0, 0
     perm = torch.empty(0, dtype=torch.long)
     fingerprint = {"n": n, "total": total, "seed": seed, "precision": precision}
+    threads = None
+    if dev.type == "cpu":  # the thread count: fixed by the user, or measured for a long stage
+        from prunebench.threads import StageThreads, probe_step
+
+        x0 = data.normalise(data.train_x[: min(bs, n)])
+        x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
+        threads = StageThreads(description, total, min(bs, n),
+                               lambda: probe_step(model, x0, data.train_y[: min(bs, n)], autocast))
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None and state.get("engine") != fingerprint:
         state = None  # the same stage key, but trained otherwise here (e.g. another precision)
@@ -280,6 +288,8 @@ def train(
         y = data.train_y[idx]
         out, loss, lr = train_step(model, forward, opt, hooks, autocast, x, y, recipe, step, total)
         step += 1
+        if threads is not None:
+            threads.after(step)
         value = loss.detach().double()
         window += value
         if step > total - steps_per_epoch:  # stats over the last epoch

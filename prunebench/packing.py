@@ -86,6 +86,7 @@ def _init_worker(parent: int, threads: int, gpus: tuple[str, ...], counter: Any)
     import torch
 
     torch.set_num_threads(threads)
+    os.environ["PRUNEBENCH_THREADS"] = str(threads)  # the sweep's split: the stages do not measure
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 

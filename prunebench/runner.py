@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunebench import checkpoints, distributed, divergence, registry, store
+from prunebench import checkpoints, distributed, divergence, registry, store, threads
 from prunebench.budgets import ADAPTATION_FIELDS, Budget
 from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
@@ -534,6 +534,7 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     criterion = registry.criteria.get(cfg.criterion).from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
     arch = registry.architectures.get(cfg.arch)
     rep.header(record)
+    threads.take_history()  # what this run's stages use, from here on
     try:
         if cfg.dense is not None:
             from prunebench.dense import execute_dense
@@ -555,6 +556,7 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
                 rep.log(f"run {record['status']}; its record could not be written ({write_exc})")
         raise
     record["finished"] = now()
+    record["threads"] = threads.take_history()  # chosen per training stage; not part of the run id
     if not main:
         return record, store.record_path(results, rid)
     return record, store.commit(results, rid, record, model, rep.log)

@@ -1,0 +1,102 @@
+"""CPU threads chosen by measurement (prunebench.threads), fixed by --threads or PRUNEBENCH_THREADS."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunebench import threads
+from prunebench.errors import ConfigError
+
+
+class FakeClock:
+    """A clock that a step advances by the time it would take at the current thread count."""
+
+    def __init__(self, seconds_at: dict[int, float]):
+        self.now = 0.0
+        self.seconds_at = seconds_at
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        self.now += self.seconds_at[torch.get_num_threads()]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv(threads.ENV, raising=False)
+    threads.history.clear()
+    yield
+    torch.set_num_threads(before)
+    threads.history.clear()
+
+
+def test_the_fastest_count_is_kept():
+    clock = FakeClock({1: 0.5, 2: 0.9, 3: 0.7})  # two threads fight a busy core: slower than one
+    n, per_step = threads.choose(clock.step, [1, 2, 3], clock=clock)
+    assert (n, per_step) == (1, 0.5) and torch.get_num_threads() == 1
+    clock = FakeClock({1: 0.5, 2: 0.3})
+    assert threads.choose(clock.step, [1, 2], clock=clock) == (2, pytest.approx(0.3))
+
+
+def test_a_stage_measures_again_when_its_rate_halves():
+    clock = FakeClock({1: 1.0, 2: 0.5})
+    stage = threads.StageThreads("baseline", total=500, batch=100, make_step=lambda: clock.step, clock=clock)
+    assert stage.entry == {"stage": "baseline", "threads": 2, "img_per_s": 200.0, "how": "measured"}
+    assert threads.history == [stage.entry]
+    # the stage runs at the measured rate: no new measurement
+    for step in range(1, 51):
+        clock.now += 0.5
+        stage.after(step)
+    assert stage.entry["how"] == "measured"
+    # another run starts: two threads now take 2 s a step, one thread 1.2 s
+    clock.seconds_at = {1: 1.2, 2: 2.0}
+    for step in range(51, 76):
+        clock.now += 2.0
+        stage.after(step)
+    assert stage.entry["threads"] == 1 and stage.entry["how"].startswith("measured again at step 75")
+    assert torch.get_num_threads() == 1
+
+
+def test_short_stages_and_fixed_counts_measure_nothing(monkeypatch):
+    def never():
+        raise AssertionError("measured")
+
+    threads.StageThreads("finetune", total=threads.MIN_STEPS - 1, batch=8, make_step=never)
+    monkeypatch.setenv(threads.ENV, "1")
+    threads.StageThreads("baseline", total=10_000, batch=8, make_step=never)
+    assert [e["how"] for e in threads.history] == ["kept (short stage)", "fixed"]
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "2.5", "", " "])
+def test_bad_thread_counts_are_refused(value):
+    with pytest.raises(ConfigError, match="must be a whole number of threads of at least 1"):
+        threads.check_threads(value)
+    assert threads.check_threads(" 3 ") == 3
+
+
+def test_threads_0_is_a_one_line_error_before_any_work(tmp_path):
+    from reliability._support import one_line_error, prunebench
+
+    proc = prunebench("run", "-c", "l1", "-a", "resnet20", "--threads", "0", "--results-dir", tmp_path / "r")
+    assert one_line_error(proc) == "error: --threads must be a whole number of threads of at least 1, got '0'"
+    assert not (tmp_path / "r").exists()
+    proc = prunebench("run", "-c", "l1", "-a", "resnet20", "--results-dir", tmp_path / "r",
+                      env={threads.ENV: "two"})
+    assert one_line_error(proc) == "error: PRUNEBENCH_THREADS must be a whole number of threads of at least 1, got 'two'"
+
+
+def test_the_record_says_what_each_stage_used(tmp_path, monkeypatch):
+    from reliability._support import TINY_SETS, invoke, records
+
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    res = invoke("run", "-c", "l1", "-a", "resnet20", "-d", "digits", "--budget", "smoke", *TINY_SETS,
+                 "--set=baseline_epochs=13", "--threads", "1", "--results-dir", tmp_path / "r", "-q")
+    assert res.exit_code == 0, res.output
+    (rec,) = records(tmp_path / "r").values()
+    assert rec["threads"] == [{"stage": "baseline", "threads": 1, "how": "fixed"},
+                              {"stage": "finetune", "threads": 1, "how": "fixed"}]
+    assert "threads" not in rec["identity"]
