@@ -30,6 +30,7 @@ otherwise (32 / 64; AMD Zen 4, AVX2 CPUs) — an estimate: pass the peak when yo
 
     python benchmarks/train_throughput.py                         # CPU or GPU, whatever is here
     python benchmarks/train_throughput.py --processes 4 --images 25600 --batch-size 256
+    python benchmarks/train_throughput.py --concurrent 2 --repeats 1   # two at once, three thread settings
 """
 
 from __future__ import annotations
@@ -243,14 +244,23 @@ def _cpu_ghz() -> float:
 
 
 # --------------------------------------------------------------------------------- packed processes
-def packed(args: argparse.Namespace, processes: int) -> tuple[float, list[float]]:
+#: thread settings of ``--concurrent``: prunebench's default (measured per stage), every core per
+#: process (what PyTorch takes by default), one thread per process
+THREAD_MODES = {"measured (default)": None, "all cores each": "all", "one thread each": "1"}
+
+
+def packed(args: argparse.Namespace, processes: int, mode: str | None = "split") -> tuple[float, list[float]]:
     """Aggregate img/s of ``processes`` engine processes training at once (they start together
-    after their warm-up), and each one's own img/s."""
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    after their warm-up), and each one's own img/s. ``mode``: ``split`` (the cores divided
+    among the processes, as a sweep does), ``all``, ``1``, or None (prunebench measures)."""
+    cores = os.cpu_count() or 1
+    threads = {"split": str(max(1, cores // processes)), "all": str(cores), "1": "1", None: None}[mode]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, "--worker", tmp, "--arch", args.arch, "--batch-size", str(args.batch_size),
                "--images", str(args.images), "--epochs", str(args.epochs), "--device", args.device]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PRUNEBENCH_THREADS")}
+        if threads is not None:
+            env.update(OMP_NUM_THREADS=threads, PRUNEBENCH_THREADS=threads)
         procs = [subprocess.Popen([*cmd, "--worker-index", str(i)], env=env) for i in range(processes)]
         try:
             deadline = time.monotonic() + 900
@@ -274,7 +284,9 @@ def packed(args: argparse.Namespace, processes: int) -> tuple[float, list[float]
 
 def worker(args: argparse.Namespace) -> None:
     """One packed process: warm up, say ready, wait for the others, train, write the result."""
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from prunebench import threads
+
+    threads.apply_fixed()  # PRUNEBENCH_THREADS, or measured as a prunebench command does by default
     dev = _device(args.device)
     x, y, mean, std, _ = load_images(args.images)
     loop = EngineLoop(args.arch, device_data(x, y, mean, std, dev), args.batch_size, TrainOptions())
@@ -289,6 +301,25 @@ def worker(args: argparse.Namespace) -> None:
     sync(dev)
     end = time.time()
     (tmp / f"result.{args.worker_index}").write_text(json.dumps({"images": images, "start": start, "end": end}))
+
+
+def concurrent(args: argparse.Namespace) -> None:
+    """K engine processes started together under each thread setting: wall time of the slowest
+    and aggregate img/s. Shows the oversubscription collapse, and that the default avoids it."""
+    from tabulate import tabulate
+
+    rows = []
+    for name, mode in THREAD_MODES.items():
+        for r in range(args.repeats):
+            t0 = time.monotonic()
+            total, each = packed(args, args.concurrent, mode)
+            wall = time.monotonic() - t0
+            rows.append([name, r + 1, f"{wall:.1f}", f"{total:.0f}", ", ".join(f"{e:.0f}" for e in each)])
+            print(f"{name}, repeat {r + 1}: {wall:.1f} s, {total:.0f} img/s", flush=True)
+    print(f"\n{args.concurrent} engine processes at once, {args.arch}, {args.images} images, {args.epochs:g} epoch, "
+          f"batch {args.batch_size}, {os.cpu_count()} CPUs ({cpu_name()}); wall time includes start-up and warm-up")
+    print(tabulate(rows, headers=["threads", "repeat", "wall s", "aggregate img/s", "each img/s"],
+                   tablefmt="github", disable_numparse=True))
 
 
 # --------------------------------------------------------------------------------- main
@@ -310,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loader-workers", type=int, default=None,
                    help="plain loop's DataLoader workers (default: 0 on a CPU, 8 on CUDA)")
     p.add_argument("--processes", type=int, default=0, help="also time N engine processes at once")
+    p.add_argument("--concurrent", type=int, default=0,
+                   help="only time K engine processes started together, with prunebench's default threads "
+                        "(measured), with every core each, and with one thread each")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     p.add_argument("--peak-tflops-fp32", type=float, default=None, help="the device's fp32 peak")
     p.add_argument("--budget-seconds", type=float, default=None, help="skip variants not started by then")
@@ -319,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
+        return
+    if args.concurrent:
+        concurrent(args)
         return
     t_start = time.monotonic()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

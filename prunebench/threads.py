@@ -58,10 +58,27 @@ def fixed() -> int | None:
 
 
 def apply_fixed() -> None:
-    """Use the fixed count, if any, from now on in this process."""
+    """Use the fixed count, if any, from now on in this process; else measure a starting count
+    with :func:`probe_kernel` (the stages before the first long training use it)."""
     n = fixed()
     if n is not None:
         torch.set_num_threads(n)
+    elif cpus() > 1:
+        choose(probe_kernel())
+
+
+def probe_kernel() -> Callable[[], None]:
+    """A fixed convolution, forward and backward, of the size of a CIFAR ResNet's layer: a few
+    milliseconds, enough to see whether more threads help or fight other processes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 16, 32, 32, generator=g)
+    w = torch.randn(16, 16, 3, 3, generator=g, requires_grad=True)
+
+    def step() -> None:
+        F.conv2d(x, w, padding=1).square().mean().backward()
+        w.grad = None
+
+    return step
 
 
 def cpus() -> int:
@@ -126,7 +143,7 @@ class StageThreads:
             self.entry.update(threads=n, how="fixed")
             self.measure = False
         elif total < MIN_STEPS:
-            self.entry.update(how="kept (short stage)")
+            self.entry.update(how="kept (short stage)")  # the process's current count: measured before
             self.measure = False
         else:
             self.measure = True

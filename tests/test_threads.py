@@ -100,3 +100,15 @@ def test_the_record_says_what_each_stage_used(tmp_path, monkeypatch):
     assert rec["threads"] == [{"stage": "baseline", "threads": 1, "how": "fixed"},
                               {"stage": "finetune", "threads": 1, "how": "fixed"}]
     assert "threads" not in rec["identity"]
+
+
+def test_a_process_without_a_fixed_count_measures_its_starting_count(monkeypatch):
+    seen = []
+    monkeypatch.setattr(threads, "cpus", lambda: 2)
+    monkeypatch.setattr(threads, "choose", lambda step, candidates=None: seen.append(step) or (1, 0.01))
+    threads.apply_fixed()
+    assert len(seen) == 1
+    seen[0]()  # the probe kernel runs
+    monkeypatch.setenv(threads.ENV, "2")
+    threads.apply_fixed()
+    assert len(seen) == 1 and torch.get_num_threads() == 2
