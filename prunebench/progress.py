@@ -23,14 +23,27 @@ class Reporter:
         self.quiet = quiet
         self._progress: Progress | None = None
         self._task: Any = None
+        #: wall seconds per stage of the run, in order (the first word of each stage's name)
+        self.timings: dict[str, float] = {}
+        self._stage: tuple[str, float] | None = None
 
     def log(self, message: str) -> None:
         if not self.quiet:
             self.console.print(message, highlight=False, markup=False)
 
     def stage(self, name: str) -> None:
+        self.close_stage()
+        self._stage = (name.split(" (")[0].split(":")[0], time.perf_counter())
         if not self.quiet:
             self.console.rule(f"[bold]{name}")
+
+    def close_stage(self, name: str | None = None) -> dict[str, float]:
+        """End the current stage's timing (or start-and-end ``name``: time since the last one)."""
+        if self._stage is not None:
+            key, t0 = self._stage
+            self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - t0, 3)
+            self._stage = (name, time.perf_counter()) if name else None
+        return self.timings
 
     def header(self, record: dict[str, Any]) -> None:
         if self.quiet:

@@ -557,6 +557,7 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
         raise
     record["finished"] = now()
     record["threads"] = threads.take_history()  # chosen per training stage; not part of the run id
+    record["stage_seconds"] = rep.close_stage()  # wall time per stage (the writes that follow excluded)
     if not main:
         return record, store.record_path(results, rid)
     return record, store.commit(results, rid, record, model, rep.log)
@@ -587,6 +588,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     rep.stage("baseline")
     record["baseline_info"] = get_baseline(cfg, model, splits, data, rep)
     model.to(device)
+    rep.close_stage("baseline evaluation")
     record["baseline"] = evaluate(model, data, splits.num_classes)
     rep.log(f"baseline top-1 {record['baseline']['top1']:.2f}%")
     baseline_model = copy.deepcopy(model)
@@ -644,8 +646,10 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     if cfg.scratch:
         train_from_scratch(cfg, model, data, record, rep)
     else:
+        rep.close_stage("one-shot evaluation")
         record["oneshot"] = evaluate(model, data, splits.num_classes)
         rep.log(f"one-shot top-1 {record['oneshot']['top1']:.2f}% (achieved {result.achieved:.2%} {target.metric} ↓)")
+        rep.close_stage("BN re-estimation")
         record["oneshot_bn"] = oneshot_bn(model, calibration, data, splits.num_classes)
         if record["oneshot_bn"] is not None:
             rep.log(f"one-shot + BN re-estimation top-1 {record['oneshot_bn']['top1']:.2f}%")
@@ -656,8 +660,10 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
             ctx_train(model, remaining, purpose="finetune")
         record["ledger"] = {"total_epochs": ledger.total, "spent": dict(ledger.spent),
                             "baseline_epochs": budget.baseline_epochs}
+    rep.close_stage("final evaluation")
     record["final"] = evaluate(model, data, splits.num_classes)
 
+    rep.close_stage("counting and latency")
     macs_after, params_after = count_macs(model, example), count_params(model)
     record["macs"] = {"before": macs_before, "after": macs_after}
     record["params"] = {"before": params_before, "after": params_after}
@@ -668,6 +674,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     }
     record["latency"] = latency_block(baseline_model, model, example, budget.latency_repeats, tb, cfg.sharing) \
         if distributed.world().main else None  # only rank 0's record is written
+    rep.close_stage("model file")
     record["widths"] = widths(model, prunable)
     record["plan_steps"] = len(result.plan)
     record["peak_memory_mb"] = peak_memory_mb(device)
