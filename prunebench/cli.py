@@ -88,6 +88,8 @@ def run(
         help="processes for this one run (data-parallel; streamed datasets such as imagenet): one per GPU")] = 1,
     workers: Annotated[int | None, typer.Option(
         help="DataLoader workers per process for streamed datasets (default: the CPUs per process, at most 8)")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="stop the run after SECONDS and record it as failed (default: no limit)")] = None,
 ) -> None:
     """Run one criterion on one architecture under the protocol and write a result record.
 
@@ -111,7 +113,7 @@ def run(
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
-        scope=scope, workers=workers,
+        scope=scope, workers=workers, timeout=timeout,
     )
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -163,6 +165,8 @@ def sweep(
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP + "; overrides the file's")] = None,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every run's stages")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        help="stop each run after SECONDS and record it as failed; overrides the file's timeout")] = None,
 ) -> None:
     """Run a benchmark grid (criteria × architectures × targets × seeds, plus controls) from a TOML file.
 
@@ -177,7 +181,7 @@ def sweep(
     if address and executor != "ray":
         raise ConfigError("--address joins a Ray cluster: use it with --executor ray")
     spec = load_sweep(config, results_dir=results_dir, data_dir=data_dir, runs_per_gpu=runs_per_gpu,
-                      precision=precision)
+                      precision=precision, timeout=timeout)
     if dry_run:
         for key, value in describe(spec).items():
             out.print(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}",

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
 import time
 import traceback
@@ -34,6 +36,7 @@ from prunebench.datasets.base import DataSplits
 from prunebench.datasets.streaming import StreamedSplits
 from prunebench.engine import DeviceData, Recipe, TrainOptions, train
 from prunebench.errors import CheckpointError, ConfigError, DivergedError
+from prunebench.limits import sigterm_stops, time_limit
 from prunebench.locks import FileLock
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
 from prunebench.precision import check_precision, resolve_precision
@@ -94,9 +97,13 @@ class RunConfig:
     precision: str = "auto"  # auto | bf16 | fp32 (prunebench.precision); resolved for the run's device
     sharing: Sharing = field(default_factory=Sharing)
     workers: int | None = None  # DataLoader workers per process for streamed datasets (None: automatic)
+    # seconds the run may take before it is stopped and recorded as failed (None: no limit); like
+    # the paths, not part of the run's identity: it decides whether there is a result, not what it is
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        check_timeout(self.timeout)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise ConfigError(f"workers must be a whole number >= 0, got {self.workers!r}")
@@ -161,6 +168,14 @@ class RunConfig:
         if precision != "fp32":  # fp32 runs keep the ids they had before precision was a choice
             identity["precision"] = precision
         return identity
+
+
+def check_timeout(value: Any, what: str = "--timeout") -> None:
+    """A time limit is a finite number of seconds above 0 (or None: no limit)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a number of seconds above 0, got {value!r}")
 
 
 #: ``RunConfig.baseline`` value that selects the model zoo's checkpoint
@@ -324,8 +339,36 @@ def get_baseline(
         return {"source": str(path), "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
     # one process trains a given baseline; another that needs it waits here, then loads it
-    with distributed.main_holds(f"{path}.lock"):
+    if distributed.world().distributed:
+        with distributed.main_holds(f"{path}.lock"):
+            return _cached_or_trained_baseline(cfg, model, data, rep, path)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return _baseline_from_read_only_cache(model, path, rep, exc)
+    try:
         return _cached_or_trained_baseline(cfg, model, data, rep, path)
+    finally:
+        lock.release()
+
+
+def _baseline_from_read_only_cache(model: nn.Module, path: Path, rep: Reporter, exc: OSError) -> dict[str, Any]:
+    """A cache in which the baseline's lock cannot be created (a read-only, shared cache):
+    a cached baseline there is read without a lock (cached files are written whole and
+    renamed into place, so one that is there is complete); one that is not there cannot be
+    trained into it, and the error says what to do."""
+    reason = exc.strerror or str(exc)
+    if not path.is_file():
+        raise ConfigError(f"the baseline cache {path.parent} is not writable ({reason}) and holds no {path.name} "
+                          "for this run: set PRUNEBENCH_CACHE to a writable folder") from None
+    cached = checkpoints.load_state(model, path, "cached baseline")
+    rep.log(f"baseline: reusing cached checkpoint {path} (the cache is read-only: {reason}; read without a lock)")
+    seconds = cached.get("seconds", 0.0)
+    return {"source": "cache", "key": path.stem,
+            "trained_seconds": float(seconds) if checkpoints.finite_number(seconds) else 0.0}
 
 
 def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceData | StreamData, rep: Reporter,
@@ -516,8 +559,15 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     criterion = registry.criteria.get(cfg.criterion).from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
     arch = registry.architectures.get(cfg.arch)
     rep.header(record)
+    with sigterm_stops():  # SIGTERM, like Ctrl-C, records the attempt on its way out
+        return _execute_recorded(cfg, criterion, arch, device, record, rep, rid, results, main)
+
+
+def _execute_recorded(cfg: RunConfig, criterion, arch, device: torch.device, record: dict[str, Any], rep: Reporter,
+                      rid: str, results: Path, main: bool) -> tuple[dict[str, Any], Path]:
     try:
-        model = _execute(cfg, criterion, arch, device, record, rep, rid)
+        with time_limit(cfg.timeout):
+            model = _execute(cfg, criterion, arch, device, record, rep, rid)
         record["status"] = "complete"
     except BaseException as exc:
         record["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"
@@ -528,13 +578,17 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
             try:
                 path = store.commit(results, rid, record, None, rep.log)
                 rep.log(f"run {record['status']}; record written to {path}")
-            except OSError as write_exc:  # the run's own error matters more; say what was lost
+            except Exception as write_exc:  # noqa: BLE001 - the run's own error matters more; say what was lost
                 rep.log(f"run {record['status']}; its record could not be written ({write_exc})")
         raise
     record["finished"] = now()
     if not main:
         return record, store.record_path(results, rid)
-    return record, store.commit(results, rid, record, model, rep.log)
+    path = store.commit(results, rid, record, model, rep.log)
+    warning = store.model_warning(record, path)
+    if warning:
+        rep.warn(warning)
+    return record, path
 
 
 def plugin_versions(cfg: RunConfig) -> dict[str, str]:
