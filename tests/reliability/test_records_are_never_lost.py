@@ -316,3 +316,32 @@ def test_sigterm_records_the_attempt(tmp_path):
     (rec,) = records(results).values()
     assert rec["status"] == "failed" and "SIGTERM" in rec["error"], rec.get("error")
     assert not [p for p in results.rglob("*") if p.name.endswith((".tmp", ".lock"))]
+
+
+def test_a_forced_rerun_whose_model_cannot_be_written_keeps_the_previous_model_with_its_record(
+        complete_run, profile_file, tmp_path, monkeypatch):
+    """models/<run_id>.pt never holds a model that the record beside it does not name."""
+    import torch
+
+    from prunebench import store
+
+    results = copy_results(complete_run, tmp_path / "r")
+    (rid,) = records(results)
+    old_model = (results / "models" / f"{rid}.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(getattr(f, "name", f)).startswith(str(results)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(store.torch, "save", full_disk)
+    res = invoke(*run_args(results, "--layer-ratios", profile_file, "--force"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    new = records(results)[rid]
+    assert new["status"] == "complete" and new["model_file"] is None
+    assert not (results / "models" / f"{rid}.pt").exists()
+    (superseded,) = attempts(results)
+    assert superseded["status"] == "complete" and "superseded" in superseded["archived"]
+    (archived_model,) = (results / "attempts" / rid).glob("*.pt")
+    assert superseded["model_file"] == archived_model.name and archived_model.read_bytes() == old_model
