@@ -112,3 +112,32 @@ def hold(path: str | os.PathLike[str]) -> Iterator[FileLock]:
         yield lock
     finally:
         lock.release()
+
+
+#: what creating a file in a read-only folder (or on a read-only mount) fails with
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextmanager
+def hold_unless_read_only(path: str | os.PathLike[str], cached: str | os.PathLike[str]) -> Iterator[bool]:
+    """:func:`hold` the lock on ``path`` (yields True); but where the lock file cannot be created
+    because its folder is read-only (a cache shared read-only between users, a read-only
+    mount) and ``cached`` is already there, go on without it (yields False). Cached files are
+    written whole and renamed into place, so one that is there is complete and reading it
+    needs no lock. When ``cached`` is not there, a one-line :class:`ConfigError` says so."""
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno not in _READ_ONLY:
+            raise
+        if not Path(cached).is_file():
+            raise ConfigError(f"cannot create the lock file {path} ({exc.strerror or exc}): its folder is not "
+                              f"writable and holds no {Path(cached).name} yet; set PRUNEBENCH_CACHE to a "
+                              "writable folder") from None
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()

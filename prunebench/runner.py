@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
 import hashlib
 import json
 import math
@@ -338,37 +337,10 @@ def get_baseline(
         checkpoints.load_state(model, path, "--baseline")
         return {"source": str(path), "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
-    # one process trains a given baseline; another that needs it waits here, then loads it
-    if distributed.world().distributed:
-        with distributed.main_holds(f"{path}.lock"):
-            return _cached_or_trained_baseline(cfg, model, data, rep, path)
-    lock = FileLock(f"{path}.lock")
-    try:
-        lock.acquire()
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        return _baseline_from_read_only_cache(model, path, rep, exc)
-    try:
+    # one process trains a given baseline; another that needs it waits here, then loads it (a read-only
+    # cache that holds it is read without the lock: cached files are whole, written by rename)
+    with distributed.main_holds(f"{path}.lock", read_only_ok=path):
         return _cached_or_trained_baseline(cfg, model, data, rep, path)
-    finally:
-        lock.release()
-
-
-def _baseline_from_read_only_cache(model: nn.Module, path: Path, rep: Reporter, exc: OSError) -> dict[str, Any]:
-    """A cache in which the baseline's lock cannot be created (a read-only, shared cache):
-    a cached baseline there is read without a lock (cached files are written whole and
-    renamed into place, so one that is there is complete); one that is not there cannot be
-    trained into it, and the error says what to do."""
-    reason = exc.strerror or str(exc)
-    if not path.is_file():
-        raise ConfigError(f"the baseline cache {path.parent} is not writable ({reason}) and holds no {path.name} "
-                          "for this run: set PRUNEBENCH_CACHE to a writable folder") from None
-    cached = checkpoints.load_state(model, path, "cached baseline")
-    rep.log(f"baseline: reusing cached checkpoint {path} (the cache is read-only: {reason}; read without a lock)")
-    seconds = cached.get("seconds", 0.0)
-    return {"source": "cache", "key": path.stem,
-            "trained_seconds": float(seconds) if checkpoints.finite_number(seconds) else 0.0}
 
 
 def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceData | StreamData, rep: Reporter,
