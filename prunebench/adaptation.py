@@ -109,7 +109,7 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
     key = adaptation_key(cfg, entry, splits)
     path = cache_dir() / "baselines" / f"{key}.pt"
     # one process (rank 0 of a multi-process run) adapts or loads; the others wait here, then use its result
-    with distributed.main_holds(f"{path}.lock"):
+    with distributed.main_holds(f"{path}.lock", read_only_ok=path):
         read = _read_adapted(path, model, rep) if distributed.world().main and path.exists() else None
         found = distributed.broadcast_object(None if read is None else read[1:])
         if found is not None:

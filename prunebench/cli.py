@@ -94,6 +94,8 @@ def run(
     threads: Annotated[str | None, typer.Option(
         help="CPU threads per process (default: measured at the start of each training stage; "
              "or PRUNEBENCH_THREADS)")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="stop the run after SECONDS and record it as failed (default: no limit)")] = None,
 ) -> None:
     """Run one criterion on one architecture under the protocol and write a result record.
 
@@ -123,7 +125,7 @@ def run(
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
-        scope=scope, workers=workers, dense=dense,
+        scope=scope, workers=workers, dense=dense, timeout=timeout,
     )
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -191,6 +193,8 @@ def sweep(
     threads: Annotated[str | None, typer.Option(
         help="CPU threads per process (default: measured at the start of each training stage; "
              "or PRUNEBENCH_THREADS)")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="stop each run after SECONDS and record it as failed; overrides the file's timeout")] = None,
 ) -> None:
     """Run a benchmark grid (criteria × architectures × targets × seeds, plus controls) from a TOML file.
 
@@ -206,7 +210,7 @@ def sweep(
     if address and executor != "ray":
         raise ConfigError("--address joins a Ray cluster: use it with --executor ray")
     spec = load_sweep(config, results_dir=results_dir, data_dir=data_dir, runs_per_gpu=runs_per_gpu,
-                      precision=precision)
+                      precision=precision, timeout=timeout)
     if dry_run:
         for key, value in describe(spec).items():
             out.print(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}",

@@ -40,6 +40,15 @@ class RecordError(PrunebenchError):
     write, where the record was saved instead)."""
 
 
+class RunTimedOut(PrunebenchError):  # noqa: N818 - it names what happened
+    """A run went past its time limit (``--timeout``); it is recorded as failed."""
+
+
+class Terminated(KeyboardInterrupt):  # noqa: N818 - it names what happened, like KeyboardInterrupt
+    """SIGTERM asked this process to stop. Handled as Ctrl-C is: the attempt that was running
+    is recorded (``failed``), then the process stops."""
+
+
 class RunFailedError(PrunebenchError):
     """A process of a run over several processes failed; the run is recorded as failed."""
 

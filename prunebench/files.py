@@ -90,19 +90,23 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) until the block is done, so a few renames that belong
-    together are not split by a keyboard interrupt. Only the main thread can do this;
-    elsewhere the block runs as is."""
+    """Hold back SIGINT (Ctrl-C) and SIGTERM until the block is done, so a few renames that
+    belong together are not split by a signal. A held-back SIGTERM is then delivered to the
+    handler it would have met. Only the main thread can do this; elsewhere the block runs as is."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    held = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if signal.SIGINT in received:
             raise KeyboardInterrupt
+        if received:
+            signal.raise_signal(received[0])

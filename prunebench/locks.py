@@ -6,7 +6,8 @@ SIGKILL, so a crashed process never leaves a lock held. The holder deletes the l
 when it releases it; a process that was waiting on the deleted file notices (the path no
 longer names the file it locked) and locks the new one instead, so two processes never
 both believe they hold the same lock. A lock file left behind by a killed process is
-harmless: the next process locks it and removes it.
+harmless: the next process locks it and removes it. A symbolic link in a lock file's place
+is refused with a one-line error naming it; it is never followed.
 
 Locks are advisory and POSIX only; on platforms without ``fcntl`` they do nothing. On a
 shared filesystem (e.g. NFS for a Ray cluster) they work where the filesystem supports
@@ -15,10 +16,13 @@ shared filesystem (e.g. NFS for a Ray cluster) they work where the filesystem su
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from prunebench.errors import ConfigError
 
 try:
     import fcntl
@@ -45,7 +49,7 @@ class FileLock:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -78,9 +82,22 @@ class FileLock:
         self.release()
 
 
+def _open_lock(path: Path) -> int:
+    """Open (or create) the lock file; a symbolic link there is refused, never followed (it
+    could point at any file, which writing the holder's PID would overwrite)."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno is not None and os.path.islink(path)):
+            raise ConfigError(f"lock file {path} is a symbolic link; prunebench does not follow it: "
+                              "remove the link and run again") from None
+        raise
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        a, b = os.fstat(fd), os.stat(path)
+        a, b = os.fstat(fd), os.lstat(path)
     except FileNotFoundError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
@@ -93,5 +110,34 @@ def hold(path: str | os.PathLike[str]) -> Iterator[FileLock]:
     lock.acquire()
     try:
         yield lock
+    finally:
+        lock.release()
+
+
+#: what creating a file in a read-only folder (or on a read-only mount) fails with
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextmanager
+def hold_unless_read_only(path: str | os.PathLike[str], cached: str | os.PathLike[str]) -> Iterator[bool]:
+    """:func:`hold` the lock on ``path`` (yields True); but where the lock file cannot be created
+    because its folder is read-only (a cache shared read-only between users, a read-only
+    mount) and ``cached`` is already there, go on without it (yields False). Cached files are
+    written whole and renamed into place, so one that is there is complete and reading it
+    needs no lock. When ``cached`` is not there, a one-line :class:`ConfigError` says so."""
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno not in _READ_ONLY:
+            raise
+        if not Path(cached).is_file():
+            raise ConfigError(f"cannot create the lock file {path} ({exc.strerror or exc}): its folder is not "
+                              f"writable and holds no {Path(cached).name} yet; set PRUNEBENCH_CACHE to a "
+                              "writable folder") from None
+        yield False
+        return
+    try:
+        yield True
     finally:
         lock.release()

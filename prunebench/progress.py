@@ -31,6 +31,10 @@ class Reporter:
         if not self.quiet:
             self.console.print(message, highlight=False, markup=False)
 
+    def warn(self, message: str) -> None:
+        """A line the user sees even with ``--quiet``."""
+        self.console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
+
     def stage(self, name: str) -> None:
         self.close_stage()
         self._stage = (name.split(" (")[0].split(":")[0], time.perf_counter())

@@ -170,6 +170,9 @@ def load_records(directory: Path) -> Iterator[dict[str, Any]]:
 
 
 def is_complete(path: Path) -> bool:
-    """Does ``path`` hold a complete record? (False for anything unreadable or no record.)"""
+    """Does ``path`` hold a complete record? (False for anything unreadable or no record, and
+    for a symbolic link, which is never read through: it may point outside the results.)"""
+    if Path(path).is_symlink():
+        return False
     rec = read_record(path)
     return isinstance(rec, dict) and rec.get("status") == "complete"

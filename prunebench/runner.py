@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 import traceback
@@ -34,6 +35,7 @@ from prunebench.datasets.base import DataSplits
 from prunebench.datasets.streaming import StreamedSplits
 from prunebench.engine import DeviceData, Recipe, TrainOptions, train
 from prunebench.errors import CheckpointError, ConfigError, DivergedError
+from prunebench.limits import sigterm_stops, time_limit
 from prunebench.locks import FileLock
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
 from prunebench.precision import check_precision, resolve_precision
@@ -96,9 +98,13 @@ class RunConfig:
     precision: str = "auto"  # auto | bf16 | fp32 (prunebench.precision); resolved for the run's device
     sharing: Sharing = field(default_factory=Sharing)
     workers: int | None = None  # DataLoader workers per process for streamed datasets (None: automatic)
+    # seconds the run may take before it is stopped and recorded as failed (None: no limit); like
+    # the paths, not part of the run's identity: it decides whether there is a result, not what it is
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        check_timeout(self.timeout)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise ConfigError(f"workers must be a whole number >= 0, got {self.workers!r}")
@@ -170,6 +176,14 @@ class RunConfig:
         if precision != "fp32":  # fp32 runs keep the ids they had before precision was a choice
             identity["precision"] = precision
         return identity
+
+
+def check_timeout(value: Any, what: str = "--timeout") -> None:
+    """A time limit is a finite number of seconds above 0 (or None: no limit)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a number of seconds above 0, got {value!r}")
 
 
 #: ``RunConfig.baseline`` value that selects the model zoo's checkpoint
@@ -332,8 +346,9 @@ def get_baseline(
         checkpoints.load_state(model, path, "--baseline")
         return {"source": str(path), "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
-    # one process trains a given baseline; another that needs it waits here, then loads it
-    with distributed.main_holds(f"{path}.lock"):
+    # one process trains a given baseline; another that needs it waits here, then loads it (a read-only
+    # cache that holds it is read without the lock: cached files are whole, written by rename)
+    with distributed.main_holds(f"{path}.lock", read_only_ok=path):
         return _cached_or_trained_baseline(cfg, model, data, rep, path)
 
 
@@ -534,14 +549,21 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     criterion = registry.criteria.get(cfg.criterion).from_kwargs(seed=cfg.seed, **dict(cfg.criterion_params))
     arch = registry.architectures.get(cfg.arch)
     rep.header(record)
+    with sigterm_stops():  # SIGTERM, like Ctrl-C, records the attempt on its way out
+        return _execute_recorded(cfg, criterion, arch, device, record, rep, rid, results, main)
+
+
+def _execute_recorded(cfg: RunConfig, criterion, arch, device: torch.device, record: dict[str, Any], rep: Reporter,
+                      rid: str, results: Path, main: bool) -> tuple[dict[str, Any], Path]:
     threads.take_history()  # what this run's stages use, from here on
     try:
-        if cfg.dense is not None:
-            from prunebench.dense import execute_dense
+        with time_limit(cfg.timeout):
+            if cfg.dense is not None:
+                from prunebench.dense import execute_dense
 
-            model = execute_dense(cfg, device, record, rep, rid)
-        else:
-            model = _execute(cfg, criterion, arch, device, record, rep, rid)
+                model = execute_dense(cfg, device, record, rep, rid)
+            else:
+                model = _execute(cfg, criterion, arch, device, record, rep, rid)
         record["status"] = "complete"
     except BaseException as exc:
         record["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"
@@ -552,7 +574,7 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
             try:
                 path = store.commit(results, rid, record, None, rep.log)
                 rep.log(f"run {record['status']}; record written to {path}")
-            except OSError as write_exc:  # the run's own error matters more; say what was lost
+            except Exception as write_exc:  # noqa: BLE001 - the run's own error matters more; say what was lost
                 rep.log(f"run {record['status']}; its record could not be written ({write_exc})")
         raise
     record["finished"] = now()
@@ -560,7 +582,11 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     record["stage_seconds"] = rep.close_stage()  # wall time per stage (the writes that follow excluded)
     if not main:
         return record, store.record_path(results, rid)
-    return record, store.commit(results, rid, record, model, rep.log)
+    path = store.commit(results, rid, record, model, rep.log)
+    warning = store.model_warning(record, path)
+    if warning:
+        rep.warn(warning)
+    return record, path
 
 
 def plugin_versions(cfg: RunConfig) -> dict[str, str]:

@@ -13,11 +13,17 @@ compressed model of a complete run) and ``attempts/<run_id>/`` (the history). Th
 * A record that is replaced (by a newer complete run, or a failed one by a newer attempt)
   is first copied to ``attempts/<run_id>/``, so the history of a run is never lost; so is a
   file in the record's place that is no usable record (``unusable-<n>.json``).
-* A complete run's model and record are written in full to temporary files first; only
-  then are they moved into place, model first, record last, with Ctrl-C held back between
-  the two renames. A full disk or a failing write therefore changes nothing in the results
-  directory; the record and model are then saved under ``<cache>/unsaved/`` and the error
-  says where (:class:`~prunebench.errors.RecordError`).
+* A complete run's record and model are written in full to temporary files first, the
+  record first (it is small, and it is the result); only then are they moved into place,
+  model first, record last, with Ctrl-C held back between the two renames.
+* No write failure of any kind (a full disk, a file-size limit, a permission, any exception
+  torch raises) loses a finished run. A record that cannot be written changes nothing in the
+  results directory; it is saved (with its model, where that can be) under
+  ``<cache>/unsaved/`` and the error says where (:class:`~prunebench.errors.RecordError`). A
+  model that cannot be written is left out: the record is stored with ``model_file: null``
+  and ``model_not_saved`` (the error, and where the model was saved instead, if anywhere).
+* A symbolic link in a record's place is never read or written through; the link itself is
+  moved aside to ``attempts/<run_id>/``.
 """
 
 from __future__ import annotations
@@ -77,16 +83,25 @@ def archive(results: Path, rid: str, record: Mapping[str, Any], note: str | None
     base = f"{stamp}-{record.get('status', 'unknown')}"
     path = folder / f"{base}.json"
     n = 2
-    while path.exists():
+    while os.path.lexists(path) or os.path.lexists(path.with_suffix(".pt")):
         path, n = folder / f"{base}-{n}.json", n + 1
     return write_atomic(path, {**record, **({"archived": note} if note else {})})
 
 
-def _previous(results: Path, rid: str) -> dict[str, Any] | None:
+def _previous(results: Path, rid: str, log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """The run's current record; a file there that is no usable record (truncated, edited,
     another schema) is first copied, byte for byte, to ``attempts/<run_id>/`` as
-    ``unusable-<n>.json``, so that replacing it loses nothing."""
+    ``unusable-<n>.json``, so that replacing it loses nothing. A symbolic link there is never
+    read through (it may point anywhere): the link itself is moved to
+    ``attempts/<run_id>/unusable-<n>.symlink``."""
     path = record_path(results, rid)
+    if path.is_symlink():
+        folder = attempts_dir(results, rid)
+        folder.mkdir(parents=True, exist_ok=True)
+        aside = folder / f"unusable-{_free_number(folder)}.symlink"
+        os.replace(path, aside)  # renames the link, not what it points to
+        log(f"{path} was a symbolic link, not a record; the link was moved to {aside}")
+        return None
     if not path.exists():
         return None
     rec = read_record(path)
@@ -98,22 +113,29 @@ def _previous(results: Path, rid: str) -> dict[str, Any] | None:
         return None
     folder = attempts_dir(results, rid)
     folder.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while (folder / f"unusable-{n}.json").exists():
-        n += 1
+    n = _free_number(folder)
     os.replace(staged(folder / f"unusable-{n}.json", lambda f: f.write(raw)), folder / f"unusable-{n}.json")
     return None
+
+
+def _free_number(folder: Path) -> int:
+    n = 1
+    while os.path.lexists(folder / f"unusable-{n}.json") or os.path.lexists(folder / f"unusable-{n}.symlink"):
+        n += 1
+    return n
 
 
 def commit(results: Path, rid: str, record: dict[str, Any], model: Mapping[str, Any] | None,
            log: Callable[[str], None] = print) -> Path:
     """Store a finished attempt by the rules above; returns where its record went.
 
-    ``model`` is the compressed-model payload of a complete run (None otherwise).
+    ``model`` is the compressed-model payload of a complete run (None otherwise). When the
+    model cannot be written but the record can, ``record`` is changed in place to say so
+    (``model_file: null`` and ``model_not_saved``) and stored.
     """
     results = Path(results)
     out = record_path(results, rid)
-    previous = _previous(results, rid)
+    previous = _previous(results, rid, log)
     if record.get("status") != "complete":
         if previous is not None and previous.get("status") == "complete":
             path = archive(results, rid, record)
@@ -125,52 +147,126 @@ def commit(results: Path, rid: str, record: dict[str, Any], model: Mapping[str, 
     return _commit_complete(results, rid, record, model, previous, log)
 
 
+def _reason(exc: BaseException) -> str:
+    """One line saying why a write failed, whatever raised it (OSError, torch's RuntimeError, ...)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _save_model(path: Path, model: Mapping[str, Any]) -> Path:
+    """The model staged beside ``path`` (a temporary file, to be moved into place)."""
+    return staged(path, lambda f: torch.save(dict(model), f))
+
+
 def _commit_complete(results: Path, rid: str, record: dict[str, Any], model: Mapping[str, Any] | None,
                      previous: dict[str, Any] | None, log: Callable[[str], None]) -> Path:
+    """The record is written first (it is small, and it is the result); the model second. A
+    record that cannot be written goes to ``<cache>/unsaved/`` (:class:`RecordError` says
+    where); a model that cannot be written is left out, and the record says so."""
     out, mpath = record_path(results, rid), model_path(results, rid)
     staged_model: Path | None = None
     staged_record: Path | None = None
     try:
+        staged_record = staged(out, lambda f: f.write(dumps(record)))
         if model is not None:
-            staged_model = staged(mpath, lambda f: torch.save(dict(model), f))
-        data = dumps(record)
-        staged_record = staged(out, lambda f: f.write(data))
+            try:
+                staged_model = _save_model(mpath, model)
+            except Exception as exc:  # noqa: BLE001 - any failure (torch raises RuntimeError on a full disk)
+                _model_not_saved(rid, record, model, exc)
+                staged_record.unlink(missing_ok=True)
+                staged_record = None
+                staged_record = staged(out, lambda f: f.write(dumps(record)))
+        old_model: Path | None = None
+        archived: Path | None = None
         if previous is not None:
             note = "superseded by a later complete run" if previous.get("status") == "complete" else \
                 "replaced by a later attempt"
             old = {**previous}
             if previous.get("status") == "complete":
-                old["model_file"] = None  # models/<run_id>.pt now holds the later run's model
-            archive(results, rid, old, note=note)
+                old["model_file"] = None  # models/<run_id>.pt now holds the later run's model (or is moved aside)
+                if staged_model is None and os.path.isfile(mpath) and not os.path.islink(mpath):
+                    old_model = mpath
+            archived = archive(results, rid, old, note=note)
+            old["archived"] = note
         with signals_deferred():
             if staged_model is not None:
                 os.replace(staged_model, mpath)
                 staged_model = None
             os.replace(staged_record, out)
             staged_record = None
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - no write failure of any kind loses the finished run
         for p in (staged_model, staged_record):
             if p is not None:
                 p.unlink(missing_ok=True)
         where = save_elsewhere(rid, record, model)
         raise RecordError(f"could not write the record of this complete run to {results} "
-                          f"({exc.strerror or exc}); it was saved to {where} instead: move it into {results}"
+                          f"({_reason(exc)}); it was saved to {where} instead: move it into {results}"
                           ) from None
+    if old_model is not None and archived is not None:
+        _keep_old_model(old_model, archived, old, log)
     return out
+
+
+def _keep_old_model(model: Path, archived: Path, content: Mapping[str, Any], log: Callable[[str], None]) -> None:
+    """The previous complete run's model, when the later run's could not be saved: moved beside
+    its archived record (which then names it), so that ``models/<run_id>.pt`` never holds a
+    model that the record does not name."""
+    dest = archived.with_suffix(".pt")
+    try:
+        os.replace(model, dest)
+        write_atomic(archived, {**content, "model_file": dest.name})
+    except Exception as exc:  # noqa: BLE001 - the record is written; this is housekeeping
+        log(f"the previous model {model} could not be moved to {dest} ({_reason(exc)})")
+
+
+def _model_not_saved(rid: str, record: dict[str, Any], model: Mapping[str, Any], exc: BaseException) -> None:
+    """Mark ``record`` as having no model file: the model goes to ``<cache>/unsaved/`` if it can."""
+    where = None
+    try:
+        from prunebench.datasets import cache_dir
+
+        mpath = cache_dir() / "unsaved" / rid / "models" / f"{rid}.pt"
+        os.replace(_save_model(mpath, model), mpath)
+        where = str(mpath)
+    except Exception:  # noqa: BLE001 - then the model is lost, and the record says so
+        pass
+    record["model_file"] = None
+    record["model_not_saved"] = {"error": _reason(exc), "saved_to": where}
+
+
+def model_warning(record: Mapping[str, Any], path: Path) -> str | None:
+    """The line telling the user that a complete run's model was not saved (None when it was)."""
+    info = record.get("model_not_saved")
+    if not isinstance(info, Mapping):
+        return None
+    where = f"it was saved to {info['saved_to']} instead" if info.get("saved_to") else "it could not be saved anywhere"
+    return f"the record was written to {path}, but the model could not be written ({info.get('error')}); {where}"
 
 
 def save_elsewhere(rid: str, record: Mapping[str, Any], model: Mapping[str, Any] | None) -> str:
     """Save a record (and model) that could not be written to its results directory under
-    ``<cache>/unsaved/<run_id>/``; returns that folder (or says why even that failed)."""
-    from prunebench.datasets import cache_dir
-
-    folder = cache_dir() / "unsaved" / rid
+    ``<cache>/unsaved/<run_id>/``, record first; returns that folder (or says why even that
+    failed, or that only the record is there)."""
+    folder: Path | str = "<cache>/unsaved"
     try:
-        if model is not None:
-            mpath = folder / "models" / f"{rid}.pt"
-            staged_model = staged(mpath, lambda f: torch.save(dict(model), f))
-            os.replace(staged_model, mpath)
+        from prunebench.datasets import cache_dir
+
+        folder = cache_dir() / "unsaved" / rid
         write_atomic(folder / f"{rid}.json", record)
-    except OSError as exc:
-        return f"nowhere: {folder} failed too ({exc.strerror or exc})"
+    except Exception as exc:  # noqa: BLE001 - any kind of failure
+        return f"nowhere: {folder} failed too ({_reason(exc)})"
+    if model is None or record.get("model_file") is None:
+        return str(folder)
+    mpath = folder / "models" / f"{rid}.pt"
+    try:
+        os.replace(_save_model(mpath, model), mpath)
+    except Exception as exc:  # noqa: BLE001
+        try:
+            write_atomic(folder / f"{rid}.json",
+                         {**record, "model_file": None, "model_not_saved": {"error": _reason(exc), "saved_to": None}})
+        except Exception:  # noqa: BLE001 - the record above still names the model; it is kept as it is
+            pass
+        return f"{folder} (the record only; the model could not be saved: {_reason(exc)})"
     return str(folder)

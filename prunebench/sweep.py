@@ -32,7 +32,7 @@ from prunebench.locks import FileLock
 from prunebench.precision import check_precision, device_type, resolve_precision
 from prunebench.protocols import Target
 from prunebench.records import is_complete, run_id
-from prunebench.runner import PRETRAINED, RunConfig, Sharing
+from prunebench.runner import PRETRAINED, RunConfig, Sharing, check_timeout
 from prunebench.store import check_results_dir
 from prunebench.validation import ALLOCATIONS, check_device, check_run, load_profile
 
@@ -48,7 +48,7 @@ EXECUTORS = ("local", "ray")
 TOP_KEYS = (
     "description", "criteria", "architectures", "dataset", "targets", "seeds", "budget", "allocation",
     "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir", "baseline", "scope",
-    "precision", "runs_per_gpu", "dense",
+    "precision", "runs_per_gpu", "dense", "timeout",
 )
 CRITERION_KEYS = ("name", "params")
 DATASET_KEYS = ("name", "options", "data_dir")
@@ -88,6 +88,7 @@ class Sweep:
     runs_per_gpu: int = 1
     scope: str | None = None
     dense: tuple[str, ...] = ()  # smaller-dense controls: one run per (architecture, dense arch, seed)
+    timeout: float | None = None  # seconds each run may take (None: no limit); not part of any run id
 
     def runs(self) -> list[RunConfig]:
         """Every run of the grid, in a stable order, each once (a control that is also listed
@@ -98,7 +99,7 @@ class Sweep:
             allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, layer_ratios=self.layer_ratios,
             shots=self.shots, shot_epochs=self.shot_epochs, data_dir=self.data_dir,
             results_dir=self.results_dir, device=self.device, baseline=self.baseline, scope=self.scope,
-            precision=resolve_precision(self.precision, self.device),
+            precision=resolve_precision(self.precision, self.device), timeout=self.timeout,
         )
         out: dict[str, RunConfig] = {}
         for arch in self.architectures:
@@ -133,12 +134,12 @@ def record_path(cfg: RunConfig) -> Path:
 
 def load_sweep(path: str | os.PathLike[str], results_dir: Path | None = None,
                data_dir: Path | None = None, runs_per_gpu: int | None = None,
-               precision: str | None = None) -> Sweep:
+               precision: str | None = None, timeout: float | None = None) -> Sweep:
     """Read and validate a sweep file. Nothing runs; every error is a :class:`ConfigError`.
 
     Relative paths inside the file are relative to the file's folder; ``results_dir``,
-    ``data_dir``, ``runs_per_gpu`` and ``precision`` given here (from the command line) win
-    over the file's.
+    ``data_dir``, ``runs_per_gpu``, ``precision`` and ``timeout`` given here (from the command
+    line) win over the file's.
     """
     path = Path(path)
     if not path.is_file():
@@ -151,6 +152,8 @@ def load_sweep(path: str | os.PathLike[str], results_dir: Path | None = None,
         doc["runs_per_gpu"] = runs_per_gpu
     if precision is not None:
         doc["precision"] = precision
+    if timeout is not None:
+        doc["timeout"] = timeout
     return parse_sweep(doc, base=path.parent, results_dir=results_dir, data_dir=data_dir)
 
 
@@ -209,6 +212,9 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
     if runs_per_gpu < 1:
         raise ConfigError(f"'runs_per_gpu' must be at least 1, got {runs_per_gpu}")
 
+    timeout = doc.get("timeout")
+    check_timeout(timeout, "'timeout'")
+
     if results_dir is None:
         results_dir = base / _str(doc["results_dir"], "results_dir") if "results_dir" in doc else Path("results")
     baseline = _baseline(doc.get("baseline"), base, architectures, dataset)
@@ -221,6 +227,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         device=check_device(_str(doc.get("device", "auto"), "device")),
         data_dir=data_dir if data_dir is not None else file_data_dir, results_dir=Path(results_dir),
         baseline=baseline, precision=precision, runs_per_gpu=runs_per_gpu, scope=scope, dense=dense,
+        timeout=None if timeout is None else float(timeout),
     )
     for cfg in sweep.runs():  # every run of the grid, checked as `prunebench run` checks one
         check_run(cfg)
@@ -625,6 +632,7 @@ def describe(sweep: Sweep) -> dict[str, Any]:
         "precision": f"{sweep.precision} ({resolve_precision(sweep.precision, sweep.device)} here)"
         if sweep.precision == "auto" else sweep.precision,
         "runs_per_gpu": sweep.runs_per_gpu,
+        **({"timeout": f"{sweep.timeout:g} s per run"} if sweep.timeout is not None else {}),
     }
 
 

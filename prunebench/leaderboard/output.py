@@ -3,7 +3,10 @@
 Reading never stops at a bad file: a truncated or foreign JSON file is reported (file and
 reason) and skipped, so one broken record cannot block the page. Writing never overwrites a
 file that prunebench did not generate (a page without the marker line, a CSV with other
-columns), and removes only the files of generated pages that no longer exist.
+columns), writes each file atomically (a temporary file, then a rename: a reader or a failed
+write never finds half a file), and removes only files that an obsolete generated page
+proves are its own: the page, its CSV (with the leaderboard's columns) and the plots the
+page shows.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prunebench.errors import ConfigError
+from prunebench.files import replace_atomically
 from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER
 from prunebench.records import RecordProblem, read_record
 
@@ -73,18 +77,44 @@ def _generated(path: Path) -> bool:
     return False
 
 
+_PLOT_LINE = re.compile(r"^!\[final top-1 vs MACs reduction, budget [^\]\n]*\]\(([A-Za-z0-9_.-]+\.png)\)$",
+                        re.MULTILINE)
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
 def obsolete(files: Mapping[str, Any], out_dir: Path) -> list[str]:
     """Files in ``out_dir`` from pages that the records no longer produce: a generated page
-    (one carrying the marker) that is not in ``files``, with its CSV and plots."""
+    (one carrying the marker) that is not in ``files``, its ``<stem>.csv`` when that has the
+    leaderboard's columns, and the ``<stem>.<budget>.png`` plots the page itself shows. Any
+    other file, whatever its name, is the user's and stays."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    stems = set()
+    out = set()
     for p in out_dir.glob("*.md"):
-        if p.name not in files and p.name != "README.md" and MARKER in p.read_text(errors="replace"):
-            stems.add(p.stem)
-    return sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name not in files
-                  and (p.stem in stems or p.name.split(".")[0] in stems))
+        if p.name in files or p.name == "README.md" or not _plain_file(p):
+            continue
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if MARKER not in text:
+            continue
+        out.add(p.name)
+        csv = p.with_suffix(".csv")
+        if csv.name not in files and _plain_file(csv) and _generated(csv):
+            out.add(csv.name)
+        for name in _PLOT_LINE.findall(text):
+            png = out_dir / name
+            if name.startswith(p.stem + ".") and name not in files and _plain_file(png) and _is_png(png):
+                out.add(name)
+    return sorted(out)
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_PNG_MAGIC)) == _PNG_MAGIC
 
 
 def foreign(files: Mapping[str, Any], out_dir: Path) -> list[str]:
@@ -110,9 +140,8 @@ def write(files: Mapping[str, str | bytes], out_dir: Path) -> list[Path]:
         (out_dir / name).unlink()
     written = []
     for name, content in sorted(files.items()):
-        path = out_dir / name
-        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-        written.append(path)
+        data = content if isinstance(content, bytes) else content.encode("utf-8")
+        written.append(replace_atomically(out_dir / name, lambda f, data=data: f.write(data)))
     return written
 
 

@@ -204,3 +204,144 @@ def test_a_killed_run_leaves_no_partial_record(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"status": "complete"}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def _run_id_of_run_args() -> str:
+    from prunebench.budgets import get_budget
+    from prunebench.records import run_id
+    from prunebench.runner import RunConfig
+
+    return run_id(RunConfig(criterion="l1", arch="resnet20", budget=get_budget("smoke", TINY)).identity())
+
+
+@pytest.mark.parametrize("fails", ["in the results directory", "everywhere"])
+def test_a_full_disk_while_the_model_is_written_keeps_the_record(tmp_path, monkeypatch, fails):
+    """torch reports a full disk as a RuntimeError, not an OSError: the record is still written."""
+    import torch
+
+    from prunebench import store
+
+    results = tmp_path / "r"
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        name = str(getattr(f, "name", f))
+        if name.startswith(str(results)) or (fails == "everywhere" and "unsaved" in name):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(store.torch, "save", full_disk)
+    res = invoke(*run_args(results))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rid = _run_id_of_run_args()
+    rec = records(results)[rid]
+    assert rec["status"] == "complete" and rec["model_file"] is None
+    assert "RuntimeError" in rec["model_not_saved"]["error"]
+    assert not (results / "models" / f"{rid}.pt").exists() and not list(results.rglob("*.tmp"))
+    (warning,) = [line for line in res.output.splitlines() if line.startswith("warning:")]
+    assert str(results / f"{rid}.json") in warning and "Traceback" not in res.output
+    if fails == "everywhere":
+        assert rec["model_not_saved"]["saved_to"] is None and "could not be saved anywhere" in warning
+    else:
+        saved = Path(rec["model_not_saved"]["saved_to"])
+        assert saved.is_file() and str(saved) in warning
+        assert json.loads(torch.load(saved, weights_only=False)["meta"])["run_id"] == rid
+
+
+def test_a_file_size_limit_keeps_the_record(tmp_path, monkeypatch):
+    """A real RLIMIT_FSIZE (SIGXFSZ ignored, so writes past it fail with EFBIG) while the run
+    stores its result: the small record is written, the model is not, and the record says so."""
+    import resource
+
+    from prunebench import store
+
+    results = tmp_path / "r"
+    real_commit = store.commit
+    limit = 64 * 1024  # a record is a few kB; the model of resnet20 is several times this
+
+    def limited(*args, **kwargs):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            return real_commit(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+
+    monkeypatch.setattr(store, "commit", limited)
+    res = invoke(*run_args(results))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rid = _run_id_of_run_args()
+    rec = records(results)[rid]
+    assert rec["status"] == "complete" and rec["model_file"] is None and rec["final"]["top1"] >= 0
+    assert rec["model_not_saved"]["saved_to"] is None  # the limit holds in the cache too
+    assert not (results / "models" / f"{rid}.pt").exists() and not list(results.rglob("*.tmp"))
+    assert "model could not be written" in res.output
+
+
+def test_sigterm_records_the_attempt(tmp_path):
+    """A real SIGTERM to `prunebench run` (as a scheduler sends at the end of a job), delivered
+    while the run waits for its baseline: the attempt is recorded as failed, as Ctrl-C is."""
+    import torch
+
+    from prunebench.budgets import get_budget
+    from prunebench.datasets import cache_dir
+    from prunebench.locks import FileLock
+    from prunebench.runner import RunConfig, baseline_key, load_data
+
+    results = tmp_path / "r"
+    cfg = RunConfig(criterion="l1", arch="resnet20", budget=get_budget("smoke", TINY))
+    splits, _ = load_data(cfg, torch.device("cpu"))
+    lock = FileLock(cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt.lock")
+    assert lock.acquire(blocking=False)
+    try:
+        args = [a for a in run_args(results) if a != "-q"]
+        proc = subprocess.Popen([sys.executable, "-m", "prunebench", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for line in proc.stderr:
+                if "baseline" in line:
+                    time.sleep(1.0)  # now waiting for the lock
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    (rec,) = records(results).values()
+    assert rec["status"] == "failed" and "SIGTERM" in rec["error"], rec.get("error")
+    assert not [p for p in results.rglob("*") if p.name.endswith((".tmp", ".lock"))]
+
+
+def test_a_forced_rerun_whose_model_cannot_be_written_keeps_the_previous_model_with_its_record(
+        complete_run, profile_file, tmp_path, monkeypatch):
+    """models/<run_id>.pt never holds a model that the record beside it does not name."""
+    import torch
+
+    from prunebench import store
+
+    results = copy_results(complete_run, tmp_path / "r")
+    (rid,) = records(results)
+    old_model = (results / "models" / f"{rid}.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(getattr(f, "name", f)).startswith(str(results)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(store.torch, "save", full_disk)
+    res = invoke(*run_args(results, "--layer-ratios", profile_file, "--force"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    new = records(results)[rid]
+    assert new["status"] == "complete" and new["model_file"] is None
+    assert not (results / "models" / f"{rid}.pt").exists()
+    (superseded,) = attempts(results)
+    assert superseded["status"] == "complete" and "superseded" in superseded["archived"]
+    (archived_model,) = (results / "attempts" / rid).glob("*.pt")
+    assert superseded["model_file"] == archived_model.name and archived_model.read_bytes() == old_model
