@@ -8,7 +8,8 @@ runner records the attempt as ``failed`` with the error, and the exception goes 
   interrupts a blocking sleep; it fires again every second until the run has stopped, so
   code that catches and ignores exceptions cannot hold the run. In another thread the
   exception is raised in that thread from a timer; it interrupts Python code, and a long call
-  into C (one torch operation) when that returns.
+  into C (one torch operation) when that returns. Neither interrupts an import in progress
+  (it would leave the module half-initialised): the limit waits until the import is done.
 * :func:`sigterm_stops` turns SIGTERM into :class:`~prunebench.errors.Terminated`, a kind of
   ``KeyboardInterrupt``, while a run executes; only where SIGTERM has its default action (a
   handler someone else installed is left alone) and only in the main thread.
@@ -24,6 +25,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from prunebench.errors import RunTimedOut, Terminated
+
+
+def _importing() -> bool:
+    """Is a module being imported right now (in any thread)? An exception raised inside an
+    import leaves that module half-initialised for the rest of the process, so the time limit
+    waits for the import to finish (torch imports parts of itself lazily, on first use)."""
+    from importlib import _bootstrap  # type: ignore[attr-defined]
+
+    return any(ref() is not None for ref in list(getattr(_bootstrap, "_module_locks", {}).values()))
 
 
 def _message(seconds: float | None) -> str:
@@ -49,7 +59,8 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         return
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
         def expired(signum: int, frame: Any) -> None:
-            raise RunTimedOut(_message(seconds))
+            if not _importing():  # else the timer fires again in a second
+                raise RunTimedOut(_message(seconds))
 
         previous = signal.signal(signal.SIGALRM, expired)
         signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
@@ -65,19 +76,26 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
     def expire() -> None:
         with lock:
-            if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(target, ctypes.py_object(_ThreadTimedOut))
+            if state["done"]:
+                return
+            if _importing():  # try again shortly, once the import has finished
+                timers.append(threading.Timer(0.1, expire))
+                timers[-1].daemon = True
+                timers[-1].start()
+                return
+            state["fired"] = True
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(target, ctypes.py_object(_ThreadTimedOut))
 
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
+    timers = [threading.Timer(seconds, expire)]
+    timers[0].daemon = True
+    timers[0].start()
     try:
         yield
     finally:
         with lock:
             state["done"] = True
-            timer.cancel()
+            for timer in timers:
+                timer.cancel()
             if state["fired"]:  # an exception not raised yet must not escape past the block
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(target, None)
 

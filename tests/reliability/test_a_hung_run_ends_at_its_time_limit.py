@@ -85,3 +85,20 @@ def test_a_time_limit_that_is_no_positive_number_is_refused_before_any_work(tmp_
     assert isinstance(res.exception, ConfigError) and "--timeout" in str(res.exception), repr(res.exception)
     with pytest.raises(ConfigError, match="'timeout'"):
         parse_sweep({"criteria": ["l1"], "architectures": ["resnet20"], "timeout": float(value)}, base=tmp_path)
+
+
+def test_the_time_limit_waits_for_an_import_in_progress(monkeypatch):
+    """An exception raised inside an import would leave the module half-initialised for the
+    rest of the process: the limit fires only once no import is in progress."""
+    import time
+
+    from prunebench import limits
+    from prunebench.errors import RunTimedOut
+
+    start = time.monotonic()
+    monkeypatch.setattr(limits, "_importing", lambda: time.monotonic() - start < 1.5)
+    with pytest.raises(RunTimedOut):
+        with limits.time_limit(0.2):
+            while time.monotonic() - start < 10:
+                time.sleep(0.01)
+    assert 1.5 <= time.monotonic() - start < 4.0
