@@ -140,6 +140,9 @@ def test_the_page_has_the_ranking_section_with_tau(tmp_path):
     assert "| 2 ep (`smoke`) → 3 ep (`demo`)" in section
     assert "τ" in section and "95 % interval" in section
     assert "From 2 ep (`smoke`) to 3 ep (`demo`): no row moves 3 or more places." in section
+    # l1 beats random after 2 epochs (80-82 against 70-72) but not after 3 (85-87 against 84-86)
+    assert "- Verdicts against `random` that change with the budget: " in section
+    assert "l1 (`smoke` yes, `demo` no)" in section
 
 
 # --- verdicts and tables on a page --------------------------------------------------------------------

@@ -274,7 +274,9 @@ def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, 
                 *dense_verdict(rows, dense_agg, float(g["ratio"].iloc[0]), g["metric"].iloc[0], DENSE_NEAR),
                 *pairwise_lines(rows),
             ]
-    lines += holding_lines(pruned, _labels)
+    verdicts = {(b, g["metric"].iloc[0], float(g["ratio"].iloc[0]), r["config"]): r["verdict"]
+                for b, g, rows in tables for r in rows}
+    lines += holding_lines(pruned, _labels, verdicts)
     lines += _reported_lines(dataset, arch)
     return "\n".join(lines), csv
 

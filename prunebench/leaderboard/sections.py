@@ -128,9 +128,11 @@ def pairwise_lines(rows: list[dict[str, Any]]) -> list[str]:
 # --- does the ranking hold? ---------------------------------------------------------------------
 
 
-def holding_lines(df: pd.DataFrame, labels_of: Callable[[pd.DataFrame], tuple[dict[str, str], Any]]) -> list[str]:
+def holding_lines(df: pd.DataFrame, labels_of: Callable[[pd.DataFrame], tuple[dict[str, str], Any]],
+                  verdicts: dict[tuple[str, str, float, str], str] | None = None) -> list[str]:
     """Per target with two or more budgets: each row's rank at every stage, Kendall's τ between
-    the rankings with a bootstrap interval over seeds, and what changes with the budget."""
+    the rankings with a bootstrap interval over seeds, and what changes with the budget
+    (``verdicts``: the "beats random?" cell per (budget, metric, ratio, configuration))."""
     from tabulate import tabulate
 
     epochs = {b: float(g["finetune_epochs"].iloc[0]) for b, g in df.groupby("budget")
@@ -158,9 +160,24 @@ def holding_lines(df: pd.DataFrame, labels_of: Callable[[pd.DataFrame], tuple[di
                      disable_numparse=True), "",
             tabulate(taus, headers=["rankings", "τ", "95 % interval"], tablefmt="github", disable_numparse=True),
             "",
-            *_changes(h, labels, rank_of), "",
+            *_changes(h, labels, rank_of),
+            *_verdict_changes(h, labels, verdicts or {}, g["metric"].iloc[0], float(g["ratio"].iloc[0])), "",
         ]
     return lines
+
+
+def _verdict_changes(h: Any, labels: dict[str, str], verdicts: dict[tuple[str, str, float, str], str],
+                     metric: str, ratio: float) -> list[str]:
+    """Rows whose verdict against ``random`` (yes / no after Holm) differs between budgets."""
+    budgets = list(dict.fromkeys(s.budget for s in h.stages if s.column == "final"))
+    changed = []
+    for c in h.configs:
+        got = [verdicts.get((b, metric, ratio, c), "—").split(" ")[0] for b in budgets]
+        if "yes" in got and "no" in got:
+            changed.append(f"{labels[c]} ({', '.join(f'`{b}` {v}' for b, v in zip(budgets, got, strict=True))})")
+    if changed:
+        return [f"- Verdicts against `random` that change with the budget: {'; '.join(changed)}."]
+    return ["- No row's verdict against `random` changes with the budget."]
 
 
 def _changes(h: Any, labels: dict[str, str], rank_of: dict[str, list[int]]) -> list[str]:
