@@ -40,7 +40,7 @@ from prunebench.precision import check_precision, resolve_precision
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 from prunebench.records import hardware, is_complete, now, run_id, versions
-from prunebench.surgery import atomic_torch_save, compressed_payload
+from prunebench.surgery import compressed_payload
 from prunebench.validation import check_dataset_options, check_run
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,7 +142,7 @@ class RunConfig:
             "layer_ratios": dict(self.layer_ratios) if self.layer_ratios else None,
             "shots": self.shots,
             "shot_epochs": self.shot_epochs,
-            "baseline_file": str(self.baseline) if self.baseline else None,
+            "baseline_file": self.baseline_identity(),
         }
         if self.scope is not None and self.scope != _default_scope(self.arch):
             # only when not the architecture's default, so the ids of default-scope runs stay what they were
@@ -161,6 +161,17 @@ class RunConfig:
         if precision != "fp32":  # fp32 runs keep the ids they had before precision was a choice
             identity["precision"] = precision
         return identity
+
+
+    def baseline_identity(self) -> str | None:
+        """What the baseline contributes to the identity: None (trained), ``pretrained`` (the
+        zoo entry enters on its own), or ``sha256:<digest of the file's content>`` for
+        ``--baseline FILE``, so that a file replaced at the same path is another run."""
+        if not self.baseline:
+            return None
+        if self.pretrained:
+            return PRETRAINED
+        return f"sha256:{checkpoints.file_sha256(self.baseline, '--baseline')}"
 
 
 #: ``RunConfig.baseline`` value that selects the model zoo's checkpoint
@@ -303,14 +314,16 @@ def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
 
 def get_baseline(
     cfg: RunConfig, model: nn.Module, splits: DataSplits | StreamedSplits, data: DeviceData | StreamData,
-    rep: Reporter,
+    rep: Reporter, expect_file_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Load the model zoo's checkpoint (adapted where needed), ``--baseline FILE``, a cached
     checkpoint, or train and cache one.
 
     A given file must hold finite tensors that fit the architecture (else a one-line
-    :class:`CheckpointError` naming it); a cached one that does not is moved aside and the
-    baseline retrained; a baseline whose training diverges is never cached.
+    :class:`CheckpointError` naming it), and, with ``expect_file_sha256``, be the content the
+    run id names. A cached one that does not fit, or does not match the digest stored when it
+    was written, is moved aside and the baseline retrained; a baseline whose training diverges
+    is never cached.
     """
     from prunebench.datasets import cache_dir
 
@@ -320,8 +333,13 @@ def get_baseline(
         return pretrained_baseline(cfg, model, splits, data, rep)
     if cfg.baseline is not None:
         path = Path(cfg.baseline)
-        checkpoints.load_state(model, path, "--baseline")
-        return {"source": str(path), "trained_seconds": 0.0}
+        data = checkpoints.read_bytes(path, "--baseline")  # hashed and loaded from the same bytes
+        digest = hashlib.sha256(data).hexdigest()
+        if expect_file_sha256 is not None and digest != expect_file_sha256:
+            raise CheckpointError(f"--baseline {path} was changed after the run started (its content is not the "
+                                  "one the run id names); run again")
+        checkpoints.load_state(model, path, "--baseline", payload=checkpoints.read(path, "--baseline", data=data))
+        return {"source": str(path), "file_sha256": digest, "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
     # one process trains a given baseline; another that needs it waits here, then loads it
     with distributed.main_holds(f"{path}.lock"):
@@ -348,7 +366,7 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
     divergence.check_training(model, stats, "baseline training", _lr_hint(cfg.budget, "lr"))
     seconds = time.perf_counter() - t0
     if distributed.world().main:
-        atomic_torch_save(
+        checkpoints.save_with_digest(
             {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
         )
     rep.log(f"baseline: trained in {seconds:.1f}s, cached at {path}")
@@ -358,19 +376,37 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
 
 def _load_cached_baseline(model: nn.Module, path: Path, rep: Reporter) -> dict[str, Any] | None:
     """The cached checkpoint loaded into ``model``; None (after moving the file aside to
-    ``<name>.corrupt``) when it is unreadable, does not fit, or holds non-finite weights."""
+    ``<name>.corrupt``) when it is unreadable, does not fit, or holds non-finite weights, and
+    (after moving it aside to ``<name>.unverified``) when its content is not the one written
+    there (the sha256 stored beside it at writing differs, or is missing)."""
+    what = "cached baseline"
     try:
-        return checkpoints.load_state(model, path, "cached baseline")
+        data = checkpoints.read_bytes(path, what)
+        payload = checkpoints.read(path, what, data=data)
+        state = checkpoints.state_dict(payload, path, what)
+        checkpoints.check_finite(state, path, what)
+        checkpoints.check_fits(model, state, path, what)
+        why = checkpoints.digest_mismatch(path, data)
+        if why is not None:
+            _set_aside(path, ".unverified", f"{what} {path} {why}", rep)
+            return None
+        model.load_state_dict(state)
+        return {k: v for k, v in payload.items() if k != "state_dict"} if isinstance(payload, Mapping) else {}
     except CheckpointError as exc:
-        aside = path.with_name(path.name + ".corrupt")
-        try:
-            os.replace(path, aside)
-            moved = f"moved to {aside}"
-        except OSError as move_exc:
-            raise CheckpointError(f"{exc}; it could not be moved aside ({move_exc.strerror or move_exc}): "
-                                  f"delete {path} and run again") from None
-        rep.log(f"baseline: {exc}; {moved}, training it again")
+        _set_aside(path, ".corrupt", str(exc), rep)
         return None
+
+
+def _set_aside(path: Path, suffix: str, why: str, rep: Reporter) -> None:
+    """Move a cached checkpoint that cannot be used to ``<name><suffix>`` (kept for inspection),
+    so that the baseline is trained again; a file that cannot be moved is a one-line error."""
+    aside = path.with_name(path.name + suffix)
+    try:
+        os.replace(path, aside)
+    except OSError as move_exc:
+        raise CheckpointError(f"{why}; it could not be moved aside ({move_exc.strerror or move_exc}): "
+                              f"delete {path} and run again") from None
+    rep.log(f"baseline: {why}; moved to {aside}, training it again")
 
 
 def _lr_hint(budget: Budget, field_name: str) -> str:
@@ -556,11 +592,18 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
         "train_images": data.n_train, "test_images": data.n_test,
         "input_shape": list(splits.input_shape), "num_classes": splits.num_classes,
     }
+    if isinstance(data, DeviceData):  # the images and labels the run trains and evaluates on
+        record["data"]["sha256"] = checkpoints.weights_sha256(
+            {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y})
     model = arch.build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(device)
     example = torch.zeros(1, *splits.input_shape, device=device)
 
     rep.stage("baseline")
-    record["baseline_info"] = get_baseline(cfg, model, splits, data, rep)
+    named = str(record["identity"].get("baseline_file") or "")  # the --baseline content the run id names
+    expect = named.removeprefix("sha256:") if named.startswith("sha256:") else None
+    record["baseline_info"] = get_baseline(cfg, model, splits, data, rep, expect_file_sha256=expect)
+    # the weights the run starts from, whatever their source
+    record["baseline_info"]["weights_sha256"] = checkpoints.weights_sha256(model.state_dict())
     model.to(device)
     record["baseline"] = evaluate(model, data, splits.num_classes)
     rep.log(f"baseline top-1 {record['baseline']['top1']:.2f}%")
