@@ -33,13 +33,13 @@ from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
 from prunebench.datasets.streaming import StreamedSplits
 from prunebench.engine import DeviceData, Recipe, TrainOptions, train
-from prunebench.errors import CheckpointError, ConfigError, DivergedError
+from prunebench.errors import CheckpointError, ConfigError, DivergedError, RecordError
 from prunebench.locks import FileLock
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
 from prunebench.precision import check_precision, resolve_precision
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.records import hardware, is_complete, now, run_id, versions
+from prunebench.records import hardware, is_complete, non_finite_field, now, run_id, versions
 from prunebench.surgery import compressed_payload
 from prunebench.validation import check_dataset_options, check_run
 
@@ -554,6 +554,10 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     rep.header(record)
     try:
         model = _execute(cfg, criterion, arch, device, record, rep, rid)
+        bad = non_finite_field(record)
+        if bad is not None:  # never published as a result (and written as null, see records.dumps)
+            raise RecordError(f"the record's {bad} is not a finite number ({record_value(record, bad)!r}); "
+                              "a run with non-finite numbers is not a result")
         record["status"] = "complete"
     except BaseException as exc:
         record["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"
@@ -571,6 +575,13 @@ def _execute_holding_lock(cfg: RunConfig, rep: Reporter, device: torch.device, i
     if not main:
         return record, store.record_path(results, rid)
     return record, store.commit(results, rid, record, model, rep.log)
+
+
+def record_value(record: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        value = value[int(part)] if isinstance(value, list | tuple) else value[part]
+    return value
 
 
 def plugin_versions(cfg: RunConfig) -> dict[str, str]:

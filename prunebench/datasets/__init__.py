@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,14 +68,19 @@ def _coerce(dataset: str, name: str, value: Any, default: Any) -> Any:
                 pass
         raise ConfigError(f"{where} must be an integer")
     if isinstance(default, float):
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where} must be a number")
+        if number is None:
+            raise ConfigError(f"{where} must be a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number")
+        return number
     return value
 
 

@@ -126,3 +126,50 @@ def test_a_compression_that_leaves_non_finite_weights_is_recorded_as_diverged(tm
     assert "compression diverged" in str(res.exception) and nan_criterion in str(res.exception)
     (rec,) = records(results).values()
     assert rec["status"] == "diverged"
+
+
+# --- non-finite numbers are never published -----------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_dataset_option_is_refused_before_any_work(tmp_path, monkeypatch, value):
+    import prunebench.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "load_data", lambda *a, **k: pytest.fail("work started before the error"))
+    args = run_args(tmp_path / "r", "--dataset-option", f"noise={value}")
+    args[args.index("digits")] = "synthetic"
+    res = invoke(*args)
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(res.exception) == f"dataset 'synthetic': option noise={value!r} must be a finite number"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_non_finite_number_in_a_sweep_file_is_refused(tmp_path):
+    (tmp_path / "s.toml").write_text('criteria = [{ name = "ht2", params = { energy = nan } }]\n'
+                                     'architectures = ["resnet20"]\nbudget = "smoke"\n')
+    res = invoke("sweep", tmp_path / "s.toml", "--dry-run", "--results-dir", tmp_path / "r")
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(res.exception) == "hyper-parameter 'energy' expects a finite number, got nan"
+    (tmp_path / "s.toml").write_text('criteria = ["l1"]\narchitectures = ["resnet20"]\nbudget = "smoke"\n'
+                                     'dataset = { name = "synthetic", options = { noise = inf } }\n')
+    res = invoke("sweep", tmp_path / "s.toml", "--dry-run", "--results-dir", tmp_path / "r")
+    assert str(res.exception) == "dataset 'synthetic': option noise=inf must be a finite number"
+
+
+def test_a_run_whose_record_would_hold_a_non_finite_number_fails_and_writes_valid_json(tmp_path, monkeypatch):
+    import json
+
+    import prunebench.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "peak_memory_mb", lambda device: float("nan"))
+    res = invoke(*run_args(tmp_path / "r"))
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert "compress_peak_memory_mb is not a finite number" in str(res.exception)
+    (path,) = (tmp_path / "r").glob("*.json")
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in the record")
+
+    rec = json.loads(path.read_text(), parse_constant=refuse)  # strict JSON: no NaN, no Infinity
+    assert rec["status"] == "failed" and rec["compress_peak_memory_mb"] is None
+    assert not list((tmp_path / "r" / "models").glob("*.pt"))
