@@ -342,12 +342,13 @@ def baseline(
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
     from prunebench.runner import PRETRAINED, RunConfig, evaluate, get_baseline, load_data, resolve_device
-    from prunebench.validation import check_run
+    from prunebench.validation import check_data, check_run
 
     cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
                     seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir,
                     device=device, baseline=PRETRAINED if pretrained else None, precision=precision)
     check_run(cfg)
+    check_data(cfg)
     dev = resolve_device(device)
     splits, data = load_data(cfg, dev)
     torch.manual_seed(seed)  # as `run` does, so both train the identical baseline

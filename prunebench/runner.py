@@ -41,7 +41,13 @@ from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 from prunebench.records import hardware, is_complete, non_finite_field, now, run_id, versions
 from prunebench.surgery import compressed_payload
-from prunebench.validation import check_dataset_options, check_run
+from prunebench.validation import (
+    check_data,
+    check_dataset_options,
+    check_run,
+    typed_criterion_params,
+    typed_dataset_options,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunebench.streaming import StreamData
@@ -96,6 +102,11 @@ class RunConfig:
     workers: int | None = None  # DataLoader workers per process for streamed datasets (None: automatic)
 
     def __post_init__(self) -> None:
+        # typed in one place, whether given on the command line (strings) or in a sweep file (TOML
+        # values), so that the same settings are the same configuration everywhere (cache keys,
+        # records, the leaderboard's grouping); the run id already hashed them typed
+        object.__setattr__(self, "dataset_options", typed_dataset_options(self.dataset, self.dataset_options))
+        object.__setattr__(self, "criterion_params", typed_criterion_params(self.criterion, self.criterion_params))
         check_precision(self.precision)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
@@ -460,6 +471,7 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, locked: bool = 
     """
     rep = reporter or Reporter()
     check_run(cfg)
+    check_data(cfg)
     world = distributed.world()
     device = distributed.device_for(resolve_device(cfg.device))
     if world.distributed:

@@ -133,3 +133,43 @@ def test_errors_longer_than_the_terminal_stay_on_one_line(tmp_path):
     deep.write_text(json.dumps([1, 2]))
     line = one_line_error(prunebench(*run_args(tmp_path / "r", "--layer-ratios", deep)))
     assert str(deep) in line
+
+
+def synthetic_args(results, *extra):
+    args = run_args(results, *extra)
+    args[args.index("digits")] = "synthetic"
+    return args
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(2**64)], "seed must be at most 2^63 - 1"),
+    (["--seed", str(2**63)], "seed must be at most 2^63 - 1"),
+    (["--dataset-option", "n_train=0"], "dataset 'synthetic': option n_train=0 must be at least 1"),
+    (["--dataset-option", "num_classes=1"], "dataset 'synthetic': option num_classes=1 must be at least 2"),
+    (["--dataset-option", "noise=-0.1"], "dataset 'synthetic': option noise=-0.1 must be at least 0.0"),
+], ids=["seed 2^64", "seed 2^63", "n_train=0", "num_classes=1", "noise<0"])
+def test_seeds_and_dataset_option_ranges_fail_before_any_work(tmp_path, no_work, extra, message):
+    res = invoke(*synthetic_args(tmp_path / "r", *extra))
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert message in str(res.exception) and "\n" not in str(res.exception)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("dataset, options", [
+    ("cifar10", ["--dataset-option", "download=false"]),
+    ("cifar100", ["--dataset-option", "download=no"]),
+    ("cifar10-jpeg", []),
+    ("imagefolder", ["--dataset-option", "path=nowhere"]),
+    ("imagenet", []),
+    ("cifar10-folder", []),
+    ("imagefolder-stream", ["--dataset-option", "path=nowhere"]),
+])
+def test_a_missing_dataset_fails_before_any_work_naming_where_it_looked(tmp_path, no_work, dataset, options):
+    args = run_args(tmp_path / "r", "--data-dir", tmp_path / "empty", *options)
+    args[args.index("digits")] = dataset
+    if dataset in ("imagenet", "cifar10-folder", "imagefolder-stream"):
+        args[args.index("resnet20")] = "resnet18"
+    res = invoke(*args)
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(tmp_path / "empty") in str(res.exception) and "\n" not in str(res.exception)
+    assert not (tmp_path / "r").exists()  # no record, no models/ folder
