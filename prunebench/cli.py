@@ -392,7 +392,12 @@ def leaderboard(
             raise typer.Exit(1)
         out.print("leaderboard is up to date")
         return
-    files = write(build(records), out_dir)
+    try:
+        files = write(build(records), out_dir)
+    except OSError as exc:
+        where = exc.filename or out_dir
+        raise ConfigError(f"cannot write the leaderboard to {where} ({exc.strerror or exc}); "
+                          "choose another --out") from None
     for f in files:
         out.print(f"wrote {escape(str(f))}", highlight=False, soft_wrap=True)
 
@@ -450,7 +455,20 @@ def records_migrate(
               f"{skipped} left as they are", markup=False, highlight=False)
 
 
+def _degrade_unencodable_output() -> None:
+    """On a terminal or pipe that cannot encode every character (LC_ALL=C, PYTHONIOENCODING=ascii),
+    print what it cannot encode as ``?`` instead of failing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and (getattr(stream, "errors", None) or "strict") == "strict":
+            try:
+                reconfigure(errors="replace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot change
+                pass
+
+
 def main() -> None:
+    _degrade_unencodable_output()
     try:
         app()
     except PrunebenchError as exc:

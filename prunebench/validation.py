@@ -150,11 +150,26 @@ def check_data(cfg: RunConfig) -> None:
     """The dataset's files are where it looks for them (a cheap look, no decoding), on the
     machine that runs ``cfg``: made by every run before it writes anything, but not when a
     sweep is listed or planned (its runs may execute where the data are)."""
+    check_cache()
     check = registry.datasets.get(cfg.dataset).check
     if check is not None:
         from prunebench.datasets import data_root
 
         check(data_root(cfg.data_dir), **check_dataset_options(cfg.dataset, cfg.dataset_options))
+
+
+def check_cache() -> None:
+    """prunebench's cache folder (``$PRUNEBENCH_CACHE``) is a folder, or can be made one."""
+    from prunebench.datasets import cache_dir
+
+    path = cache_dir()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is" if folder == path else f"lies under {folder}, which is"
+                raise ConfigError(f"the cache folder {path} (PRUNEBENCH_CACHE or ~/.cache/prunebench) {what} a "
+                                  "file, not a folder; point PRUNEBENCH_CACHE at a folder")
+            return
 
 
 def check_run(cfg: RunConfig) -> None:
