@@ -20,6 +20,22 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True,
     help="Benchmark neural-network pruning criteria under one protocol.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from prunebench import __version__
+
+        out.print(f"prunebench {__version__}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print prunebench's version and exit")] = False,
+) -> None:
+    """Benchmark neural-network pruning criteria under one protocol."""
 out = Console()
 err = Console(stderr=True)
 
@@ -212,10 +228,20 @@ def list_(kind: Annotated[str, typer.Argument(
     if kind not in KINDS:
         raise ConfigError(f"unknown kind {kind!r}.{suggest(kind, KINDS)} Choose from: {', '.join(KINDS)}")
     if kind == "budgets":
-        table = Table("budget", "baseline ep", "fine-tune ep", "batch", "lr", "schedule", "train/test subset", "calib")
+        from prunebench.runner import recipe
+
+        # what each stage uses: a budget without baseline epochs trains no baseline (its runs start
+        # from --baseline pretrained or FILE), so its baseline lr is not shown as if it were used
+        table = Table("budget", "baseline training", "fine-tune (the ledger)", "adaptation (--baseline pretrained)",
+                      "batch", "train/test subset", "calib")
         for b in BUDGETS.values():
-            table.add_row(b.name, f"{b.baseline_epochs:g}", f"{b.finetune_epochs:g}", str(b.batch_size), f"{b.lr:g}",
-                          b.schedule, f"{b.train_subset or 'full'}/{b.test_subset or 'full'}", str(b.calibration_size))
+            tune = recipe(b, "finetune", b.finetune_epochs)
+            baseline_cell = (f"{b.baseline_epochs:g} ep, lr {b.lr:g}, {b.schedule}" if b.baseline_epochs > 0
+                             else "none (a given baseline)")
+            table.add_row(b.name, baseline_cell, f"{b.finetune_epochs:g} ep, lr {b.finetune_lr:g}, {tune.schedule}",
+                          f"{b.adapt_epochs:g} ep, lr {b.adapt_lr:g}, cosine" if b.adapt_epochs > 0 else "none",
+                          str(b.batch_size), f"{b.train_subset or 'full'}/{b.test_subset or 'full'}",
+                          str(b.calibration_size))
         out.print(table)
         return
     if kind == "pretrained":

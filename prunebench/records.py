@@ -58,11 +58,21 @@ def versions() -> dict[str, str | None]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", None),
+        # the installed distribution's version: torch_pruning.__version__ lags behind it (1.6.0 in 1.6.1)
+        "torch_pruning": installed_version("torch-pruning") or getattr(torch_pruning, "__version__", None),
         "tensorly": tensorly.__version__,
         "prunebench": prunebench.__version__,
         "git_sha": git_sha(),
     }
+
+
+def installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def git_sha() -> str | None:
