@@ -381,12 +381,26 @@ class LedgerGuard:
         self.name = criterion.name or type(criterion).__name__
         self.calibration = ctx.calibration
         self.calibration_digest = self._calibration_digest()
+        self.calibration_versions = self._calibration_versions()
         self.training = 0
         self.violation: str | None = None
 
     def _calibration_digest(self) -> str | None:
         c = self.calibration
         return None if c is None else weights_sha256({"images": c.images, "labels": c.labels})
+
+    def _calibration_versions(self) -> tuple[int, int] | None:
+        """torch's counters of in-place writes to the calibration tensors (and their views): cheap
+        to read after every call; the full digest is compared once, when compression ends."""
+        c = self.calibration
+        return None if c is None else (c.images._version, c.labels._version)
+
+    def _check_calibration(self, where: str, full: bool = False) -> None:
+        changed = self._calibration_versions() != self.calibration_versions or (
+            full and self._calibration_digest() != self.calibration_digest)
+        if changed:
+            raise PluginError(f"criterion {self.name!r} wrote to the calibration data in {where}; "
+                              "they are read-only (copy them to change them)")
 
     def train(self, train: Callable[..., None]) -> Callable[..., None]:
         """``ctx.train`` as the criterion sees it: the one place where optimizer steps are allowed."""
@@ -412,6 +426,7 @@ class LedgerGuard:
         finally:
             handle.remove()
         self._raise_violation()
+        self._check_calibration("compression", full=True)
 
     def _raise_violation(self) -> None:
         if self.violation is not None:  # also when the criterion caught the error itself
@@ -424,9 +439,7 @@ class LedgerGuard:
         before = None if unchanged is None else _state_digest(unchanged)
         yield
         self._raise_violation()
-        if self._calibration_digest() != self.calibration_digest:
-            raise PluginError(f"criterion {self.name!r} wrote to the calibration data in {where}; "
-                              "they are read-only (copy them to change them)")
+        self._check_calibration(where)
         if unchanged is not None and _state_digest(unchanged) != before:
             raise PluginError(f"criterion {self.name!r} changed the model's parameters or buffers in {where}, "
                               "outside the ledger's training (ctx.train); it must not modify the model there")
@@ -520,7 +533,7 @@ def _compress(
 
         def reduction_at(v: float) -> float:
             clone = copy.deepcopy(model)
-            with guard.call("transform() of a trial copy", unchanged=model):
+            with guard.call("transform() of a trial copy"):
                 criterion.transform(clone, v, ctx)
             r = meter.reduction(clone)
             return r if knob.increases_compression else -r
@@ -529,18 +542,19 @@ def _compress(
         lo, hi = knob.low, knob.high
         tgt = ctx.target.ratio if knob.increases_compression else -ctx.target.ratio
         best_v, best_r = None, None
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            r = reduction_at(mid)
-            true_r = r if knob.increases_compression else -r
-            if best_r is None or abs(true_r - ctx.target.ratio) < abs(best_r - ctx.target.ratio):
-                best_v, best_r = mid, true_r
-            if meter.within(true_r):
-                break
-            if r < tgt:
-                lo = mid
-            else:
-                hi = mid
+        with guard.call("transform() of trial copies", unchanged=model):  # the model itself stays as it is
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                r = reduction_at(mid)
+                true_r = r if knob.increases_compression else -r
+                if best_r is None or abs(true_r - ctx.target.ratio) < abs(best_r - ctx.target.ratio):
+                    best_v, best_r = mid, true_r
+                if meter.within(true_r):
+                    break
+                if r < tgt:
+                    lo = mid
+                else:
+                    hi = mid
         assert best_v is not None and best_r is not None
         if not meter.within(best_r):
             raise TargetMissedError(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -284,10 +283,7 @@ class TransformCriterion(Criterion):
 
 
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
-    """Turn CLI strings into the declared field type (int, float, bool, str); non-finite
-    numbers are refused."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"hyper-parameter {f.name!r} expects a finite number, got {value!r}")
+    """Turn CLI strings into the declared field type (int, float, bool, str)."""
     if not isinstance(value, str):
         return value
     typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
@@ -301,10 +297,7 @@ def _coerce(value: Any, f: dataclasses.Field) -> Any:
         if typ == "int":
             return int(value)
         if typ == "float":
-            number = float(value)
-            if not math.isfinite(number):
-                raise ConfigError(f"hyper-parameter {f.name!r} expects a finite number, got {value!r}")
-            return number
+            return float(value)
     except ValueError:
         raise ConfigError(f"hyper-parameter {f.name!r} expects {typ}, got {value!r}") from None
     return value

@@ -175,7 +175,11 @@ def check_cache() -> None:
 def check_run(cfg: RunConfig) -> None:
     """Everything about ``cfg`` that can be known before loading data; raises ConfigError."""
     criterion = registry.criteria.get(cfg.criterion)
-    criterion.from_kwargs(seed=0, **dict(cfg.criterion_params))
+    params = criterion.from_kwargs(seed=0, **dict(cfg.criterion_params)).describe()  # its own checks first
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"criterion {cfg.criterion!r}: hyper-parameter {key!r} must be a finite number, "
+                              f"got {value}")
     registry.architectures.get(cfg.arch).resolve_scope(getattr(cfg, "scope", None))
     check_dataset_options(cfg.dataset, cfg.dataset_options)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:

@@ -48,6 +48,14 @@ class WritesCalibration(L1):
         return super().scores(model, layers, calibration)
 
 
+class WritesCalibrationBehindTorchsBack(L1):
+    """Writes through numpy, which torch's in-place counters do not see."""
+
+    def scores(self, model, layers, calibration):
+        calibration.images.numpy()[0] = 0.0
+        return super().scores(model, layers, calibration)
+
+
 class StepsAndHides(AllocateCriterion):
     """Steps an optimizer inside allocate() and swallows the error."""
 
@@ -100,6 +108,7 @@ def tiny_compression(criterion, train=lambda *a, **k: None):
 @pytest.mark.parametrize("cls, message", [
     (EditsWeightsInScores, "changed the model's parameters or buffers in scores(), outside the ledger's training"),
     (WritesCalibration, "wrote to the calibration data in scores(); they are read-only"),
+    (WritesCalibrationBehindTorchsBack, "wrote to the calibration data in compression; they are read-only"),
     (StepsAndHides, "took an optimizer step outside the ledger's training"),
 ])
 def test_a_criterion_that_bypasses_the_ledger_is_a_one_line_error_naming_it(cls, message):

@@ -8,6 +8,7 @@ used.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -145,15 +146,37 @@ def test_a_non_finite_dataset_option_is_refused_before_any_work(tmp_path, monkey
 
 
 def test_a_non_finite_number_in_a_sweep_file_is_refused(tmp_path):
-    (tmp_path / "s.toml").write_text('criteria = [{ name = "ht2", params = { energy = nan } }]\n'
-                                     'architectures = ["resnet20"]\nbudget = "smoke"\n')
-    res = invoke("sweep", tmp_path / "s.toml", "--dry-run", "--results-dir", tmp_path / "r")
-    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
-    assert str(res.exception) == "hyper-parameter 'energy' expects a finite number, got nan"
     (tmp_path / "s.toml").write_text('criteria = ["l1"]\narchitectures = ["resnet20"]\nbudget = "smoke"\n'
                                      'dataset = { name = "synthetic", options = { noise = inf } }\n')
     res = invoke("sweep", tmp_path / "s.toml", "--dry-run", "--results-dir", tmp_path / "r")
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
     assert str(res.exception) == "dataset 'synthetic': option noise=inf must be a finite number"
+
+
+class Unchecked(ScoreCriterion):
+    """A plug-in that does not check its own hyper-parameter."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        weight: float = 1.0
+
+    def scores(self, model, layers, calibration):  # pragma: no cover - never reached
+        raise AssertionError("scored")
+
+
+def test_a_non_finite_hyper_parameter_of_a_plugin_is_refused_before_any_work(tmp_path, monkeypatch):
+    import prunebench.runner as runner_mod
+
+    monkeypatch.setattr(registry.criteria, "_extra", dict(registry.criteria._extra))
+    monkeypatch.setattr(registry.criteria, "_loaded", dict(registry.criteria._loaded))
+    registry.criteria.register("unchecked", f"{__name__}:Unchecked", "some-plugin")
+    monkeypatch.setattr(runner_mod, "load_data", lambda *a, **k: pytest.fail("work started before the error"))
+    args = run_args(tmp_path / "r", "-p", "weight=nan")
+    args[args.index("l1")] = "unchecked"
+    res = invoke(*args)
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(res.exception) == "criterion 'unchecked': hyper-parameter 'weight' must be a finite number, got nan"
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_run_whose_record_would_hold_a_non_finite_number_fails_and_writes_valid_json(tmp_path, monkeypatch):
