@@ -77,10 +77,11 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from prunebench.runner import _already_complete, base_record, check_distributed, resolve_device
-    from prunebench.validation import check_run
+    from prunebench.validation import check_data, check_run
 
     rep = Reporter(quiet=quiet)
     check_run(cfg)
+    check_data(cfg)
     check_distributed(cfg, nproc)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and torch.cuda.device_count() < nproc:
