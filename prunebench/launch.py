@@ -81,12 +81,12 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
 
     rep = Reporter(quiet=quiet)
     check_run(cfg)
-    check_data(cfg)
     check_distributed(cfg, nproc)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and torch.cuda.device_count() < nproc:
         raise ConfigError(f"--nproc {nproc} runs one process per GPU, but {torch.cuda.device_count()} "
                           "GPUs are visible")
+    check_data(cfg)
     identity = cfg.identity()
     rid = run_id(identity)
     results = Path(cfg.results_dir)
