@@ -471,11 +471,11 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, locked: bool = 
     """
     rep = reporter or Reporter()
     check_run(cfg)
-    check_data(cfg)
     world = distributed.world()
     device = distributed.device_for(resolve_device(cfg.device))
     if world.distributed:
         check_distributed(cfg, world.size)
+    check_data(cfg)
     identity = cfg.identity()
     rid = run_id(identity)
     results = Path(cfg.results_dir)
