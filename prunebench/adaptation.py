@@ -31,7 +31,6 @@ from prunebench import checkpoints, distributed, divergence, zoo
 from prunebench.engine import DeviceData, Recipe, train
 from prunebench.errors import CheckpointError
 from prunebench.resume import StageCheckpoint
-from prunebench.surgery import atomic_torch_save
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunebench.budgets import Budget
@@ -131,8 +130,9 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
         top1_after = evaluate(model, data, splits.num_classes)["top1"]
         block.update(top1_before=top1_before, top1_after=top1_after, seconds=seconds, key=key)
         if distributed.world().main:
-            atomic_torch_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                               "adaptation": json.dumps(block), "evaluated_on": json.dumps(evaluated_on)}, path)
+            checkpoints.save_with_digest({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                          "adaptation": json.dumps(block), "evaluated_on": json.dumps(evaluated_on)},
+                                         path)
         if partial is not None:
             partial.clear()
     rep.log(f"adapted in {seconds:.1f}s: top-1 {top1_before:.2f}% → {top1_after:.2f}%, cached at {path}")
@@ -145,7 +145,8 @@ def _read_adapted(path: Path, model: nn.Module, rep: Reporter) -> tuple[dict[str
     moving the file aside to ``<name>.corrupt``, when it is unusable."""
     what = "cached adapted baseline"
     try:
-        payload = checkpoints.read(path, what)
+        data = checkpoints.read_bytes(path, what)
+        payload = checkpoints.read(path, what, data=data)
         stored = json.loads(payload["adaptation"])
         evaluated_on = json.loads(payload["evaluated_on"])
         state = checkpoints.state_dict(payload, path, what)
@@ -155,6 +156,12 @@ def _read_adapted(path: Path, model: nn.Module, rep: Reporter) -> tuple[dict[str
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
         rep.log(f"baseline: {what} {path} is unusable ({exc}); moved to {aside}, adapting again")
+        return None
+    why = checkpoints.digest_mismatch(path, data)
+    if why is not None:  # written by another hand than prunebench's, or changed since
+        aside = path.with_name(path.name + ".unverified")
+        os.replace(path, aside)
+        rep.log(f"baseline: {what} {path} {why}; moved to {aside}, adapting again")
         return None
     return state, stored, evaluated_on
 

@@ -10,7 +10,10 @@ Every failure is a :class:`~prunebench.errors.CheckpointError` that names the fi
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -27,19 +30,64 @@ _TORCH_ADVICE = re.compile(r"weights_only|Weights only|trusted source|file an is
                            re.IGNORECASE)
 
 
-def read(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors."""
+def read(path: str | Path, what: str = "checkpoint", data: bytes | None = None) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
+    ``data``: the file's bytes, already read (so that what is loaded is what was hashed)."""
+    path = Path(path)
+    if data is None:
+        if not path.exists():
+            raise CheckpointError(f"{what} {path} does not exist")
+        if not path.is_file():
+            raise CheckpointError(f"{what} {path} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
+            source = path if data is None else io.BytesIO(data)
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every way a file can fail to load
+        raise CheckpointError(f"{what} {path} {_why(exc)}") from None
+
+
+def read_bytes(path: str | Path, what: str = "checkpoint") -> bytes:
+    """The bytes of a checkpoint file, with one-line errors."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is not a file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every way a file can fail to load
-        raise CheckpointError(f"{what} {path} {_why(exc)}") from None
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_sha256(path: str | Path, what: str = "checkpoint") -> str:
+    """The sha256 of a file's content (hex). Remembered per (path, inode, size, mtime, ctime)
+    in this process, so that listing a sweep hashes each file once."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _FILE_DIGESTS:
+        _FILE_DIGESTS[key] = hashlib.sha256(read_bytes(path, what)).hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def weights_sha256(state: Mapping[str, Tensor]) -> str:
+    """A digest of a state dict: sha256 over its tensors in name order, each as its name,
+    dtype, shape and bytes (on the CPU). Equal weights give equal digests on any device."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _why(exc: Exception) -> str:
@@ -68,6 +116,14 @@ def state_dict(payload: Any, path: str | Path, what: str = "checkpoint") -> dict
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{what} {path} is not a state dict: entry {bad[0]!r} is not a named tensor")
+    for name, t in state.items():
+        if t.is_meta:
+            raise CheckpointError(f"{what} {path} holds a meta tensor without data in {name!r}; save the real weights")
+        if t.layout != torch.strided:
+            raise CheckpointError(f"{what} {path} holds a {str(t.layout).removeprefix('torch.')} tensor in "
+                                  f"{name!r}; save dense tensors (tensor.to_dense())")
+        if t.is_complex():
+            raise CheckpointError(f"{what} {path} holds complex numbers in {name!r}; weights are real")
     return dict(state)
 
 
@@ -89,11 +145,21 @@ def check_finite(state: Mapping[str, Tensor], path: str | Path, what: str = "che
 def check_fits(model: nn.Module, state: Mapping[str, Tensor], path: str | Path, what: str = "checkpoint") -> None:
     """Every tensor of the model is in ``state`` with the same shape, and nothing else is."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # BatchNorm's num_batches_tracked counter may be absent (older checkpoints, e.g. the published
+    # CIFAR ResNets): torch fills it in when loading, and it does not change what the model computes
+    missing = [k for k in own if k not in state and k.rsplit(".", 1)[-1] != "num_batches_tracked"]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if not (missing or unexpected or shapes):
+        wrong = [k for k, v in own.items() if k in state and torch.is_floating_point(v)
+                 and not torch.is_floating_point(state[k])]
+        if wrong:
+            raise CheckpointError(f"{what} {path} holds {str(state[wrong[0]].dtype).removeprefix('torch.')} "
+                                  f"values in {wrong[0]!r}, where the model has floating-point weights")
+        weights = [k for k, v in own.items() if k in state and k.endswith("weight") and torch.is_floating_point(v)]
+        if weights and not any(bool(state[k].any()) for k in weights):
+            raise CheckpointError(f"{what} {path} holds only zeros in every weight; it is no trained model")
         return
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", shapes)):
@@ -119,3 +185,43 @@ def load_state(model: nn.Module, path: str | Path, what: str = "checkpoint",
 
 def finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --- cached checkpoints: a digest stored beside the file when it is written ---------------------
+
+#: the suffix of the file holding the sha256 of a cached checkpoint (``<name>.pt.sha256``)
+DIGEST_SUFFIX = ".sha256"
+
+
+def digest_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def save_with_digest(obj: Any, path: str | Path) -> str:
+    """Save ``obj`` to ``path`` atomically, then the sha256 of its bytes to ``<path>.sha256``;
+    returns the digest. A reader checks the two with :func:`digest_mismatch`."""
+    from prunebench.files import replace_atomically
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    replace_atomically(Path(path), lambda f: f.write(data))
+    replace_atomically(digest_path(path), lambda f: f.write(f"{digest}\n".encode()))
+    return digest
+
+
+def digest_mismatch(path: str | Path, data: bytes) -> str | None:
+    """Why ``data`` (the bytes of the cached file ``path``) is not what was written there, or
+    None when its sha256 is the one stored beside it."""
+    stored = digest_path(path)
+    try:
+        expected = stored.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return f"has no stored digest ({stored.name} is missing), so its content cannot be verified"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"has an unreadable stored digest {stored.name} ({exc})"
+    if hashlib.sha256(data).hexdigest() != expected:
+        return f"does not match the digest stored when it was written ({stored.name}): it was changed"
+    return None

@@ -20,6 +20,22 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True,
     help="Benchmark neural-network pruning criteria under one protocol.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from prunebench import __version__
+
+        out.print(f"prunebench {__version__}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print prunebench's version and exit")] = False,
+) -> None:
+    """Benchmark neural-network pruning criteria under one protocol."""
 out = Console()
 err = Console(stderr=True)
 
@@ -245,10 +261,20 @@ def list_(kind: Annotated[str, typer.Argument(
     if kind not in KINDS:
         raise ConfigError(f"unknown kind {kind!r}.{suggest(kind, KINDS)} Choose from: {', '.join(KINDS)}")
     if kind == "budgets":
-        table = Table("budget", "baseline ep", "fine-tune ep", "batch", "lr", "schedule", "train/test subset", "calib")
+        from prunebench.runner import recipe
+
+        # what each stage uses: a budget without baseline epochs trains no baseline (its runs start
+        # from --baseline pretrained or FILE), so its baseline lr is not shown as if it were used
+        table = Table("budget", "baseline training", "fine-tune (the ledger)", "adaptation (--baseline pretrained)",
+                      "batch", "train/test subset", "calib")
         for b in BUDGETS.values():
-            table.add_row(b.name, f"{b.baseline_epochs:g}", f"{b.finetune_epochs:g}", str(b.batch_size), f"{b.lr:g}",
-                          b.schedule, f"{b.train_subset or 'full'}/{b.test_subset or 'full'}", str(b.calibration_size))
+            tune = recipe(b, "finetune", b.finetune_epochs)
+            baseline_cell = (f"{b.baseline_epochs:g} ep, lr {b.lr:g}, {b.schedule}" if b.baseline_epochs > 0
+                             else "none (a given baseline)")
+            table.add_row(b.name, baseline_cell, f"{b.finetune_epochs:g} ep, lr {b.finetune_lr:g}, {tune.schedule}",
+                          f"{b.adapt_epochs:g} ep, lr {b.adapt_lr:g}, cosine" if b.adapt_epochs > 0 else "none",
+                          str(b.batch_size), f"{b.train_subset or 'full'}/{b.test_subset or 'full'}",
+                          str(b.calibration_size))
         out.print(table)
         return
     if kind == "pretrained":
@@ -379,12 +405,13 @@ def baseline(
     from prunebench.budgets import get_budget
     from prunebench.progress import Reporter
     from prunebench.runner import PRETRAINED, RunConfig, evaluate, get_baseline, load_data, resolve_device
-    from prunebench.validation import check_run
+    from prunebench.validation import check_data, check_run
 
     cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
                     seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir,
                     device=device, baseline=PRETRAINED if pretrained else None, precision=precision)
     check_run(cfg)
+    check_data(cfg)
     dev = resolve_device(device)
     splits, data = load_data(cfg, dev)
     torch.manual_seed(seed)  # as `run` does, so both train the identical baseline
@@ -428,7 +455,12 @@ def leaderboard(
             raise typer.Exit(1)
         out.print("leaderboard is up to date")
         return
-    files = write(build(records), out_dir)
+    try:
+        files = write(build(records), out_dir)
+    except OSError as exc:
+        where = exc.filename or out_dir
+        raise ConfigError(f"cannot write the leaderboard to {where} ({exc.strerror or exc}); "
+                          "choose another --out") from None
     for f in files:
         out.print(f"wrote {escape(str(f))}", highlight=False, soft_wrap=True)
 
@@ -486,7 +518,20 @@ def records_migrate(
               f"{skipped} left as they are", markup=False, highlight=False)
 
 
+def _degrade_unencodable_output() -> None:
+    """On a terminal or pipe that cannot encode every character (LC_ALL=C, PYTHONIOENCODING=ascii),
+    print what it cannot encode as ``?`` instead of failing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and (getattr(stream, "errors", None) or "strict") == "strict":
+            try:
+                reconfigure(errors="replace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot change
+                pass
+
+
 def main() -> None:
+    _degrade_unencodable_output()
     try:
         app()
     except PrunebenchError as exc:

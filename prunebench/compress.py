@@ -14,17 +14,20 @@ Reductions are always measured by pruning/transforming a copy and counting, neve
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from prunebench.checkpoints import weights_sha256
 from prunebench.costmodel import ChannelCost
 from prunebench.errors import ConfigError, PluginError, TargetMissedError, suggest
 from prunebench.protocols import (
@@ -358,6 +361,90 @@ def check_hooks(name: str, hooks: TrainingHooks | None) -> None:
             )
 
 
+# --- the ledger's guard ---------------------------------------------------------------------
+
+
+def _state_digest(model: nn.Module) -> str:
+    return weights_sha256(model.state_dict())
+
+
+class LedgerGuard:
+    """Holds a criterion to the ledger while it compresses (docs/guarantees.md):
+
+    * an optimizer step outside ``ctx.train`` (the ledger's training) fails the run;
+    * a score criterion's ``scores()`` (and a transform criterion's set-up and trial
+      transforms of copies) must leave the model's parameters and buffers as they were;
+    * the calibration data handed to the criterion is read-only: a write to it fails the run.
+    """
+
+    def __init__(self, criterion: Criterion, ctx: CompressionContext) -> None:
+        self.name = criterion.name or type(criterion).__name__
+        self.calibration = ctx.calibration
+        self.calibration_digest = self._calibration_digest()
+        self.calibration_versions = self._calibration_versions()
+        self.training = 0
+        self.violation: str | None = None
+
+    def _calibration_digest(self) -> str | None:
+        c = self.calibration
+        return None if c is None else weights_sha256({"images": c.images, "labels": c.labels})
+
+    def _calibration_versions(self) -> tuple[int, int] | None:
+        """torch's counters of in-place writes to the calibration tensors (and their views): cheap
+        to read after every call; the full digest is compared once, when compression ends."""
+        c = self.calibration
+        return None if c is None else (c.images._version, c.labels._version)
+
+    def _check_calibration(self, where: str, full: bool = False) -> None:
+        changed = self._calibration_versions() != self.calibration_versions or (
+            full and self._calibration_digest() != self.calibration_digest)
+        if changed:
+            raise PluginError(f"criterion {self.name!r} wrote to the calibration data in {where}; "
+                              "they are read-only (copy them to change them)")
+
+    def train(self, train: Callable[..., None]) -> Callable[..., None]:
+        """``ctx.train`` as the criterion sees it: the one place where optimizer steps are allowed."""
+        def ledger_train(*args: Any, **kwargs: Any) -> None:
+            self.training += 1
+            try:
+                train(*args, **kwargs)
+            finally:
+                self.training -= 1
+        return ledger_train
+
+    def _step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.training == 0:
+            self.violation = (f"criterion {self.name!r} took an optimizer step outside the ledger's training; "
+                              "training during compression must go through ctx.train, which charges its epochs")
+            raise PluginError(self.violation)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        handle = register_optimizer_step_pre_hook(self._step_hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self._raise_violation()
+        self._check_calibration("compression", full=True)
+
+    def _raise_violation(self) -> None:
+        if self.violation is not None:  # also when the criterion caught the error itself
+            raise PluginError(self.violation)
+
+    @contextlib.contextmanager
+    def call(self, where: str, unchanged: nn.Module | None = None) -> Iterator[None]:
+        """A call into the criterion: afterwards no optimizer step was taken outside the ledger,
+        the calibration data are as they were, and so is ``unchanged`` (when given)."""
+        before = None if unchanged is None else _state_digest(unchanged)
+        yield
+        self._raise_violation()
+        self._check_calibration(where)
+        if unchanged is not None and _state_digest(unchanged) != before:
+            raise PluginError(f"criterion {self.name!r} changed the model's parameters or buffers in {where}, "
+                              "outside the ledger's training (ctx.train); it must not modify the model there")
+
+
 # --- the stage ---------------------------------------------------------------------------
 
 
@@ -370,8 +457,19 @@ def compress(
 
     Score criteria may prune iteratively (``shots`` > 1, the K-shot mode of CORING): each
     shot re-scores the current model and removes up to ``shot/shots`` of the target, with
-    ``shot_epochs`` of training between shots drawn from the ledger.
+    ``shot_epochs`` of training between shots drawn from the ledger. The criterion is held
+    to the ledger throughout (:class:`LedgerGuard`).
     """
+    guard = LedgerGuard(criterion, ctx)
+    ctx = dataclasses.replace(ctx, train=guard.train(ctx.train))
+    with guard.active():
+        return _compress(criterion, model, ctx, meter, guard, allocation, max_ratio, profile, shots, shot_epochs)
+
+
+def _compress(
+    criterion: Criterion, model: nn.Module, ctx: CompressionContext, meter: Meter, guard: LedgerGuard,
+    allocation: str, max_ratio: float, profile: Mapping[str, float] | None, shots: int, shot_epochs: float,
+) -> Compressed:
     if isinstance(criterion, ScoreCriterion):
         if shots < 1:
             raise ConfigError(f"--shots must be at least 1, got {shots}")
@@ -388,14 +486,16 @@ def compress(
                 if ignored and shot == 1:
                     ctx.log(f"layer-ratio profile: {len(ignored)} layer(s) outside the pruned scope ignored: "
                             f"{', '.join(ignored[:6])}{'...' if len(ignored) > 6 else ''}")
-            scores = unit_scores(criterion, model, units, ctx.calibration)
+            with guard.call("scores()", unchanged=model):
+                scores = unit_scores(criterion, model, units, ctx.calibration)
             kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed + shot, per_unit)
             removal = {}
             for u in units:
                 removed = sorted(set(range(u.channels)) - set(kept[u.root].tolist()))
                 for m in u.members:
                     removal[m] = torch.tensor(removed, dtype=torch.long)
-            criterion.compensate(model, removal, ctx.calibration)
+            with guard.call("compensate()"):  # may edit the model: that is what it is for
+                criterion.compensate(model, removal, ctx.calibration)
             plan += prune_kept(model, ctx.example_inputs, kept)
             if shot < shots and shot_epochs > 0:
                 ctx.train(model, shot_epochs, purpose="k-shot")
@@ -407,7 +507,8 @@ def compress(
         return Compressed(model, plan, achieved, knob, meter.evaluations)
 
     if isinstance(criterion, AllocateCriterion):
-        kept = criterion.allocate(model, ctx)
+        with guard.call("allocate()"):  # may edit weights (compensation) and train through ctx.train
+            kept = criterion.allocate(model, ctx)
         unknown = [n for n in kept if n not in set(ctx.prunable)]
         if unknown:
             raise PluginError(f"criterion {criterion.name!r} allocated non-prunable layers: {unknown[:5]}")
@@ -421,16 +522,19 @@ def compress(
         return Compressed(model, plan, achieved, {}, meter.evaluations)
 
     if isinstance(criterion, TransformCriterion):
-        epochs = criterion.training_epochs(ctx)
+        with guard.call("training_epochs()", unchanged=model):
+            epochs = criterion.training_epochs(ctx)
         if epochs > 0:
-            hooks = criterion.training_hooks(model, ctx)
+            with guard.call("training_hooks()"):  # may project the weights: the hooked training's first step
+                hooks = criterion.training_hooks(model, ctx)
             check_hooks(criterion.name, hooks)
             ctx.train(model, epochs, hooks=hooks, purpose=criterion.name)
         knob = criterion.knob
 
         def reduction_at(v: float) -> float:
             clone = copy.deepcopy(model)
-            criterion.transform(clone, v, ctx)
+            with guard.call("transform() of a trial copy"):
+                criterion.transform(clone, v, ctx)
             r = meter.reduction(clone)
             return r if knob.increases_compression else -r
 
@@ -438,18 +542,19 @@ def compress(
         lo, hi = knob.low, knob.high
         tgt = ctx.target.ratio if knob.increases_compression else -ctx.target.ratio
         best_v, best_r = None, None
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            r = reduction_at(mid)
-            true_r = r if knob.increases_compression else -r
-            if best_r is None or abs(true_r - ctx.target.ratio) < abs(best_r - ctx.target.ratio):
-                best_v, best_r = mid, true_r
-            if meter.within(true_r):
-                break
-            if r < tgt:
-                lo = mid
-            else:
-                hi = mid
+        with guard.call("transform() of trial copies", unchanged=model):  # the model itself stays as it is
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                r = reduction_at(mid)
+                true_r = r if knob.increases_compression else -r
+                if best_r is None or abs(true_r - ctx.target.ratio) < abs(best_r - ctx.target.ratio):
+                    best_v, best_r = mid, true_r
+                if meter.within(true_r):
+                    break
+                if r < tgt:
+                    lo = mid
+                else:
+                    hi = mid
         assert best_v is not None and best_r is not None
         if not meter.within(best_r):
             raise TargetMissedError(
@@ -457,7 +562,8 @@ def compress(
                 f"{ctx.target.ratio:.1%} ± {ctx.target.tolerance:.1%} {ctx.target.metric} reduction; "
                 f"closest {best_r:.2%} at {knob.name}={best_v:.4f}"
             )
-        plan = criterion.transform(model, best_v, ctx)
+        with guard.call("transform()"):
+            plan = criterion.transform(model, best_v, ctx)
         achieved = meter.reduction(model)
         return Compressed(model, list(plan), achieved, {knob.name: best_v}, meter.evaluations)
 

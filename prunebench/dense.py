@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prunebench import divergence, registry
-from prunebench.engine import train
+from prunebench import checkpoints, divergence, registry
+from prunebench.engine import DeviceData, train
 from prunebench.errors import ConfigError, suggest
 from prunebench.metrics import count_macs, count_params
 
@@ -43,6 +43,9 @@ def check_dense(cfg: RunConfig) -> None:
         raise ConfigError(f"the dense control of {cfg.arch} must be another, smaller architecture, got {cfg.dense!r}")
     if cfg.scratch:
         raise ConfigError("a run is either a scratch control or a dense control, not both")
+    if cfg.baseline is not None and not cfg.pretrained:
+        raise ConfigError("a dense control starts from the zoo's checkpoints (--baseline pretrained) or from "
+                          "baselines trained under the budget; --baseline FILE holds the larger network only")
     if cfg.pretrained:
         from prunebench import zoo
 
@@ -71,12 +74,16 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
     splits, data = load_data(cfg, device)
     record["data"] = {"train_images": data.n_train, "test_images": data.n_test,
                       "input_shape": list(splits.input_shape), "num_classes": splits.num_classes}
+    if isinstance(data, DeviceData):  # the images and labels the run trains and evaluates on
+        record["data"]["sha256"] = checkpoints.weights_sha256(
+            {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y})
     kwargs = {"num_classes": splits.num_classes, "in_channels": splits.in_channels}
     example = torch.zeros(1, *splits.input_shape, device=device)
 
     rep.stage(f"baseline ({cfg.arch}, the reference)")
     reference = registry.architectures.get(cfg.arch).build(**kwargs).to(device)
     record["baseline_info"] = get_baseline(cfg, reference, splits, data, rep)
+    record["baseline_info"]["weights_sha256"] = checkpoints.weights_sha256(reference.state_dict())
     reference.to(device)
     record["baseline"] = evaluate(reference, data, splits.num_classes)
     macs_before, params_before = count_macs(reference, example), count_params(reference)
@@ -85,6 +92,7 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
     small_cfg = dataclasses.replace(cfg, arch=cfg.dense, dense=None)
     model = registry.architectures.get(cfg.dense).build(**kwargs).to(device)
     record["dense_info"] = get_baseline(small_cfg, model, splits, data, rep)
+    record["dense_info"]["weights_sha256"] = checkpoints.weights_sha256(model.state_dict())
     model.to(device)
     macs_after, params_after = count_macs(model, example), count_params(model)
     if macs_after >= macs_before:

@@ -77,7 +77,7 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from prunebench.runner import _already_complete, base_record, check_distributed, resolve_device
-    from prunebench.validation import check_run
+    from prunebench.validation import check_data, check_run
 
     rep = Reporter(quiet=quiet)
     check_run(cfg)
@@ -86,6 +86,7 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
     if device.type == "cuda" and torch.cuda.device_count() < nproc:
         raise ConfigError(f"--nproc {nproc} runs one process per GPU, but {torch.cuda.device_count()} "
                           "GPUs are visible")
+    check_data(cfg)
     identity = cfg.identity()
     rid = run_id(identity)
     results = Path(cfg.results_dir)

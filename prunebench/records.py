@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -59,11 +60,21 @@ def versions() -> dict[str, str | None]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_pruning": getattr(torch_pruning, "__version__", None),
+        # the installed distribution's version: torch_pruning.__version__ lags behind it (1.6.0 in 1.6.1)
+        "torch_pruning": installed_version("torch-pruning") or getattr(torch_pruning, "__version__", None),
         "tensorly": tensorly.__version__,
         "prunebench": prunebench.__version__,
         "git_sha": git_sha(),
     }
+
+
+def installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def git_sha() -> str | None:
@@ -95,8 +106,40 @@ def write_atomic(path: Path, record: Mapping[str, Any]) -> Path:
 
 
 def dumps(record: Mapping[str, Any]) -> bytes:
-    """The bytes of a record file: sorted keys, indented, final newline."""
-    return (json.dumps(record, indent=2, sort_keys=True, default=_jsonable) + "\n").encode()
+    """The bytes of a record file: sorted keys, indented, final newline. Always valid JSON:
+    a non-finite number (NaN, infinity) is written as null, never as a bare ``NaN``."""
+    return (json.dumps(finite_json(record), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
+            + "\n").encode()
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` as plain JSON data, with every non-finite float replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):
+        return finite_json(obj.tolist())
+    return obj
+
+
+def non_finite_field(obj: Any, where: str = "") -> str | None:
+    """The dotted path of the first non-finite float in ``obj`` (a record), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "(the value)"
+    if isinstance(obj, Mapping):
+        items: Any = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = non_finite_field(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -34,17 +34,23 @@ from prunebench.compress import Meter, compress
 from prunebench.datasets.base import DataSplits
 from prunebench.datasets.streaming import StreamedSplits
 from prunebench.engine import DeviceData, Recipe, TrainOptions, train
-from prunebench.errors import CheckpointError, ConfigError, DivergedError
+from prunebench.errors import CheckpointError, ConfigError, DivergedError, RecordError
 from prunebench.limits import sigterm_stops, time_limit
 from prunebench.locks import FileLock
 from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
 from prunebench.precision import check_precision, resolve_precision
 from prunebench.progress import Reporter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.records import hardware, is_complete, now, run_id, versions
+from prunebench.records import hardware, is_complete, non_finite_field, now, run_id, versions
 from prunebench.resume import StageCheckpoint
-from prunebench.surgery import atomic_torch_save, compressed_payload
-from prunebench.validation import check_dataset_options, check_run
+from prunebench.surgery import compressed_payload
+from prunebench.validation import (
+    check_data,
+    check_dataset_options,
+    check_run,
+    typed_criterion_params,
+    typed_dataset_options,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunebench.streaming import StreamData
@@ -103,6 +109,11 @@ class RunConfig:
     timeout: float | None = None
 
     def __post_init__(self) -> None:
+        # typed in one place, whether given on the command line (strings) or in a sweep file (TOML
+        # values), so that the same settings are the same configuration everywhere (cache keys,
+        # records, the leaderboard's grouping); the run id already hashed them typed
+        object.__setattr__(self, "dataset_options", typed_dataset_options(self.dataset, self.dataset_options))
+        object.__setattr__(self, "criterion_params", typed_criterion_params(self.criterion, self.criterion_params))
         check_precision(self.precision)
         check_timeout(self.timeout)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
@@ -150,7 +161,7 @@ class RunConfig:
             "layer_ratios": dict(self.layer_ratios) if self.layer_ratios else None,
             "shots": self.shots,
             "shot_epochs": self.shot_epochs,
-            "baseline_file": str(self.baseline) if self.baseline else None,
+            "baseline_file": self.baseline_identity(),
         }
         if self.scope is not None and self.scope != _default_scope(self.arch):
             # only when not the architecture's default, so the ids of default-scope runs stay what they were
@@ -176,6 +187,16 @@ class RunConfig:
         if precision != "fp32":  # fp32 runs keep the ids they had before precision was a choice
             identity["precision"] = precision
         return identity
+
+    def baseline_identity(self) -> str | None:
+        """What the baseline contributes to the identity: None (trained), ``pretrained`` (the
+        zoo entry enters on its own), or ``sha256:<digest of the file's content>`` for
+        ``--baseline FILE``, so that a file replaced at the same path is another run."""
+        if not self.baseline:
+            return None
+        if self.pretrained:
+            return PRETRAINED
+        return f"sha256:{checkpoints.file_sha256(self.baseline, '--baseline')}"
 
 
 def check_timeout(value: Any, what: str = "--timeout") -> None:
@@ -326,14 +347,16 @@ def baseline_key(cfg: RunConfig, splits: DataSplits) -> str:
 
 def get_baseline(
     cfg: RunConfig, model: nn.Module, splits: DataSplits | StreamedSplits, data: DeviceData | StreamData,
-    rep: Reporter,
+    rep: Reporter, expect_file_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Load the model zoo's checkpoint (adapted where needed), ``--baseline FILE``, a cached
     checkpoint, or train and cache one.
 
     A given file must hold finite tensors that fit the architecture (else a one-line
-    :class:`CheckpointError` naming it); a cached one that does not is moved aside and the
-    baseline retrained; a baseline whose training diverges is never cached.
+    :class:`CheckpointError` naming it), and, with ``expect_file_sha256``, be the content the
+    run id names. A cached one that does not fit, or does not match the digest stored when it
+    was written, is moved aside and the baseline retrained; a baseline whose training diverges
+    is never cached.
     """
     from prunebench.datasets import cache_dir
 
@@ -343,8 +366,13 @@ def get_baseline(
         return pretrained_baseline(cfg, model, splits, data, rep)
     if cfg.baseline is not None:
         path = Path(cfg.baseline)
-        checkpoints.load_state(model, path, "--baseline")
-        return {"source": str(path), "trained_seconds": 0.0}
+        data = checkpoints.read_bytes(path, "--baseline")  # hashed and loaded from the same bytes
+        digest = hashlib.sha256(data).hexdigest()
+        if expect_file_sha256 is not None and digest != expect_file_sha256:
+            raise CheckpointError(f"--baseline {path} was changed after the run started (its content is not the "
+                                  "one the run id names); run again")
+        checkpoints.load_state(model, path, "--baseline", payload=checkpoints.read(path, "--baseline", data=data))
+        return {"source": str(path), "file_sha256": digest, "trained_seconds": 0.0}
     path = cache_dir() / "baselines" / f"{baseline_key(cfg, splits)}.pt"
     # one process trains a given baseline; another that needs it waits here, then loads it (a read-only
     # cache that holds it is read without the lock: cached files are whole, written by rename)
@@ -376,7 +404,7 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
     divergence.check_training(model, stats, "baseline training", _lr_hint(cfg.budget, "lr"))
     seconds = time.perf_counter() - t0
     if distributed.world().main:
-        atomic_torch_save(
+        checkpoints.save_with_digest(
             {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "seconds": seconds}, path
         )
     if partial is not None:
@@ -388,19 +416,37 @@ def _cached_or_trained_baseline(cfg: RunConfig, model: nn.Module, data: DeviceDa
 
 def _load_cached_baseline(model: nn.Module, path: Path, rep: Reporter) -> dict[str, Any] | None:
     """The cached checkpoint loaded into ``model``; None (after moving the file aside to
-    ``<name>.corrupt``) when it is unreadable, does not fit, or holds non-finite weights."""
+    ``<name>.corrupt``) when it is unreadable, does not fit, or holds non-finite weights, and
+    (after moving it aside to ``<name>.unverified``) when its content is not the one written
+    there (the sha256 stored beside it at writing differs, or is missing)."""
+    what = "cached baseline"
     try:
-        return checkpoints.load_state(model, path, "cached baseline")
+        data = checkpoints.read_bytes(path, what)
+        payload = checkpoints.read(path, what, data=data)
+        state = checkpoints.state_dict(payload, path, what)
+        checkpoints.check_finite(state, path, what)
+        checkpoints.check_fits(model, state, path, what)
+        why = checkpoints.digest_mismatch(path, data)
+        if why is not None:
+            _set_aside(path, ".unverified", f"{what} {path} {why}", rep)
+            return None
+        model.load_state_dict(state)
+        return {k: v for k, v in payload.items() if k != "state_dict"} if isinstance(payload, Mapping) else {}
     except CheckpointError as exc:
-        aside = path.with_name(path.name + ".corrupt")
-        try:
-            os.replace(path, aside)
-            moved = f"moved to {aside}"
-        except OSError as move_exc:
-            raise CheckpointError(f"{exc}; it could not be moved aside ({move_exc.strerror or move_exc}): "
-                                  f"delete {path} and run again") from None
-        rep.log(f"baseline: {exc}; {moved}, training it again")
+        _set_aside(path, ".corrupt", str(exc), rep)
         return None
+
+
+def _set_aside(path: Path, suffix: str, why: str, rep: Reporter) -> None:
+    """Move a cached checkpoint that cannot be used to ``<name><suffix>`` (kept for inspection),
+    so that the baseline is trained again; a file that cannot be moved is a one-line error."""
+    aside = path.with_name(path.name + suffix)
+    try:
+        os.replace(path, aside)
+    except OSError as move_exc:
+        raise CheckpointError(f"{why}; it could not be moved aside ({move_exc.strerror or move_exc}): "
+                              f"delete {path} and run again") from None
+    rep.log(f"baseline: {why}; moved to {aside}, training it again")
 
 
 def _lr_hint(budget: Budget, field_name: str) -> str:
@@ -458,6 +504,7 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, locked: bool = 
     device = distributed.device_for(resolve_device(cfg.device))
     if world.distributed:
         check_distributed(cfg, world.size)
+    check_data(cfg)
     identity = cfg.identity()
     rid = run_id(identity)
     results = Path(cfg.results_dir)
@@ -564,6 +611,10 @@ def _execute_recorded(cfg: RunConfig, criterion, arch, device: torch.device, rec
                 model = execute_dense(cfg, device, record, rep, rid)
             else:
                 model = _execute(cfg, criterion, arch, device, record, rep, rid)
+            bad = non_finite_field(record)
+            if bad is not None:  # never published as a result (and written as null, see records.dumps)
+                raise RecordError(f"the record's {bad} is not a finite number ({record_value(record, bad)!r}); "
+                                  "a run with non-finite numbers is not a result")
         record["status"] = "complete"
     except BaseException as exc:
         record["status"] = "diverged" if isinstance(exc, DivergedError) else "failed"
@@ -589,6 +640,13 @@ def _execute_recorded(cfg: RunConfig, criterion, arch, device: torch.device, rec
     return record, path
 
 
+def record_value(record: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        value = value[int(part)] if isinstance(value, list | tuple) else value[part]
+    return value
+
+
 def plugin_versions(cfg: RunConfig) -> dict[str, str]:
     out = {}
     for reg, name in ((registry.criteria, cfg.criterion), (registry.architectures, cfg.arch), (registry.datasets, cfg.dataset)):
@@ -608,11 +666,18 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
         "train_images": data.n_train, "test_images": data.n_test,
         "input_shape": list(splits.input_shape), "num_classes": splits.num_classes,
     }
+    if isinstance(data, DeviceData):  # the images and labels the run trains and evaluates on
+        record["data"]["sha256"] = checkpoints.weights_sha256(
+            {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y})
     model = arch.build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(device)
     example = torch.zeros(1, *splits.input_shape, device=device)
 
     rep.stage("baseline")
-    record["baseline_info"] = get_baseline(cfg, model, splits, data, rep)
+    named = str(record["identity"].get("baseline_file") or "")  # the --baseline content the run id names
+    expect = named.removeprefix("sha256:") if named.startswith("sha256:") else None
+    record["baseline_info"] = get_baseline(cfg, model, splits, data, rep, expect_file_sha256=expect)
+    # the weights the run starts from, whatever their source
+    record["baseline_info"]["weights_sha256"] = checkpoints.weights_sha256(model.state_dict())
     model.to(device)
     rep.close_stage("baseline evaluation")
     record["baseline"] = evaluate(model, data, splits.num_classes)

@@ -221,6 +221,8 @@ def load_compressed(path: Path, map_location: str | torch.device = "cpu") -> tup
         shape = [int(v) for v in payload["input_shape"]]
         if not isinstance(arch_kwargs, dict) or not isinstance(plan, list) or len(shape) < 2:
             raise ValueError("arch_kwargs must be an object, plan a list, input_shape [N, C, ...]")
+        if not isinstance(payload["arch"], str):
+            raise ValueError(f"arch must be an architecture name, got a {type(payload['arch']).__name__}")
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{what} {path} has malformed fields ({exc})") from None
     arch = registry.architectures.get(payload["arch"])

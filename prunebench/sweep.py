@@ -145,9 +145,13 @@ def load_sweep(path: str | os.PathLike[str], results_dir: Path | None = None,
     if not path.is_file():
         raise ConfigError(f"sweep config {path} does not exist")
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text, as TOML must be (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"sweep config {path} cannot be read ({exc.strerror or exc})") from None
     if runs_per_gpu is not None:
         doc["runs_per_gpu"] = runs_per_gpu
     if precision is not None:
@@ -289,7 +293,11 @@ def _dataset(value: Any, base: Path) -> tuple[str, dict[str, Any], Path | None]:
     if "name" not in value:
         raise ConfigError("[dataset] needs a 'name'")
     name = _str(value["name"], "dataset.name")
-    options = dict(value.get("options", {}))
+    options = value.get("options", {})
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"dataset.options must be a table of dataset options, e.g. {{ n_train = 512 }}, "
+                          f"got {options!r}")
+    options = dict(options)
     ds = registry.datasets.get(name)
     accepted = getattr(ds.load, "options", None)
     if accepted is not None:

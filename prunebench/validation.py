@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from prunebench.runner import RunConfig
 
 ALLOCATIONS = ("uniform", "global", "profile")
+#: the largest seed: torch seeds are 64-bit, and a run derives seeds of its stages by adding offsets
+MAX_SEED = 2**63 - 1
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -96,8 +98,9 @@ def load_profile(spec: str | Path, source: str = "--layer-ratios", base: Path = 
 
 
 def check_dataset_options(dataset: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Known option names (with suggestions) and values of the right type; returns them typed."""
-    from prunebench.datasets import _coerce
+    """Known option names (with suggestions) and values of the right type and range; returns
+    them typed. The one place where options are typed, for the command line and sweep files alike."""
+    from prunebench.datasets import coerce_option
 
     ds = registry.datasets.get(dataset)
     accepted = getattr(ds.load, "options", None)
@@ -108,8 +111,31 @@ def check_dataset_options(dataset: str, options: Mapping[str, Any]) -> dict[str,
         if key not in accepted:
             raise ConfigError(f"dataset {dataset!r} has no option {key!r}.{suggest(key, accepted)} "
                               f"Accepted options: {', '.join(accepted) or 'none'}.")
-        out[key] = _coerce(dataset, key, value, accepted[key])
+        out[key] = coerce_option(ds.load, dataset, key, value)
     return out
+
+
+def typed_dataset_options(dataset: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` typed as the dataset declares them; as given when they cannot be (the
+    run's validation then says why)."""
+    try:
+        return check_dataset_options(dataset, options)
+    except Exception:  # noqa: BLE001 - reported by check_run, with its own message
+        return dict(options)
+
+
+def typed_criterion_params(criterion: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The given hyper-parameters typed as the criterion declares them (no defaults added); as
+    given when they cannot be (the run's validation then says why)."""
+    try:
+        import dataclasses
+
+        from prunebench.protocols import _coerce
+
+        fields = {f.name: f for f in dataclasses.fields(registry.criteria.get(criterion).Params)}
+        return {k: _coerce(v, fields[k]) if k in fields else v for k, v in params.items()}
+    except Exception:  # noqa: BLE001 - reported by check_run, with its own message
+        return dict(params)
 
 
 def _prunable_layers(arch_name: str) -> list[str]:
@@ -120,14 +146,46 @@ def _prunable_layers(arch_name: str) -> list[str]:
     return list(dict.fromkeys(n for s in arch.scope_names() for n in arch.prunable_layers(model, s)))
 
 
+def check_data(cfg: RunConfig) -> None:
+    """The dataset's files are where it looks for them (a cheap look, no decoding), on the
+    machine that runs ``cfg``: made by every run before it writes anything, but not when a
+    sweep is listed or planned (its runs may execute where the data are)."""
+    check_cache()
+    check = registry.datasets.get(cfg.dataset).check
+    if check is not None:
+        from prunebench.datasets import data_root
+
+        check(data_root(cfg.data_dir), **check_dataset_options(cfg.dataset, cfg.dataset_options))
+
+
+def check_cache() -> None:
+    """prunebench's cache folder (``$PRUNEBENCH_CACHE``) is a folder, or can be made one."""
+    from prunebench.datasets import cache_dir
+
+    path = cache_dir()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is" if folder == path else f"lies under {folder}, which is"
+                raise ConfigError(f"the cache folder {path} (PRUNEBENCH_CACHE or ~/.cache/prunebench) {what} a "
+                                  "file, not a folder; point PRUNEBENCH_CACHE at a folder")
+            return
+
+
 def check_run(cfg: RunConfig) -> None:
     """Everything about ``cfg`` that can be known before loading data; raises ConfigError."""
     criterion = registry.criteria.get(cfg.criterion)
-    criterion.from_kwargs(seed=0, **dict(cfg.criterion_params))
+    params = criterion.from_kwargs(seed=0, **dict(cfg.criterion_params)).describe()  # its own checks first
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"criterion {cfg.criterion!r}: hyper-parameter {key!r} must be a finite number, "
+                              f"got {value}")
     registry.architectures.get(cfg.arch).resolve_scope(getattr(cfg, "scope", None))
     check_dataset_options(cfg.dataset, cfg.dataset_options)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    if cfg.seed > MAX_SEED:
+        raise ConfigError(f"seed must be at most 2^63 - 1 = {MAX_SEED}, got {cfg.seed}")
     check_allocation(cfg.allocation)
     if not _number(cfg.max_layer_ratio) or not 0.0 < cfg.max_layer_ratio <= 1.0:
         raise ConfigError(f"max_layer_ratio is the most of a layer that may be removed and must lie in (0, 1], "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,21 +68,36 @@ def _coerce(dataset: str, name: str, value: Any, default: Any) -> Any:
                 pass
         raise ConfigError(f"{where} must be an integer")
     if isinstance(default, float):
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where} must be a number")
+        if number is None:
+            raise ConfigError(f"{where} must be a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number")
+        return number
     return value
 
 
-def dataset_options(dataset: str) -> Callable[[F], F]:
+def coerce_option(load: Callable[..., Any], dataset: str, name: str, value: Any) -> Any:
+    """An option's value typed as its default, and at least its declared minimum."""
+    typed = _coerce(dataset, name, value, load.options[name])  # type: ignore[attr-defined]
+    least = getattr(load, "minimum", {}).get(name)
+    if least is not None and typed < least:
+        raise ConfigError(f"dataset {dataset!r}: option {name}={typed!r} must be at least {least}")
+    return typed
+
+
+def dataset_options(dataset: str, minimum: dict[str, float] | None = None) -> Callable[[F], F]:
     """Decorate ``load(root, *, opt=default, ...)`` so that unknown option names raise
     :class:`ConfigError` (with a suggestion) instead of ``TypeError``, and option values
-    given as strings are converted to the type of the default."""
+    given as strings are converted to the type of the default. ``minimum``: the least value
+    of numeric options, checked with the types (before any work, by the run's validation)."""
 
     def decorate(fn: F) -> F:
         params = {
@@ -100,10 +116,11 @@ def dataset_options(dataset: str) -> Callable[[F], F]:
                     f"dataset {dataset!r} has no option {name!r}.{suggest(name, params)}"
                     f" Accepted options: {accepted}."
                 )
-            converted = {k: _coerce(dataset, k, v, params[k]) for k, v in options.items()}
+            converted = {k: coerce_option(load, dataset, k, v) for k, v in options.items()}
             return fn(None if root is None else Path(root).expanduser(), **converted)
 
         load.options = dict(params)  # type: ignore[attr-defined]
+        load.minimum = dict(minimum or {})  # type: ignore[attr-defined]
         return load  # type: ignore[return-value]
 
     return decorate

@@ -62,3 +62,6 @@ class Dataset:
     needs_files: bool = False
     default_root: Callable[[Path], Path] | None = None
     streamed: bool = False
+    #: ``check(root, **options)``: a cheap look (no decoding) that the files the dataset needs are
+    #: there, made before any work; raises :class:`prunebench.errors.DataNotFoundError` if not
+    check: Callable[..., None] | None = None

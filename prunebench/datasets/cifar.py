@@ -152,6 +152,13 @@ def _not_found(root: Path, rel: _Release, why: str) -> DataNotFoundError:
     )
 
 
+def _check_present(rel: _Release, root: Path | None, download: bool = True) -> None:
+    """Before any work: without downloading, the files or the archive must be in the data root."""
+    root = data_root(root)
+    if not download and _missing(root / rel.folder, rel) and not (root / rel.archive).is_file():
+        raise _not_found(root, rel, "download=False, so nothing was fetched")
+
+
 def _ensure_files(root: Path, rel: _Release, download: bool) -> Path:
     folder = root / rel.folder
     if not _missing(folder, rel):
@@ -255,6 +262,7 @@ CIFAR10 = Dataset(
     load=load_cifar10,
     description="CIFAR-10, official python version (cifar-10-batches-py/ in the data root); 50,000 / 10,000",
     needs_files=True,
+    check=lambda root, download=True: _check_present(_C10, root, download),
 )
 
 CIFAR100 = Dataset(
@@ -262,4 +270,5 @@ CIFAR100 = Dataset(
     load=load_cifar100,
     description="CIFAR-100, official python version (cifar-100-python/ in the data root); 50,000 / 10,000",
     needs_files=True,
+    check=lambda root, download=True: _check_present(_C100, root, download),
 )

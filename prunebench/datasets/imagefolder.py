@@ -277,17 +277,22 @@ def _build(path: Path, items: list[_Item], progress: Progress) -> DataSplits:
     )
 
 
+def _check_folder(path: str | Path) -> Path:
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise DataNotFoundError(
+            f"image folder not found: {path} (expected a directory, .tar or .tar.gz holding {_LAYOUT})"
+        )
+    return path
+
+
 def load_imagefolder(
     path: str | Path, *, name: str = "imagefolder", hflip: bool = True, cache: bool = True
 ) -> DataSplits:
     """Decode (or load from the cache) an ImageFolder tree at ``path``: a directory or a tar
     archive. ``name`` labels the returned splits; ``cache=False`` neither reads nor writes
     the cache."""
-    path = Path(path).expanduser().absolute()
-    if not path.exists():
-        raise DataNotFoundError(
-            f"image folder not found: {path} (expected a directory, .tar or .tar.gz holding {_LAYOUT})"
-        )
+    path = _check_folder(path)
     items: list[_Item] | None = None
     if path.is_dir():
         items, stamp = _scan_dir(path)
@@ -327,11 +332,15 @@ def load(
 ) -> DataSplits:
     """Option ``path``: a directory or tar archive (relative paths are taken against the
     data root); ``hflip``: whether mirroring preserves labels; ``cache``: use the decoded cache."""
+    return load_imagefolder(_check_imagefolder(root, path), name="imagefolder", hflip=hflip, cache=cache)
+
+
+def _check_imagefolder(root: Path | None, path: str | None = None, **_: object) -> Path:
     if path is None or str(path) == "":
         raise ConfigError(
             "dataset 'imagefolder' needs the option path=<directory or .tar.gz> holding " + _LAYOUT
         )
-    return load_imagefolder(_resolve(root, path), name="imagefolder", hflip=hflip, cache=cache)
+    return _check_folder(_resolve(root, path))
 
 
 CIFAR10_JPEG_ARCHIVE = "cifar10-jpeg.tar.gz"
@@ -340,6 +349,10 @@ CIFAR10_JPEG_ARCHIVE = "cifar10-jpeg.tar.gz"
 @dataset_options("cifar10-jpeg")
 def load_cifar10_jpeg(root: Path | None = None, *, cache: bool = True) -> DataSplits:
     """``<root>/cifar10-jpeg.tar.gz`` (or a directory ``<root>/cifar10-jpeg/``)."""
+    return load_imagefolder(_find_cifar10_jpeg(root), name="cifar10-jpeg", hflip=True, cache=cache)
+
+
+def _find_cifar10_jpeg(root: Path | None, **_: object) -> Path:
     base = data_root(root)
     candidates = (base / CIFAR10_JPEG_ARCHIVE, base / "cifar10-jpeg", base / "cifar10-jpeg.tar")
     found = next((c for c in candidates if c.exists()), None)
@@ -349,7 +362,7 @@ def load_cifar10_jpeg(root: Path | None = None, *, cache: bool = True) -> DataSp
             f"{base / 'cifar10-jpeg'}/ with train/<class>/*.jpg and test/<class>/*.jpg). Put the archive "
             "there, or point --data-dir or PRUNEBENCH_DATA at the folder that holds it."
         )
-    return load_imagefolder(found, name="cifar10-jpeg", hflip=True, cache=cache)
+    return found
 
 
 IMAGEFOLDER = Dataset(
@@ -357,6 +370,7 @@ IMAGEFOLDER = Dataset(
     load=load,
     description="images in train/<class>/ and test/<class>/ (or val/), as a directory or .tar(.gz); option path",
     needs_files=True,
+    check=_check_imagefolder,
 )
 
 CIFAR10_JPEG = Dataset(
@@ -364,4 +378,5 @@ CIFAR10_JPEG = Dataset(
     load=load_cifar10_jpeg,
     description="CIFAR-10 re-encoded as JPEG (cifar10-jpeg.tar.gz in the data root); 50,000 train / 10,000 test",
     needs_files=True,
+    check=_find_cifar10_jpeg,
 )

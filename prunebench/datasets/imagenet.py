@@ -51,15 +51,22 @@ def load_imagenet(root: Path | None = None, *, path: str = "", train_size: int =
                   eval_crop: int = 224) -> StreamedSplits:
     """ImageNet from ``<root>/imagenet`` (option ``path``: another directory or a plain .tar,
     relative to the data root); ``train_size``, ``eval_resize``, ``eval_crop``: the recipe's sizes."""
+    source = _check_imagenet(root, path)
+    train, test, classes, _ = scan(source, ("val",), what="the ImageNet folder")
+    return StreamedSplits("imagenet", train, test, classes, *_imagenet_stats(),
+                          Preprocess(train_size, eval_resize, eval_crop))
+
+
+def _check_imagenet(root: Path | None, path: str = "", **_: object) -> Path:
     source = _under_root(root, path, "imagenet")
-    if not source.exists() and not path:
+    if not source.exists():
+        if path:
+            raise DataNotFoundError(f"imagenet not found: {source} (option path) does not exist")
         raise DataNotFoundError(
             f"imagenet not found: expected the folder {source} holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
             "(validation images sorted into class folders), or a plain .tar of it (--dataset-option path=...); "
             "point --data-dir or PRUNEBENCH_DATA at the folder that holds imagenet/")
-    train, test, classes, _ = scan(source, ("val",), what="the ImageNet folder")
-    return StreamedSplits("imagenet", train, test, classes, *_imagenet_stats(),
-                          Preprocess(train_size, eval_resize, eval_crop))
+    return source
 
 
 CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
@@ -92,14 +99,29 @@ def decompressed(archive: Path) -> Path:
 def load_cifar10_folder(root: Path | None = None, *, train_size: int = 32, eval_resize: int = 32,
                         eval_crop: int = 32) -> StreamedSplits:
     """``<root>/cifar10-jpeg.tar.gz`` decompressed into the cache and streamed (sizes as for imagenet)."""
+    archive = _check_cifar10_folder(root)
+    train, test, classes, _ = scan(decompressed(archive), ("test", "val"), what="cifar10-jpeg")
+    return StreamedSplits("cifar10-folder", train, test, classes, *_imagenet_stats(),
+                          Preprocess(train_size, eval_resize, eval_crop))
+
+
+def _check_cifar10_folder(root: Path | None, **_: object) -> Path:
     archive = data_root(root) / CIFAR10_ARCHIVE
     if not archive.is_file():
         raise DataNotFoundError(
             f"cifar10-folder not found: expected {archive} (decompressed once into {cache_dir() / 'datasets'}). "
             "Put the archive there, or point --data-dir or PRUNEBENCH_DATA at the folder that holds it.")
-    train, test, classes, _ = scan(decompressed(archive), ("test", "val"), what="cifar10-jpeg")
-    return StreamedSplits("cifar10-folder", train, test, classes, *_imagenet_stats(),
-                          Preprocess(train_size, eval_resize, eval_crop))
+    return archive
+
+
+def _check_imagefolder_stream(root: Path | None, path: str = "", **_: object) -> Path:
+    if not path:
+        raise DataNotFoundError("dataset 'imagefolder-stream' needs the option path=<directory or plain .tar> "
+                                "holding train/<class>/<image> and val/<class>/... (or test/)")
+    source = _under_root(root, path, "")
+    if not source.exists():
+        raise DataNotFoundError(f"image folder not found: {source} (option path) does not exist")
+    return source
 
 
 @dataset_options("imagefolder-stream")
@@ -107,10 +129,7 @@ def load_imagefolder_stream(root: Path | None = None, *, path: str = "", hflip: 
                             eval_resize: int = 256, eval_crop: int = 224) -> StreamedSplits:
     """Any ImageFolder tree too large for the device (option ``path``: a directory or plain .tar
     with train/ and val/ or test/, relative to the data root), streamed with the ImageNet recipe."""
-    if not path:
-        raise DataNotFoundError("dataset 'imagefolder-stream' needs the option path=<directory or plain .tar> "
-                                "holding train/<class>/<image> and val/<class>/... (or test/)")
-    train, test, classes, _ = scan(_under_root(root, path, ""), ("val", "test"), what="an image folder")
+    train, test, classes, _ = scan(_check_imagefolder_stream(root, path), ("val", "test"), what="an image folder")
     return StreamedSplits("imagefolder-stream", train, test, classes, *_imagenet_stats(),
                           Preprocess(train_size, eval_resize, eval_crop), hflip=hflip)
 
@@ -121,6 +140,7 @@ IMAGENET = Dataset(
     description="ImageNet-1k, streamed from <data root>/imagenet/{train,val}/<wnid>/ (options path, train_size, "
                 "eval_resize, eval_crop)",
     needs_files=True,
+    check=_check_imagenet,
     streamed=True,
 )
 
@@ -129,6 +149,7 @@ CIFAR10_FOLDER = Dataset(
     load=load_cifar10_folder,
     description="cifar10-jpeg as a plain tar in the cache, streamed with the ImageNet recipe (input 32 by default)",
     needs_files=True,
+    check=_check_cifar10_folder,
     streamed=True,
 )
 
@@ -138,5 +159,6 @@ IMAGEFOLDER_STREAM = Dataset(
     description="an ImageFolder directory or plain .tar (option path), streamed with the ImageNet recipe "
                 "(options hflip, train_size, eval_resize, eval_crop)",
     needs_files=True,
+    check=_check_imagefolder_stream,
     streamed=True,
 )

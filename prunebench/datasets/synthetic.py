@@ -45,7 +45,8 @@ def _sample(templ, n: int, noise: float, gen):  # -> (Tensor uint8, Tensor int64
     return x, y.to(torch.int64)
 
 
-@dataset_options("synthetic")
+@dataset_options("synthetic", minimum={"n_train": 1, "n_test": 1, "num_classes": 2, "size": 1, "channels": 1,
+                                       "noise": 0.0})
 def load(
     root: Path | None = None,
     *,

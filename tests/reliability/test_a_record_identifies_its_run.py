@@ -109,3 +109,27 @@ def test_a_record_describes_its_scope_precision_and_pretrained_baseline():
     old = {k: v for k, v in rec.items() if k not in ("scope", "precision")}  # written before either existed
     assert config_from_record({**old, "baseline_info": {"source": "trained"}}).identity() == \
         dataclasses.replace(cfg, scope=None, precision="fp32", baseline=None).identity()
+
+
+def test_the_same_settings_typed_on_the_command_line_or_in_a_sweep_file_are_one_configuration(tmp_path):
+    """Options and hyper-parameters are typed in one place: the baseline cache key, the record
+    and the run id are the same whether they came as strings or as TOML numbers."""
+    from types import SimpleNamespace
+
+    from prunebench.runner import base_record, baseline_key
+    from prunebench.sweep import load_sweep
+
+    (tmp_path / "s.toml").write_text(
+        'criteria = [{ name = "coring", params = { rank = 2 } }]\narchitectures = ["resnet20"]\nbudget = "smoke"\n'
+        'dataset = { name = "synthetic", options = { n_train = 64, noise = 0.5, seed = 3 } }\n')
+    (swept,) = load_sweep(tmp_path / "s.toml").runs()
+    typed = RunConfig(criterion="coring", criterion_params={"rank": "2"}, arch="resnet20", budget=get_budget("smoke"),
+                      dataset="synthetic", dataset_options={"n_train": "64", "noise": "0.5", "seed": "3"})
+    assert typed.dataset_options == swept.dataset_options == {"n_train": 64, "noise": 0.5, "seed": 3}
+    assert [type(v) for v in typed.dataset_options.values()] == [int, float, int]
+    assert typed.criterion_params == swept.criterion_params == {"rank": 2}
+    splits = SimpleNamespace(input_shape=(3, 16, 16))
+    assert baseline_key(typed, splits) == baseline_key(swept, splits)  # one cached baseline, not two
+    assert run_id(typed.identity()) == run_id(swept.identity())
+    cpu = torch.device("cpu")
+    assert base_record(typed, "x", {}, cpu)["dataset_options"] == base_record(swept, "x", {}, cpu)["dataset_options"]

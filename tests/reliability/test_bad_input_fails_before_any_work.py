@@ -133,3 +133,80 @@ def test_errors_longer_than_the_terminal_stay_on_one_line(tmp_path):
     deep.write_text(json.dumps([1, 2]))
     line = one_line_error(prunebench(*run_args(tmp_path / "r", "--layer-ratios", deep)))
     assert str(deep) in line
+
+
+def synthetic_args(results, *extra):
+    args = run_args(results, *extra)
+    args[args.index("digits")] = "synthetic"
+    return args
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(2**64)], "seed must be at most 2^63 - 1"),
+    (["--seed", str(2**63)], "seed must be at most 2^63 - 1"),
+    (["--dataset-option", "n_train=0"], "dataset 'synthetic': option n_train=0 must be at least 1"),
+    (["--dataset-option", "num_classes=1"], "dataset 'synthetic': option num_classes=1 must be at least 2"),
+    (["--dataset-option", "noise=-0.1"], "dataset 'synthetic': option noise=-0.1 must be at least 0.0"),
+], ids=["seed 2^64", "seed 2^63", "n_train=0", "num_classes=1", "noise<0"])
+def test_seeds_and_dataset_option_ranges_fail_before_any_work(tmp_path, no_work, extra, message):
+    res = invoke(*synthetic_args(tmp_path / "r", *extra))
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert message in str(res.exception) and "\n" not in str(res.exception)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("dataset, options", [
+    ("cifar10", ["--dataset-option", "download=false"]),
+    ("cifar100", ["--dataset-option", "download=no"]),
+    ("cifar10-jpeg", []),
+    ("imagefolder", ["--dataset-option", "path=nowhere"]),
+    ("imagenet", []),
+    ("cifar10-folder", []),
+    ("imagefolder-stream", ["--dataset-option", "path=nowhere"]),
+])
+def test_a_missing_dataset_fails_before_any_work_naming_where_it_looked(tmp_path, no_work, dataset, options):
+    args = run_args(tmp_path / "r", "--data-dir", tmp_path / "empty", *options)
+    args[args.index("digits")] = dataset
+    if dataset in ("imagenet", "cifar10-folder", "imagefolder-stream"):
+        args[args.index("resnet20")] = "resnet18"
+    res = invoke(*args)
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(tmp_path / "empty") in str(res.exception) and "\n" not in str(res.exception)
+    assert not (tmp_path / "r").exists()  # no record, no models/ folder
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'criteria = ["l1"]\narchitectures = ["resnet20"]\n# caf\xe9 (latin-1)\n', "is not UTF-8 text"),
+    (b'criteria = ["l1"]\narchitectures = ["resnet20"]\ndataset = { name = "synthetic", options = 3 }\n',
+     "dataset.options must be a table of dataset options"),
+    (b'criteria = ["l1"]\narchitectures = ["resnet20"]\ndataset = { name = "synthetic", options = [1, 2] }\n',
+     "dataset.options must be a table of dataset options"),
+], ids=["not utf-8", "options a number", "options a list"])
+def test_a_sweep_file_that_is_not_utf8_or_has_bad_dataset_options_is_one_line(tmp_path, no_work, content, message):
+    (tmp_path / "s.toml").write_bytes(content)
+    res = invoke("sweep", tmp_path / "s.toml", "--dry-run", "--results-dir", tmp_path / "r")
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert message in str(res.exception) and "\n" not in str(res.exception)
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "cache").write_text("not a folder\n")
+    for cache in (tmp_path / "cache", tmp_path / "cache" / "below"):
+        line = one_line_error(prunebench(*run_args(tmp_path / "r"), env={"PRUNEBENCH_CACHE": str(cache)}))
+        assert str(cache) in line and "not a folder" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_ascii_only_terminal_gets_the_result_and_exit_code_0(tmp_path):
+    proc = prunebench(*run_args(tmp_path / "r"), env={"LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final" in proc.stdout and "record:" in proc.stdout
+    assert [json.loads(p.read_text())["status"] for p in (tmp_path / "r").glob("*.json")] == ["complete"]
+
+
+def test_an_unwritable_leaderboard_folder_is_one_line(tmp_path, complete_run):
+    (tmp_path / "file").write_text("a file where a folder should be\n")
+    res = invoke("leaderboard", "--records", complete_run, "--out", tmp_path / "file" / "pages")
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert "cannot write the leaderboard to" in str(res.exception) and str(tmp_path / "file") in str(res.exception)
+    assert "\n" not in str(res.exception)

@@ -8,6 +8,7 @@ used.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -126,3 +127,72 @@ def test_a_compression_that_leaves_non_finite_weights_is_recorded_as_diverged(tm
     assert "compression diverged" in str(res.exception) and nan_criterion in str(res.exception)
     (rec,) = records(results).values()
     assert rec["status"] == "diverged"
+
+
+# --- non-finite numbers are never published -----------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_dataset_option_is_refused_before_any_work(tmp_path, monkeypatch, value):
+    import prunebench.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "load_data", lambda *a, **k: pytest.fail("work started before the error"))
+    args = run_args(tmp_path / "r", "--dataset-option", f"noise={value}")
+    args[args.index("digits")] = "synthetic"
+    res = invoke(*args)
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(res.exception) == f"dataset 'synthetic': option noise={value!r} must be a finite number"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_non_finite_number_in_a_sweep_file_is_refused(tmp_path):
+    (tmp_path / "s.toml").write_text('criteria = ["l1"]\narchitectures = ["resnet20"]\nbudget = "smoke"\n'
+                                     'dataset = { name = "synthetic", options = { noise = inf } }\n')
+    res = invoke("sweep", tmp_path / "s.toml", "--dry-run", "--results-dir", tmp_path / "r")
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(res.exception) == "dataset 'synthetic': option noise=inf must be a finite number"
+
+
+class Unchecked(ScoreCriterion):
+    """A plug-in that does not check its own hyper-parameter."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        weight: float = 1.0
+
+    def scores(self, model, layers, calibration):  # pragma: no cover - never reached
+        raise AssertionError("scored")
+
+
+def test_a_non_finite_hyper_parameter_of_a_plugin_is_refused_before_any_work(tmp_path, monkeypatch):
+    import prunebench.runner as runner_mod
+
+    monkeypatch.setattr(registry.criteria, "_extra", dict(registry.criteria._extra))
+    monkeypatch.setattr(registry.criteria, "_loaded", dict(registry.criteria._loaded))
+    registry.criteria.register("unchecked", f"{__name__}:Unchecked", "some-plugin")
+    monkeypatch.setattr(runner_mod, "load_data", lambda *a, **k: pytest.fail("work started before the error"))
+    args = run_args(tmp_path / "r", "-p", "weight=nan")
+    args[args.index("l1")] = "unchecked"
+    res = invoke(*args)
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert str(res.exception) == "criterion 'unchecked': hyper-parameter 'weight' must be a finite number, got nan"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_whose_record_would_hold_a_non_finite_number_fails_and_writes_valid_json(tmp_path, monkeypatch):
+    import json
+
+    import prunebench.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "peak_memory_mb", lambda device: float("nan"))
+    res = invoke(*run_args(tmp_path / "r"))
+    assert isinstance(res.exception, PrunebenchError), repr(res.exception)
+    assert "compress_peak_memory_mb is not a finite number" in str(res.exception)
+    (path,) = (tmp_path / "r").glob("*.json")
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in the record")
+
+    rec = json.loads(path.read_text(), parse_constant=refuse)  # strict JSON: no NaN, no Infinity
+    assert rec["status"] == "failed" and rec["compress_peak_memory_mb"] is None
+    assert not list((tmp_path / "r" / "models").glob("*.pt"))

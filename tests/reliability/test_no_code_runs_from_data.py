@@ -162,11 +162,27 @@ def bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     torch.save([torch.ones(3)], files["list"])
     files["empty"].write_bytes(b"")
     files["a folder"] = d
+    good = resnet().state_dict()
+    odd = {
+        "meta": lambda v: v.to("meta"),
+        "sparse": lambda v: v.to_sparse(),
+        "complex": lambda v: v.to(torch.complex64),
+        "integer": lambda v: (v * 100).round().to(torch.int64),
+    }
+    for name, change in odd.items():
+        files[name] = d / f"{name}.pt"
+        torch.save({**good, "conv1.weight": change(good["conv1.weight"])}, files[name])
+    files["all zero"] = d / "zero.pt"
+    torch.save({k: torch.zeros_like(v) for k, v in good.items()}, files["all zero"])
     return files
 
 
+ODD_WEIGHTS = {"meta": "meta tensor", "sparse": "sparse_coo tensor", "complex": "complex numbers",
+               "integer": "int64 values in 'conv1.weight'", "all zero": "only zeros"}
+
+
 @pytest.mark.parametrize("kind", ["text", "other-arch", "other-classes", "malicious", "truncated", "list", "empty",
-                                  "a folder"])
+                                  "a folder", *ODD_WEIGHTS])
 def test_an_unusable_baseline_file_is_a_one_line_error_naming_it(tmp_path, kind):
     path = bad_checkpoints(tmp_path)[kind]
     res = invoke(*run_args(tmp_path / "r", "--baseline", path))
@@ -179,6 +195,25 @@ def test_an_unusable_baseline_file_is_a_one_line_error_naming_it(tmp_path, kind)
         assert "does not fit" in msg and "unexpected: layer1.3." in msg
     if kind == "other-classes":
         assert "does not fit" in msg and "wrong shape (file vs model): fc.weight (100, 64) vs (10, 64)" in msg
+    if kind in ODD_WEIGHTS:
+        assert ODD_WEIGHTS[kind] in msg, msg
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_meta_or_sparse_weights_are_a_one_line_error_from_the_command_line(tmp_path, kind):
+    path = bad_checkpoints(tmp_path)[kind]
+    line = one_line_error(prunebench(*run_args(tmp_path / "r", "--baseline", path)))
+    assert str(path) in line
+
+
+def test_a_checkpoint_without_batchnorm_counters_loads_as_torch_loads_it(tmp_path):
+    """The published CIFAR ResNets were saved before BatchNorm counted its batches."""
+    state = {k: v for k, v in resnet().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": state}, tmp_path / "old.pt")
+    res = invoke(*run_args(tmp_path / "r", "--baseline", tmp_path / "old.pt"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    (rec,) = records(tmp_path / "r").values()
+    assert rec["status"] == "complete" and rec["baseline_info"]["source"] == str(tmp_path / "old.pt")
 
 
 def test_a_malicious_baseline_is_refused_without_a_traceback_or_torchs_hint(tmp_path):
@@ -251,6 +286,7 @@ def compressed_variants(tmp_path: Path) -> dict[str, Path]:
     variant("weights of another shape", plan=json.dumps([{"op": "prune", "layer": "layer1.0.conv1", "keep": [0, 1]}]))
     variant("malformed json", plan="[{")
     variant("no input shape", input_shape=None)
+    variant("arch a list", arch=["resnet20"])
     payload.pop("plan")
     variant("no plan")
     out["truncated"] = tmp_path / "truncated.pt"
@@ -261,7 +297,7 @@ def compressed_variants(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["plan for a missing layer", "plan step without keep", "weights of another shape",
-                                  "malformed json", "no input shape", "no plan", "truncated", "text"])
+                                  "malformed json", "no input shape", "no plan", "truncated", "text", "arch a list"])
 def test_load_compressed_on_a_bad_file_is_a_one_line_error_naming_it(tmp_path, kind):
     path = compressed_variants(tmp_path)[kind]
     with pytest.raises(PrunebenchError) as exc:
