@@ -408,6 +408,48 @@ def leaderboard(
         out.print(f"wrote {escape(str(f))}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def latency(
+    results_dir: Annotated[Path, typer.Argument(help="results directory of complete runs")],
+    runtime: Annotated[list[str] | None, typer.Option(
+        help="torch | onnxruntime (repeat for both; default: both where onnxruntime is installed)")] = None,
+    batch: Annotated[list[int] | None, typer.Option(help="batch sizes, paired with --threads (default 1 and 64)")] = None,
+    threads: Annotated[list[int] | None, typer.Option(
+        help="threads per batch size, in the same order (default 1 and 0; 0: every CPU this process may use)")] = None,
+    repeats: Annotated[int, typer.Option(help="timed repeats per model, at least 30")] = 30,
+    warmup: Annotated[int, typer.Option(help="untimed calls per model first")] = 5,
+    force: Annotated[bool, typer.Option(help="measure again what has a latency record")] = False,
+    allow_noisy: Annotated[bool, typer.Option(
+        "--allow-noisy", help="on a machine that is not quiet, record the result marked unreliable instead of refusing")] = False,
+) -> None:
+    """Measure each compressed model of RESULTS_DIR against its baseline: interleaved timing,
+    the median latency and a 95 % interval of the speed-up, per runtime, batch and threads.
+    Writes RESULTS_DIR/latency/*.json; the accuracy records are never changed (docs/latency.md)."""
+    from prunebench import latency as lat
+
+    runtimes = runtime or (["torch", "onnxruntime"] if lat.has_onnxruntime() else ["torch"])
+    if not runtime and "onnxruntime" not in runtimes:
+        err.print("onnxruntime is not installed (pip install 'prunebench[onnx]'): measuring torch only",
+                  highlight=False, markup=False)
+    batches = batch or [1, 64]
+    thread_counts = threads or ([1, 0] if not batch else [1] * len(batches))
+    if len(thread_counts) != len(batches):
+        raise ConfigError(f"give one --threads per --batch ({len(batches)} batch sizes, {len(thread_counts)} thread counts)")
+    options = lat.Options(runtimes=runtimes, settings=list(zip(batches, thread_counts, strict=True)), repeats=repeats,
+                          warmup=warmup, force=force, allow_noisy=allow_noisy)
+    outcomes = lat.run_latency(results_dir, options,
+                               log=lambda line: (err if line.startswith("error:") else out).print(
+                                   line, highlight=False, markup=False, soft_wrap=True))
+    measured = sum(o.status == "measured" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    failed = sorted({o.run_id for o in outcomes if o.status == "failed"})
+    unreliable = sum(bool(o.record and o.record.get("unreliable")) for o in outcomes)
+    out.print(f"{results_dir / 'latency'}: {measured} measured ({unreliable} unreliable), {skipped} already measured, "
+              f"{len(failed)} model(s) failed", highlight=False, markup=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 records_app = typer.Typer(no_args_is_help=True, help="Check result records, or migrate them to the current run-id rule.")
 app.add_typer(records_app, name="records")
 
