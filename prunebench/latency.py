@@ -26,16 +26,18 @@ models it measured. The clock and the machine probes are injectable (:class:`Mac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
 import json
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +220,9 @@ def speedup_interval(baseline: Sequence[float], compressed: Sequence[float], lev
 
 
 def has_onnxruntime() -> bool:
+    """Are ``onnx`` (torch's exporter writes with it) and ``onnxruntime`` installed (the onnx extra)?"""
     try:
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
@@ -233,11 +237,34 @@ def runtime_version(runtime: str) -> str:
     return onnxruntime.__version__
 
 
+@contextlib.contextmanager
+def _exporter_silenced():
+    """No warnings, and nothing on the process's stdout/stderr: torch's TorchScript exporter
+    logs the whole graph there (at C++ level) when an export fails."""
+    saved = []
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(os.devnull, "w") as null:
+            for fd in (1, 2):
+                saved.append((fd, os.dup(fd)))
+                os.dup2(null.fileno(), fd)
+    except OSError:  # no such descriptors (embedded interpreters): export as is
+        pass
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for fd, copy_ in saved:
+            os.dup2(copy_, fd)
+            os.close(copy_)
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     """The ONNX graph of ``model`` (eval mode) with a dynamic batch dimension."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with _exporter_silenced():
         torch.onnx.export(model.eval(), (example,), buffer, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     return buffer.getvalue()
@@ -260,6 +287,8 @@ def max_logit_difference(model: nn.Module, graph: bytes, inputs: torch.Tensor) -
     session = ort_session(graph, 1)
     with torch.no_grad():
         expected = model.eval()(inputs).float().numpy()
+    if len(session.get_inputs()) != 1:  # the input was folded into a constant: the graph ignores it
+        return float("inf")
     got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
     if got.shape != expected.shape:
         return float("inf")
@@ -283,8 +312,9 @@ def exported(model: nn.Module, input_shape: Sequence[int]) -> tuple[bytes, float
         raise ExportError(f"ONNX export failed in module {culprit(model, example)} "
                           f"({type(exc).__name__}: {_first_line(exc)})") from None
     if not diff <= EXPORT_TOLERANCE:
-        raise ExportError(f"ONNX graph differs from PyTorch by max |Δ logits| {diff:.3g} > {EXPORT_TOLERANCE:g} "
-                          f"in module {culprit(model, inputs)}")
+        how = (f"max |Δ logits| {diff:.3g} > {EXPORT_TOLERANCE:g}" if np.isfinite(diff)
+               else "it ignores its input or gives logits of another shape")
+        raise ExportError(f"ONNX graph differs from PyTorch ({how}) in module {culprit(model, inputs)}")
     return graph, diff
 
 
@@ -330,13 +360,15 @@ def culprit(model: nn.Module, example: torch.Tensor) -> str:
 def _module_exports(module: nn.Module, args: tuple[torch.Tensor, ...]) -> bool:
     try:
         buffer = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _exporter_silenced():
             torch.onnx.export(module.eval(), args, buffer, dynamo=False)
+        with torch.no_grad():
             expected = module(*args)
         if not isinstance(expected, torch.Tensor):
             return True  # only tensor outputs are compared
         session = ort_session(buffer.getvalue(), 1)
+        if len(session.get_inputs()) != len(args):  # an input folded into a constant
+            return False
         feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=False)}
         got = session.run(None, feeds)[0]
         return got.shape == tuple(expected.shape) and float(np.max(np.abs(got - expected.float().numpy()),
@@ -500,8 +532,21 @@ class Options:
     warmup: int = 5
     force: bool = False
     allow_noisy: bool = False
-    machine: Machine = field(default_factory=Machine)
-    clock: Callable[[], float] = time.perf_counter
+    machine: Machine | None = None  # None: default_machine()
+    clock: Callable[[], float] | None = None  # None: default_clock()
+
+    def __post_init__(self) -> None:
+        self.machine = self.machine or default_machine()
+        self.clock = self.clock or default_clock()
+
+
+def default_machine() -> Machine:
+    """This machine's load average, CPUs and probe kernel."""
+    return Machine()
+
+
+def default_clock() -> Callable[[], float]:
+    return time.perf_counter
 
 
 def resolve_settings(options: Options, cpus: int) -> list[Setting]:
