@@ -412,7 +412,7 @@ def leaderboard(
 def latency(
     results_dir: Annotated[Path, typer.Argument(help="results directory of complete runs")],
     runtime: Annotated[list[str] | None, typer.Option(
-        help="torch | onnxruntime (repeat for both; default: both where onnxruntime is installed)")] = None,
+        help="torch | onnxruntime | openvino (repeat for several; default: each one installed)")] = None,
     batch: Annotated[list[int] | None, typer.Option(help="batch sizes, paired with --threads (default 1 and 64)")] = None,
     threads: Annotated[list[int] | None, typer.Option(
         help="threads per batch size, in the same order (default 1 and 0; 0: every CPU this process may use)")] = None,
@@ -427,10 +427,11 @@ def latency(
     Writes RESULTS_DIR/latency/*.json; the accuracy records are never changed (docs/latency.md)."""
     from prunebench import latency as lat
 
-    runtimes = runtime or (["torch", "onnxruntime"] if lat.has_onnxruntime() else ["torch"])
-    if not runtime and "onnxruntime" not in runtimes:
-        err.print("onnxruntime is not installed (pip install 'prunebench[onnx]'): measuring torch only",
-                  highlight=False, markup=False)
+    runtimes = runtime or [r for r in lat.RUNTIMES if lat.installed(r)]
+    if not runtime and len(runtimes) < len(lat.RUNTIMES):
+        missing = [f"{r} (pip install 'prunebench[{lat.ONNX_RUNTIMES[r]}]')" for r in lat.RUNTIMES if r not in runtimes]
+        err.print(f"not installed, not measured: {', '.join(missing)}", highlight=False, markup=False,
+                  soft_wrap=True)
     batches = batch or [1, 64]
     thread_counts = threads or ([1, 0] if not batch else [1] * len(batches))
     if len(thread_counts) != len(batches):

@@ -48,7 +48,9 @@ from torch import nn
 from prunebench.errors import PrunebenchError
 
 SCHEMA = "prunebench-latency/1"
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+#: runtimes that run the exported ONNX graph, and the extra that installs each
+ONNX_RUNTIMES = {"onnxruntime": "onnx", "openvino": "openvino"}
 MIN_REPEATS = 30
 #: ONNX export check: max |Δ logits| against PyTorch, fp32, on CHECK_IMAGES seeded N(0, 1) inputs
 EXPORT_TOLERANCE = 1e-4
@@ -219,19 +221,28 @@ def speedup_interval(baseline: Sequence[float], compressed: Sequence[float], lev
 # --- runtimes -----------------------------------------------------------------------------
 
 
+def installed(runtime: str) -> bool:
+    """Is ``runtime`` usable here? ONNX runtimes need ``onnx`` (torch's exporter writes with it),
+    ``onnxruntime`` (the export check) and their own package: the ``onnx`` / ``openvino`` extras."""
+    if runtime == "torch":
+        return True
+    import importlib.util
+
+    needed = ["onnx", "onnxruntime"] + (["openvino"] if runtime == "openvino" else [])
+    return all(importlib.util.find_spec(name) is not None for name in needed)
+
+
 def has_onnxruntime() -> bool:
-    """Are ``onnx`` (torch's exporter writes with it) and ``onnxruntime`` installed (the onnx extra)?"""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return installed("onnxruntime")
 
 
 def runtime_version(runtime: str) -> str:
     if runtime == "torch":
         return torch.__version__
+    if runtime == "openvino":
+        import openvino
+
+        return openvino.__version__
     import onnxruntime
 
     return onnxruntime.__version__
@@ -318,6 +329,19 @@ def exported(model: nn.Module, input_shape: Sequence[int]) -> tuple[bytes, float
     return graph, diff
 
 
+def openvino_checked(model: nn.Module, graph: bytes, input_shape: Sequence[int]) -> float:
+    """OpenVINO's max |Δ logits| against PyTorch; :class:`ExportError` beyond the tolerance."""
+    inputs = check_inputs(input_shape)
+    try:
+        diff = openvino_difference(model, graph, inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"OpenVINO cannot compile the ONNX graph ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not diff <= EXPORT_TOLERANCE:
+        raise ExportError(f"OpenVINO computes other logits than PyTorch (max |Δ logits| {diff:.3g} > "
+                          f"{EXPORT_TOLERANCE:g})")
+    return diff
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else "")[:200]
@@ -399,6 +423,39 @@ def ort_runner(graph: bytes, x: torch.Tensor, threads: int) -> Runner:
     session = ort_session(graph, threads)
     feeds = {session.get_inputs()[0].name: x.numpy()}
     return Runner(lambda: session.run(None, feeds), threads)
+
+
+def openvino_compiled(graph: bytes, shape: Sequence[int], threads: int):
+    """The ONNX graph compiled by OpenVINO for the CPU at a fixed input shape: ``threads``
+    inference threads, one stream, fp32 inference precision (no bf16 where the CPU has it)."""
+    import tempfile
+
+    import openvino as ov
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(graph)
+        model = core.read_model(str(path))
+    model.reshape({0: list(shape)})
+    return core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                             "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+
+
+def openvino_difference(model: nn.Module, graph: bytes, inputs: torch.Tensor) -> float:
+    """max |Δ logits| between OpenVINO's compiled graph and PyTorch."""
+    compiled = openvino_compiled(graph, inputs.shape, 1)
+    got = compiled.create_infer_request().infer({0: inputs.numpy()})[compiled.output(0)]
+    with torch.no_grad():
+        expected = model.eval()(inputs).float().numpy()
+    return float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+
+
+def openvino_runner(graph: bytes, x: torch.Tensor, threads: int) -> Runner:
+    compiled = openvino_compiled(graph, x.shape, threads)
+    request = compiled.create_infer_request()
+    feeds = {0: x.numpy()}
+    return Runner(lambda: request.infer(feeds), threads)
 
 
 # --- models of a results directory -------------------------------------------------------
@@ -576,11 +633,16 @@ def measure(subject: Subject, setting: Setting, options: Options, graphs: dict[s
         comp = torch_runner(subject.model, x, setting.threads)
     else:
         assert graphs is not None
-        base = ort_runner(graphs["baseline"][0], x, setting.threads)
-        comp = ort_runner(graphs["compressed"][0], x, setting.threads)
+        make = ort_runner if setting.runtime == "onnxruntime" else openvino_runner
+        base = make(graphs["baseline"][0], x, setting.threads)
+        comp = make(graphs["compressed"][0], x, setting.threads)
         extra["onnx_check"] = {"max_abs_logit_diff": graphs["compressed"][1],
                                "baseline_max_abs_logit_diff": graphs["baseline"][1],
-                               "tolerance": EXPORT_TOLERANCE, "inputs": CHECK_IMAGES}
+                               "tolerance": EXPORT_TOLERANCE, "inputs": CHECK_IMAGES,
+                               "checked_with": "onnxruntime"}
+        if setting.runtime == "openvino":
+            extra["openvino_check"] = {"max_abs_logit_diff": graphs["openvino"][1], "tolerance": EXPORT_TOLERANCE,
+                                       "inputs": CHECK_IMAGES}
     with _pinned(setting.threads):
         quiet = check_quiet(options.machine, setting.threads)
         if quiet.problems() and not options.allow_noisy:
@@ -618,8 +680,10 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
     unknown = [r for r in options.runtimes if r not in RUNTIMES]
     if unknown:
         raise ConfigError(f"unknown runtime {unknown[0]!r}. Available: {', '.join(RUNTIMES)}")
-    if "onnxruntime" in options.runtimes and not has_onnxruntime():
-        raise ConfigError("runtime 'onnxruntime' needs the onnx extra: pip install 'prunebench[onnx]'")
+    for runtime in options.runtimes:
+        if not installed(runtime):
+            extra = ONNX_RUNTIMES[runtime]
+            raise ConfigError(f"runtime {runtime!r} needs the {extra} extra: pip install 'prunebench[{extra}]'")
     for batch, threads in options.settings:
         if batch < 1 or threads < 0:
             raise ConfigError(f"--batch must be >= 1 and --threads >= 0 (0: all CPUs), got {batch} and {threads}")
@@ -651,18 +715,21 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
                     write_atomic(path, existing)
                 outcomes.append(Outcome(rid, setting, "skipped", path, f"{rid}: already measured in {path}"))
                 continue
-            if setting.runtime == "onnxruntime" and graphs is None:
-                key = json.dumps([rec["arch"], subject.arch_kwargs, subject.input_shape], sort_keys=True)
-                try:
+            try:
+                if setting.runtime in ONNX_RUNTIMES and graphs is None:
+                    key = json.dumps([rec["arch"], subject.arch_kwargs, subject.input_shape], sort_keys=True)
                     if key not in baseline_graphs:
                         baseline_graphs[key] = exported(subject.baseline, subject.input_shape)
                     graphs = {"baseline": baseline_graphs[key],
                               "compressed": exported(subject.model, subject.input_shape)}
-                except ExportError as exc:
-                    line = f"{rid}: {exc}; its accuracy record is unchanged"
-                    log(f"error: {line}")
-                    outcomes.append(Outcome(rid, setting, "failed", line=line))
-                    break
+                if setting.runtime == "openvino" and graphs is not None and "openvino" not in graphs:
+                    graphs["openvino"] = (b"", openvino_checked(subject.model, graphs["compressed"][0],
+                                                                subject.input_shape))
+            except ExportError as exc:
+                line = f"{rid}: {exc}; its accuracy record is unchanged"
+                log(f"error: {line}")
+                outcomes.append(Outcome(rid, setting, "failed", line=line))
+                break
             numbers = measure(subject, setting, options, graphs)
             run_ids = sorted({rid, *((existing or {}).get("run_ids", []))})
             record = {

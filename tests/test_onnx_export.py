@@ -125,3 +125,29 @@ def test_a_module_that_does_not_export_is_one_line_naming_its_type():
 def test_a_module_whose_graph_computes_something_else_is_named():
     with pytest.raises(lat.ExportError, match="differs from PyTorch .* in module HostRoundTrip"):
         lat.exported(_with(HostRoundTrip()), SHAPE)
+
+
+@pytest.mark.parametrize("criterion, scope", [("ht2", None), ("trp", None), ("l1", "all")])
+def test_openvino_computes_pytorch_s_logits_from_the_checked_graph(criterion, scope):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'prunebench[openvino]')")
+    model = compressed(criterion, scope)
+    graph, _ = lat.exported(model, SHAPE)
+    assert lat.openvino_checked(model, graph, SHAPE) <= lat.EXPORT_TOLERANCE
+
+
+def test_a_results_directory_is_measured_on_the_onnx_runtimes_with_the_checks_recorded(tmp_path):
+    from test_latency import FakeClock, add_run, fake_machine
+
+    runtimes = [r for r in ("onnxruntime", "openvino") if lat.installed(r)]
+    results = tmp_path / "results"
+    results.mkdir()
+    add_run(results, "digits-resnet20-ht2-a", criterion="ht2", kind="transform")
+    options = lat.Options(runtimes=runtimes, settings=[(2, 1)], machine=fake_machine(),
+                          clock=FakeClock(tick=0.001))
+    outcomes = lat.run_latency(results, options)
+    assert [o.status for o in outcomes] == ["measured"] * len(runtimes)
+    for o in outcomes:
+        assert o.record["onnx_check"]["max_abs_logit_diff"] <= lat.EXPORT_TOLERANCE
+        assert o.record["runtime"] == o.setting.runtime and o.record["run_ids"] == ["digits-resnet20-ht2-a"]
+        if o.setting.runtime == "openvino":
+            assert o.record["openvino_check"]["max_abs_logit_diff"] <= lat.EXPORT_TOLERANCE
