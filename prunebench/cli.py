@@ -77,6 +77,8 @@ def run(
     layer_ratios: Annotated[str | None, typer.Option(help="JSON {layer: ratio} file or a named profile, e.g. hrank-resnet56-2 (implies --allocation profile)")] = None,
     scope: Annotated[str | None, typer.Option(help="which layers may be pruned: the architecture's scopes (prunebench info --arch), e.g. inner | all")] = None,
     shots: Annotated[int, typer.Option(help="score criteria: prune iteratively in K shots")] = 1,
+    round_to: Annotated[int | None, typer.Option(
+        help="score criteria: keep a multiple of N channels in every pruned layer (faster on most hardware)")] = None,
     shot_epochs: Annotated[float, typer.Option(help="training between shots, drawn from the fine-tune ledger")] = 0.0,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     results_dir: Annotated[Path, typer.Option(help="where result records go")] = Path("results"),
@@ -119,7 +121,7 @@ def run(
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
-        scope=scope, workers=workers, dense=dense,
+        scope=scope, workers=workers, dense=dense, round_to=round_to,
     )
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
