@@ -93,6 +93,8 @@ def run(
     layer_ratios: Annotated[str | None, typer.Option(help="JSON {layer: ratio} file or a named profile, e.g. hrank-resnet56-2 (implies --allocation profile)")] = None,
     scope: Annotated[str | None, typer.Option(help="which layers may be pruned: the architecture's scopes (prunebench info --arch), e.g. inner | all")] = None,
     shots: Annotated[int, typer.Option(help="score criteria: prune iteratively in K shots")] = 1,
+    round_to: Annotated[int | None, typer.Option(
+        help="score criteria: keep a multiple of N channels in every pruned layer (faster on most hardware)")] = None,
     shot_epochs: Annotated[float, typer.Option(help="training between shots, drawn from the fine-tune ledger")] = 0.0,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     results_dir: Annotated[Path, typer.Option(help="where result records go")] = Path("results"),
@@ -141,7 +143,7 @@ def run(
         allocation=allocation, max_layer_ratio=max_layer_ratio, layer_ratios=profile, shots=shots,
         shot_epochs=shot_epochs, data_dir=data_dir,
         results_dir=results_dir, baseline=_baseline_option(baseline), device=device, force=force, precision=precision,
-        scope=scope, workers=workers, dense=dense, timeout=timeout,
+        scope=scope, workers=workers, dense=dense, timeout=timeout, round_to=round_to,
     )
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -463,6 +465,49 @@ def leaderboard(
                           "choose another --out") from None
     for f in files:
         out.print(f"wrote {escape(str(f))}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def latency(
+    results_dir: Annotated[Path, typer.Argument(help="results directory of complete runs")],
+    runtime: Annotated[list[str] | None, typer.Option(
+        help="torch | onnxruntime | openvino (repeat for several; default: each one installed)")] = None,
+    batch: Annotated[list[int] | None, typer.Option(help="batch sizes, paired with --threads (default 1 and 64)")] = None,
+    threads: Annotated[list[int] | None, typer.Option(
+        help="threads per batch size, in the same order (default 1 and 0; 0: every CPU this process may use)")] = None,
+    repeats: Annotated[int, typer.Option(help="timed repeats per model, at least 30")] = 30,
+    warmup: Annotated[int, typer.Option(help="untimed calls per model first")] = 5,
+    force: Annotated[bool, typer.Option(help="measure again what has a latency record")] = False,
+    allow_noisy: Annotated[bool, typer.Option(
+        "--allow-noisy", help="on a machine that is not quiet, record the result marked unreliable instead of refusing")] = False,
+) -> None:
+    """Measure each compressed model of RESULTS_DIR against its baseline: interleaved timing,
+    the median latency and a 95 % interval of the speed-up, per runtime, batch and threads.
+    Writes RESULTS_DIR/latency/*.json; the accuracy records are never changed (docs/latency.md)."""
+    from prunebench import latency as lat
+
+    runtimes = runtime or [r for r in lat.RUNTIMES if lat.installed(r)]
+    if not runtime and len(runtimes) < len(lat.RUNTIMES):
+        missing = [f"{r} (pip install 'prunebench[{lat.ONNX_RUNTIMES[r]}]')" for r in lat.RUNTIMES if r not in runtimes]
+        err.print(f"not installed, not measured: {', '.join(missing)}", highlight=False, markup=False,
+                  soft_wrap=True)
+    batches = batch or [1, 64]
+    thread_counts = threads or ([1, 0] if not batch else [1] * len(batches))
+    if len(thread_counts) != len(batches):
+        raise ConfigError(f"give one --threads per --batch ({len(batches)} batch sizes, {len(thread_counts)} thread counts)")
+    options = lat.Options(runtimes=runtimes, settings=list(zip(batches, thread_counts, strict=True)), repeats=repeats,
+                          warmup=warmup, force=force, allow_noisy=allow_noisy)
+    outcomes = lat.run_latency(results_dir, options,
+                               log=lambda line: (err if line.startswith("error:") else out).print(
+                                   line, highlight=False, markup=False, soft_wrap=True))
+    measured = sum(o.status == "measured" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    failed = sorted({o.run_id for o in outcomes if o.status == "failed"})
+    unreliable = sum(bool(o.record and o.record.get("unreliable")) for o in outcomes)
+    out.print(f"{results_dir / 'latency'}: {measured} measured ({unreliable} unreliable), {skipped} already measured, "
+              f"{len(failed)} model(s) failed", highlight=False, markup=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 records_app = typer.Typer(no_args_is_help=True, help="Check result records, or migrate them to the current run-id rule.")

@@ -14,6 +14,7 @@ Reductions are always measured by pruning/transforming a copy and counting, neve
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -188,14 +189,31 @@ def unit_profile(
     return ratios, ignored
 
 
+def removable_counts(channels: int, cap: int, round_to: int | None) -> list[int]:
+    """The numbers of channels a unit of ``channels`` may lose (at most ``cap``): any, or with
+    ``round_to`` N only those that keep a multiple of N channels (torch-pruning's ``round_to``:
+    hardware runs such widths faster). A unit narrower than N keeps all its channels."""
+    if not round_to or round_to <= 1:
+        return list(range(cap + 1))
+    return [r for r in range(cap + 1) if r == 0 or (channels - r) % round_to == 0]
+
+
 def plan_scores(
     units: Sequence[Unit], scores: Mapping[str, Tensor], meter: Meter, model: nn.Module,
     allocation: str, max_ratio: float, seed: int, profile: Mapping[str, float] | None = None,
+    round_to: int | None = None,
 ) -> dict[str, Tensor]:
-    """Choose kept channels per unit so the reduction lands within the target's tolerance."""
+    """Choose kept channels per unit so the reduction lands within the target's tolerance
+    (with ``round_to`` N, every unit keeps a multiple of N channels, or all of them)."""
     orders = {u.root: _order(scores[u.root], seed) for u in units}
     caps = {u.root: u.channels - _min_keep(u.channels, max_ratio) for u in units}
+    allowed = {u.root: removable_counts(u.channels, caps[u.root], round_to) for u in units}
     target = meter.target
+
+    def snap(root: str, removed: int) -> int:
+        """The largest allowed count not above ``removed`` (rounding the kept width up)."""
+        options = allowed[root]
+        return options[max(0, bisect.bisect_right(options, removed) - 1)]
 
     def kept_from_counts(counts: Mapping[str, int]) -> dict[str, Tensor]:
         return {r: _keep_from_removed(orders[r], c) for r, c in counts.items()}
@@ -222,11 +240,12 @@ def plan_scores(
             counts = {u.root: 0 for u in units}
             for _, root in entries[:k]:
                 counts[root] += 1
-            return counts
+            return {r: snap(r, c) for r, c in counts.items()}
 
         k = _bisect_int(lambda k: measure(counts_at(k)), 0, len(entries), target.ratio)
         counts = counts_at(k)
-        return _settle(counts, measure, meter, entries_order=[r for _, r in entries], caps=caps, kept=kept_from_counts)
+        return _settle(counts, measure, meter, entries_order=[r for _, r in entries], caps=caps, kept=kept_from_counts,
+                       allowed=allowed)
 
     if allocation in ("uniform", "profile"):
         if allocation == "profile":
@@ -247,7 +266,7 @@ def plan_scores(
 
         def counts_at_ratio(p: float) -> dict[str, int]:
             return {
-                u.root: min(caps[u.root], int(round(min(max_ratio, p * base[u.root]) * u.channels)))
+                u.root: snap(u.root, min(caps[u.root], int(round(min(max_ratio, p * base[u.root]) * u.channels))))
                 for u in units
             }
 
@@ -255,13 +274,15 @@ def plan_scores(
         counts = counts_at_ratio(p)
         norm = _normalised(scores)
         # top-up order: next channel to remove in each unit, cheapest normalised score first
-        return _settle(counts, measure, meter, caps=caps, kept=kept_from_counts, norm=norm, orders=orders)
+        return _settle(counts, measure, meter, caps=caps, kept=kept_from_counts, norm=norm, orders=orders,
+                       allowed=allowed)
 
     raise ConfigError(f"unknown allocation {allocation!r}. Available: {', '.join(ALLOCATIONS)}")
 
 
-def _settle(counts, measure, meter, caps, kept, entries_order=None, norm=None, orders=None):
-    """Move single channels until the achieved reduction is within tolerance.
+def _settle(counts, measure, meter, caps, kept, entries_order=None, norm=None, orders=None, allowed=None):
+    """Move single channels (with ``allowed`` counts per unit: to the next allowed count)
+    until the achieved reduction is within tolerance.
 
     Each unit's marginal effect of one channel is measured once (and refreshed for the unit
     that moves); among the moves that do not jump across the tolerance band, the one the
@@ -282,9 +303,19 @@ def _settle(counts, measure, meter, caps, kept, entries_order=None, norm=None, o
     def last_score(r: str) -> float:  # importance of the last channel unit r lost
         return float(norm[r][orders[r][counts[r] - 1]]) if norm is not None else float(rank.get(r, 0))
 
+    def moved(r: str, sign: int) -> int | None:
+        """Unit r's count one step up (sign 1) or down (-1), or None at the end."""
+        if allowed is None:
+            c = counts[r] + sign
+            return c if 0 <= c <= caps[r] else None
+        options = allowed[r]
+        i = bisect.bisect_left(options, counts[r])
+        j = i + 1 if sign > 0 else i - 1
+        return options[j] if 0 <= j < len(options) else None
+
     def step_effect(r: str, sign: int) -> float:
         trial = dict(counts)
-        trial[r] += sign
+        trial[r] = moved(r, sign)
         return measure(trial) - achieved
 
     effects: dict[tuple[str, int], float] = {}
@@ -293,9 +324,9 @@ def _settle(counts, measure, meter, caps, kept, entries_order=None, norm=None, o
             return kept(counts)
         sign = 1 if achieved < target.ratio else -1
         if sign > 0:
-            candidates = sorted((r for r in counts if counts[r] < caps[r]), key=next_score)
+            candidates = sorted((r for r in counts if moved(r, 1) is not None), key=next_score)
         else:
-            candidates = sorted((r for r in counts if counts[r] > 0), key=last_score, reverse=True)
+            candidates = sorted((r for r in counts if moved(r, -1) is not None), key=last_score, reverse=True)
         choice = None
         for r in candidates:
             if (r, sign) not in effects:
@@ -306,7 +337,7 @@ def _settle(counts, measure, meter, caps, kept, entries_order=None, norm=None, o
                 break
         if choice is None:
             break
-        counts[choice] += sign
+        counts[choice] = moved(choice, sign)
         before = achieved
         achieved = measure(counts)
         effects[(choice, sign)] = achieved - before
@@ -451,7 +482,7 @@ class LedgerGuard:
 def compress(
     criterion: Criterion, model: nn.Module, ctx: CompressionContext, meter: Meter,
     allocation: str = "uniform", max_ratio: float = 0.9, profile: Mapping[str, float] | None = None,
-    shots: int = 1, shot_epochs: float = 0.0,
+    shots: int = 1, shot_epochs: float = 0.0, round_to: int | None = None,
 ) -> Compressed:
     """Compress ``model`` in place with ``criterion`` until ``ctx.target`` is met.
 
@@ -463,12 +494,14 @@ def compress(
     guard = LedgerGuard(criterion, ctx)
     ctx = dataclasses.replace(ctx, train=guard.train(ctx.train))
     with guard.active():
-        return _compress(criterion, model, ctx, meter, guard, allocation, max_ratio, profile, shots, shot_epochs)
+        return _compress(criterion, model, ctx, meter, guard, allocation, max_ratio, profile, shots, shot_epochs,
+                         round_to)
 
 
 def _compress(
     criterion: Criterion, model: nn.Module, ctx: CompressionContext, meter: Meter, guard: LedgerGuard,
     allocation: str, max_ratio: float, profile: Mapping[str, float] | None, shots: int, shot_epochs: float,
+    round_to: int | None = None,
 ) -> Compressed:
     if isinstance(criterion, ScoreCriterion):
         if shots < 1:
@@ -488,7 +521,8 @@ def _compress(
                             f"{', '.join(ignored[:6])}{'...' if len(ignored) > 6 else ''}")
             with guard.call("scores()", unchanged=model):
                 scores = unit_scores(criterion, model, units, ctx.calibration)
-            kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed + shot, per_unit)
+            kept = plan_scores(units, scores, meter, model, allocation, max_ratio, ctx.seed + shot, per_unit,
+                               round_to=round_to)
             removal = {}
             for u in units:
                 removed = sorted(set(range(u.channels)) - set(kept[u.root].tolist()))
@@ -501,7 +535,8 @@ def _compress(
                 ctx.train(model, shot_epochs, purpose="k-shot")
         meter.target = full_target
         achieved = meter.reduction(model)
-        knob = {"allocation": allocation, **({"shots": shots, "shot_epochs": shot_epochs} if shots > 1 else {})}
+        knob = {"allocation": allocation, **({"shots": shots, "shot_epochs": shot_epochs} if shots > 1 else {}),
+                **({"round_to": round_to} if round_to and round_to > 1 else {})}
         if ignored:
             knob["profile_ignored"] = ignored
         return Compressed(model, plan, achieved, knob, meter.evaluations)

@@ -84,6 +84,7 @@ def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
             else Path(source) if source not in (None, "cache", "trained") else None, scratch=scratch,
             precision=rec.get("precision", "fp32"),  # records made before precision was a choice trained in fp32
             scope=rec.get("scope"),  # records made before scopes existed used the default
+            round_to=rec.get("round_to"),  # recorded only when given
         )
     except (KeyError, TypeError, PrunebenchError) as exc:
         raise CannotMigrate(f"its fields do not describe a run ({type(exc).__name__}: {exc})") from None

@@ -107,6 +107,7 @@ class RunConfig:
     # seconds the run may take before it is stopped and recorded as failed (None: no limit); like
     # the paths, not part of the run's identity: it decides whether there is a result, not what it is
     timeout: float | None = None
+    round_to: int | None = None  # kept channel counts rounded to multiples of this (score criteria); None: any
 
     def __post_init__(self) -> None:
         # typed in one place, whether given on the command line (strings) or in a sweep file (TOML
@@ -116,6 +117,9 @@ class RunConfig:
         object.__setattr__(self, "criterion_params", typed_criterion_params(self.criterion, self.criterion_params))
         check_precision(self.precision)
         check_timeout(self.timeout)
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
+            raise ConfigError(f"round_to must be a whole number >= 1, got {self.round_to!r}")
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise ConfigError(f"workers must be a whole number >= 0, got {self.workers!r}")
@@ -166,12 +170,16 @@ class RunConfig:
         if self.scope is not None and self.scope != _default_scope(self.arch):
             # only when not the architecture's default, so the ids of default-scope runs stay what they were
             identity["scope"] = self.scope
+        if self.round_to is not None and self.round_to > 1:
+            # only when given (1 rounds nothing), so the ids of all other runs stay what they were
+            identity["round_to"] = self.round_to
         if self.scratch:  # only when set, so the ids of all other runs stay what they were
             identity.update(criterion="scratch", scratch=True, architecture_from=self.criterion)
         if self.dense is not None:  # prunes nothing: no criterion, no target, no pruning options
             identity.update(criterion="dense", dense=self.dense, criterion_params={}, target=None,
                             allocation=None, max_layer_ratio=None, layer_ratios=None, shots=None, shot_epochs=None)
             identity.pop("scope", None)
+            identity.pop("round_to", None)
         providers = plugin_providers(self)
         if providers:  # likewise only for plug-ins from other distributions
             identity["plugins"] = providers
@@ -573,6 +581,8 @@ def base_record(cfg: RunConfig, rid: str, identity: dict[str, Any], device: torc
         "plugins": plugin_versions(cfg), "identity": identity,
         "precision": cfg.resolved_precision(), "sharing": cfg.sharing.describe(),
     }
+    if cfg.round_to is not None and cfg.round_to > 1 and cfg.dense is None:  # only when given: other records keep their fields
+        record["round_to"] = cfg.round_to
     if cfg.scratch:
         record.update(criterion="scratch", architecture_from=cfg.criterion)
     if cfg.dense is not None:
@@ -723,7 +733,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     t0 = time.perf_counter()
     result = compress(criterion, model, ctx, meter, allocation=cfg.allocation,
                       max_ratio=cfg.max_layer_ratio, profile=cfg.layer_ratios,
-                      shots=cfg.shots, shot_epochs=cfg.shot_epochs)
+                      shots=cfg.shots, shot_epochs=cfg.shot_epochs, round_to=cfg.round_to)
     compress_seconds = time.perf_counter() - t0
     model = result.model.to(device)
     distributed.agree_on_model(model, "compression")

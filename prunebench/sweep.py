@@ -48,7 +48,7 @@ EXECUTORS = ("local", "ray")
 TOP_KEYS = (
     "description", "criteria", "architectures", "dataset", "targets", "seeds", "budget", "allocation",
     "max_layer_ratio", "layer_ratios", "shots", "shot_epochs", "controls", "device", "results_dir", "baseline", "scope",
-    "precision", "runs_per_gpu", "dense", "timeout",
+    "precision", "runs_per_gpu", "dense", "timeout", "round_to",
 )
 CRITERION_KEYS = ("name", "params")
 DATASET_KEYS = ("name", "options", "data_dir")
@@ -89,6 +89,7 @@ class Sweep:
     scope: str | None = None
     dense: tuple[str, ...] = ()  # smaller-dense controls: one run per (architecture, dense arch, seed)
     timeout: float | None = None  # seconds each run may take (None: no limit); not part of any run id
+    round_to: int | None = None  # kept channel counts rounded to multiples of this (score criteria)
 
     def runs(self) -> list[RunConfig]:
         """Every run of the grid, in a stable order, each once (a control that is also listed
@@ -99,7 +100,7 @@ class Sweep:
             allocation=self.allocation, max_layer_ratio=self.max_layer_ratio, layer_ratios=self.layer_ratios,
             shots=self.shots, shot_epochs=self.shot_epochs, data_dir=self.data_dir,
             results_dir=self.results_dir, device=self.device, baseline=self.baseline, scope=self.scope,
-            precision=resolve_precision(self.precision, self.device), timeout=self.timeout,
+            precision=resolve_precision(self.precision, self.device), timeout=self.timeout, round_to=self.round_to,
         )
         out: dict[str, RunConfig] = {}
         for arch in self.architectures:
@@ -232,6 +233,7 @@ def parse_sweep(doc: Mapping[str, Any], base: Path = Path("."), results_dir: Pat
         data_dir=data_dir if data_dir is not None else file_data_dir, results_dir=Path(results_dir),
         baseline=baseline, precision=precision, runs_per_gpu=runs_per_gpu, scope=scope, dense=dense,
         timeout=None if timeout is None else float(timeout),
+        round_to=_int(doc["round_to"], "round_to") if "round_to" in doc else None,
     )
     for cfg in sweep.runs():  # every run of the grid, checked as `prunebench run` checks one
         check_run(cfg)
@@ -635,6 +637,7 @@ def describe(sweep: Sweep) -> dict[str, Any]:
         "targets": [f"{t.metric} -{t.ratio:.0%}" for t in sweep.targets], "seeds": list(sweep.seeds),
         "budget": sweep.budget.name + "".join(f" {k}={v}" for k, v in _overrides(sweep.budget).items()),
         "allocation": sweep.allocation, **({"scope": sweep.scope} if sweep.scope is not None else {}),
+        **({"round_to": sweep.round_to} if sweep.round_to is not None else {}),
         "results_dir": str(sweep.results_dir),
         "baseline": str(sweep.baseline) if sweep.baseline is not None else "trained (cached per seed)",
         "precision": f"{sweep.precision} ({resolve_precision(sweep.precision, sweep.device)} here)"

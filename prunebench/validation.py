@@ -192,6 +192,11 @@ def check_run(cfg: RunConfig) -> None:
                           f"got {cfg.max_layer_ratio!r}")
     if cfg.allocation == "profile" and not cfg.layer_ratios:
         raise ConfigError("allocation 'profile' needs per-layer ratios (--layer-ratios FILE)")
+    round_to = getattr(cfg, "round_to", None)
+    if round_to is not None and round_to > 1 and criterion.kind.value != "score" and getattr(cfg, "dense", None) is None:
+        # rounding would be ignored while the record and the run id named it
+        raise ConfigError(f"--round-to rounds the widths that score criteria choose; {cfg.criterion!r} is a "
+                          f"{criterion.kind.value} criterion and would ignore it")
     if cfg.layer_ratios is not None and criterion.kind.value != "score" and getattr(cfg, "dense", None) is None:
         # an allocate criterion chooses its own per-layer rates, a transform criterion removes no channel:
         # a profile would be ignored while the record and the leaderboard row named it

@@ -1,0 +1,153 @@
+"""Every built-in criterion's compressed model exports to ONNX and computes PyTorch's logits
+(max |Δ logits| <= 1e-4, fp32): pruned widths, residual-scope models (PadShortcut) and the
+factorised modules of ht2 and trp. A model that does not export is a one-line error naming
+the module type."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunebench import registry
+from prunebench.compress import Meter, compress
+from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
+
+pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'prunebench[onnx]')")
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'prunebench[onnx]')")
+
+from prunebench import latency as lat  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = [1, 3, 8, 8]
+
+
+def compressed(criterion: str, scope: str | None = None, params: dict | None = None, arch_name: str = "resnet20",
+               ratio: float = 0.4) -> nn.Module:
+    """The criterion run for real on a small network with trained-looking BatchNorm statistics."""
+    arch = registry.architectures.get(arch_name)
+    torch.manual_seed(0)
+    model = arch.build(num_classes=10, in_channels=3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    images = torch.randn(32, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
+    example = images[:1]
+    target = Target("macs", ratio, 0.02)
+    meter = Meter(copy.deepcopy(model), example, target)
+    ledger = EpochLedger(1.0)
+    ctx = CompressionContext(
+        example_inputs=example, calibration=Calibration(images, torch.zeros(32, dtype=torch.long), 32),
+        target=target, device=torch.device("cpu"), seed=0, prunable=arch.prunable_layers(model, scope),
+        protected=arch.protected(model), ledger=ledger, reduction=meter.reduction,
+        reduction_of=lambda kept: meter.reduction_of(model, kept),
+        train=lambda m, epochs, hooks=None, purpose="compress": ledger.draw(epochs, purpose), log=lambda msg: None,
+    )
+    result = compress(registry.criteria.get(criterion).from_kwargs(**(params or {})), model, ctx, meter)
+    assert meter.within(result.achieved)
+    return model.eval()
+
+
+BUILT_IN = [
+    ("l1", None, {}), ("random", None, {}), ("coring", None, {}), ("qsfm", None, {}),
+    ("hbgs", None, {}), ("hbgs-b", None, {}), ("hbgts", None, {"lazy": True}), ("hbgts-b", None, {"lazy": True}),
+    ("ht2", None, {}), ("trp", None, {}), ("trp", None, {"scheme": "spatial"}),
+    # residual-scope models: residual channels pruned through PadShortcut
+    ("l1", "all", {}), ("hbgs", "all", {}),
+]
+
+
+def test_the_list_covers_every_built_in_criterion():
+    built_in = {name for name in registry.criteria.names() if registry.criteria.provider(name) is None}
+    assert built_in <= {c for c, _, _ in BUILT_IN}
+
+
+@pytest.mark.parametrize("criterion, scope, params", BUILT_IN,
+                         ids=[f"{c}-{s or 'default'}{'-' + '-'.join(map(str, p.values())) if p else ''}"
+                              for c, s, p in BUILT_IN])
+def test_every_criterion_s_compressed_model_exports_with_pytorch_s_logits(criterion, scope, params):
+    model = compressed(criterion, scope, params)
+    if criterion in ("ht2", "trp"):
+        assert any(type(m).__name__ == "Factorized" for m in model.modules())
+    if scope == "all":
+        assert model.conv1.out_channels < 16 or model.layer3[0].conv2.out_channels < 64  # residual channels went
+    graph, diff = lat.exported(model, SHAPE)
+    assert diff <= lat.EXPORT_TOLERANCE
+    # the graph takes any batch (batch 64 is measured too)
+    session = lat.ort_session(graph, 1)
+    x = torch.randn(5, *SHAPE[1:])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert out.shape == (5, 10) and abs(out - model(x).numpy()).max() <= lat.EXPORT_TOLERANCE
+
+
+def test_factorised_modules_of_mobilenetv2_export():
+    model = compressed("ht2", arch_name="mobilenetv2")  # SVD of 1x1 convs beside depthwise convs
+    assert any(type(m).__name__ == "Factorized" for m in model.modules())
+    assert lat.exported(model, SHAPE)[1] <= lat.EXPORT_TOLERANCE
+
+
+class BesselGate(nn.Module):
+    """An op the ONNX exporter has no translation for."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.special.i0(x)
+
+
+class HostRoundTrip(nn.Module):
+    """Leaves the graph through NumPy: the exported graph holds a constant instead."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.detach().numpy().copy()) * 2
+
+
+def _with(module: nn.Module) -> nn.Module:
+    model = registry.architectures.get("resnet20").build(num_classes=10, in_channels=3).eval()
+    model.layer2[1].bn1 = nn.Sequential(model.layer2[1].bn1, module)
+    return model
+
+
+def test_a_module_that_does_not_export_is_one_line_naming_its_type():
+    with pytest.raises(lat.ExportError) as info:
+        lat.exported(_with(BesselGate()), SHAPE)
+    message = str(info.value)
+    assert "ONNX export failed in module BesselGate" in message and "\n" not in message
+
+
+def test_a_module_whose_graph_computes_something_else_is_named():
+    with pytest.raises(lat.ExportError, match="differs from PyTorch .* in module HostRoundTrip"):
+        lat.exported(_with(HostRoundTrip()), SHAPE)
+
+
+@pytest.mark.parametrize("criterion, scope", [("ht2", None), ("trp", None), ("l1", "all")])
+def test_openvino_computes_pytorch_s_logits_from_the_checked_graph(criterion, scope):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'prunebench[openvino]')")
+    model = compressed(criterion, scope)
+    graph, _ = lat.exported(model, SHAPE)
+    assert lat.openvino_checked(model, graph, SHAPE) <= lat.EXPORT_TOLERANCE
+
+
+def test_a_results_directory_is_measured_on_the_onnx_runtimes_with_the_checks_recorded(tmp_path):
+    from test_latency import FakeClock, add_run, fake_machine
+
+    runtimes = [r for r in ("onnxruntime", "openvino") if lat.installed(r)]
+    results = tmp_path / "results"
+    results.mkdir()
+    add_run(results, "digits-resnet20-ht2-a", criterion="ht2", kind="transform")
+    options = lat.Options(runtimes=runtimes, settings=[(2, 1)], machine=fake_machine(),
+                          clock=FakeClock(tick=0.001))
+    outcomes = lat.run_latency(results, options)
+    assert [o.status for o in outcomes] == ["measured"] * len(runtimes)
+    for o in outcomes:
+        assert o.record["onnx_check"]["max_abs_logit_diff"] <= lat.EXPORT_TOLERANCE
+        assert o.record["runtime"] == o.setting.runtime and o.record["run_ids"] == ["digits-resnet20-ht2-a"]
+        if o.setting.runtime == "openvino":
+            assert o.record["openvino_check"]["max_abs_logit_diff"] <= lat.EXPORT_TOLERANCE
