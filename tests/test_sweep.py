@@ -150,10 +150,14 @@ def test_scope_key_reaches_every_run_and_its_id(tmp_path):
 
 
 def test_named_layer_ratio_profile_in_a_sweep(tmp_path):
-    spec = load_sweep(write_config(tmp_path / "s.toml", architectures=["resnet56"], layer_ratios="hrank-resnet56-2"))
+    spec = load_sweep(write_config(tmp_path / "s.toml", criteria=["l1"], architectures=["resnet56"],
+                                   layer_ratios="hrank-resnet56-2"))
     assert spec.allocation == "profile" and spec.layer_ratios["layer2.3.conv1"] == 0.4
     with pytest.raises(ConfigError, match="is for architecture 'resnet56', not 'resnet20'"):
-        load_sweep(write_config(tmp_path / "t.toml", layer_ratios="hrank-resnet56-2"))
+        load_sweep(write_config(tmp_path / "t.toml", criteria=["l1"], layer_ratios="hrank-resnet56-2"))
+    # a criterion that would ignore the profile (ht2 removes no channel) is refused with it
+    with pytest.raises(ConfigError, match="'ht2' is a transform criterion and would ignore it"):
+        load_sweep(write_config(tmp_path / "u.toml", architectures=["resnet56"], layer_ratios="hrank-resnet56-2"))
 
 
 def test_bad_toml_and_missing_file(tmp_path):
