@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from prunebench.leaderboard.latency import read_latency
 from prunebench.leaderboard.output import obsolete, page_stem, read_records, slug, write
 from prunebench.leaderboard.output import stale as _stale
 from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER, _labels, index, page
-from prunebench.leaderboard.plots import tradeoff_png
+from prunebench.leaderboard.plots import latency_png, tradeoff_png
 from prunebench.leaderboard.rows import budget_label, frame
 
 __all__ = ["MARKER", "budget_label", "build", "check_stale", "obsolete", "problems", "write"]
@@ -37,6 +38,7 @@ def _csv(rows: list[dict]) -> str:
 def build(records_dir: Path) -> dict[str, str | bytes]:
     """Return {file name: content} for the leaderboard directory."""
     records, bad = read_records(records_dir)
+    latency = read_latency(records_dir)
     df = frame(records)
     files: dict[str, str | bytes] = {"README.md": index(df, bad)}
     all_rows: list[dict] = []
@@ -46,12 +48,18 @@ def build(records_dir: Path) -> dict[str, str | bytes]:
             plots = {}
             for budget in sorted(p["budget"].unique()):
                 b = p[p["budget"] == budget]
-                png = tradeoff_png(dataset, arch, budget, b, _labels(b[b["name"] != "dense"])[0])
+                labels = _labels(b[b["name"] != "dense"])[0]
+                png = tradeoff_png(dataset, arch, budget, b, labels)
                 if png is not None:
                     name = f"{stem}.{slug(budget)}.png"
                     files[name] = png
-                    plots[budget] = name
-            md, rows = page(dataset, arch, p, stem, plots)
+                    plots.setdefault(budget, []).append(name)
+                png = latency_png(dataset, arch, budget, b, labels, latency)
+                if png is not None:
+                    name = f"{stem}.{slug(budget)}.latency.png"
+                    files[name] = png
+                    plots.setdefault(budget, []).append(name)
+            md, rows = page(dataset, arch, p, stem, plots, latency)
             files[f"{stem}.md"] = md
             files[f"{stem}.csv"] = _csv(rows)
             all_rows += rows

@@ -9,6 +9,9 @@ from typing import Any
 
 import pandas as pd
 
+from prunebench.leaderboard.latency import COLUMNS as LATENCY_COLUMNS
+from prunebench.leaderboard.latency import cell as latency_cell
+from prunebench.leaderboard.latency import columns_present
 from prunebench.leaderboard.reported import reported_for
 from prunebench.leaderboard.stats import ALPHA, TEST_NAME, holm, t_interval, verdict_text, versus_random
 
@@ -21,7 +24,11 @@ HEADERS = ["rank", "criterion", "final top-1", "95 % CI", "Δ vs base", "one-sho
 CSV_COLUMNS = ["dataset", "arch", "budget", "target", "rank", "criterion", "final_top1_mean", "final_top1_std",
                "final_top1_ci_low", "final_top1_ci_high", "seeds", "delta_vs_baseline", "oneshot_top1",
                "oneshot_bn_top1", "beats_random", "p_vs_random", "p_vs_random_holm", "macs_reduction_pct",
-               "params_reduction_pct", "speedup_batch1", "criterion_seconds", "options"]
+               "params_reduction_pct", "speedup_batch1", "criterion_seconds",
+               *[f"{prefix}{key}{suffix}" for key, *_r in LATENCY_COLUMNS for prefix, suffix in (
+                   ("speedup_", "_b1"), ("speedup_", "_b1_low"), ("speedup_", "_b1_high"), ("latency_", "_b1_ms"),
+                   ("baseline_latency_", "_b1_ms"), ("latency_", "_unreliable"))],
+               "options"]
 #: a dense control is compared with a target's rows when its MACs reduction is this close (points)
 DENSE_NEAR = 10.0
 
@@ -106,6 +113,7 @@ def ranked(table: pd.DataFrame) -> list[dict[str, Any]]:
         out.append({
             "config": config, "label": labels[config], "mean": mean, "std": std, "n": n, "bad": bad,
             "ci": t_interval(list(g["final"])), "finals": [float(v) for v in g["final"]], "p_raw": p,
+            "run_ids": list(g["run_id"]),
             "delta": _mean_std(g["delta"])[0], "oneshot": _nanmean(g["oneshot"]),
             "oneshot_bn": _nanmean(g["oneshot_bn"]), "verdict": verdict, "p": p,
             "macs": _nanmean(g["macs_down"]), "params": _nanmean(g["params_down"]),
@@ -120,15 +128,40 @@ def _ci_cell(ci: tuple[float, float] | None) -> str:
     return "—" if ci is None else f"{ci[0]:.2f} – {ci[1]:.2f}"
 
 
-def _table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+def _headers(lat_cols: list[tuple[str, str]]) -> list[str]:
+    """The table's headings: measured speed-ups per runtime where latency records exist, else
+    the run's own in-run indication."""
+    if not lat_cols:
+        return HEADERS
+    i = HEADERS.index("speed-up")
+    return HEADERS[:i] + [heading for _key, heading in lat_cols] + HEADERS[i + 1:]
+
+
+def _table_rows(rows: list[dict[str, Any]], lat_cols: list[tuple[str, str]] | None = None) -> list[list[Any]]:
     table = []
     for i, r in enumerate(rows, start=1):
-        speed = _fmt(r["speedup"], ".2f") + ("×*" if r["shared"] else "×") if not pd.isna(r["speedup"]) else "—"
+        if lat_cols:
+            speed = [r["lat"][key][0] for key, _h in lat_cols]
+        else:
+            speed = [_fmt(r["speedup"], ".2f") + ("×*" if r["shared"] else "×") if not pd.isna(r["speedup"]) else "—"]
         table.append([i, r["label"], _final_cell(r["mean"], r["std"], r["n"], r["bad"]), _ci_cell(r["ci"]),
                       _fmt(r["delta"], "+.2f"),
                       _fmt(r["oneshot"], ".2f"), _fmt(r["oneshot_bn"], ".2f"), r["verdict"],
-                      f"{r['macs']:.1f}%", f"{r['params']:.1f}%", speed, _fmt(r["crit_s"], ".2f"), r["n"]])
+                      f"{r['macs']:.1f}%", f"{r['params']:.1f}%", *speed, _fmt(r["crit_s"], ".2f"), r["n"]])
     return table
+
+
+def _latency_csv(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, *_rest in LATENCY_COLUMNS:
+        numbers = r.get("lat", {}).get(key, ("", {}))[1]
+        for field, name in (("median", f"speedup_{key}_b1"), ("low", f"speedup_{key}_b1_low"),
+                            ("high", f"speedup_{key}_b1_high"), ("compressed_ms", f"latency_{key}_b1_ms"),
+                            ("baseline_ms", f"baseline_latency_{key}_b1_ms")):
+            value = numbers.get(field)
+            out[name] = None if value is None else round(value, 4)
+        out[f"latency_{key}_unreliable"] = numbers.get("unreliable")
+    return out
 
 
 def csv_rows(dataset: str, arch: str, budget: str, target: str, rows: list[dict[str, Any]]) -> list[dict]:
@@ -144,7 +177,7 @@ def csv_rows(dataset: str, arch: str, budget: str, target: str, rows: list[dict[
              "p_vs_random_holm": None if r["p"] is None else round(r["p"], 4),
              "macs_reduction_pct": round(r["macs"], 3), "params_reduction_pct": round(r["params"], 3),
              "speedup_batch1": num(r["speedup"], 4), "criterion_seconds": num(r["crit_s"], 4),
-             "options": r["options"]} for i, r in enumerate(rows, start=1)]
+             **_latency_csv(r), "options": r["options"]} for i, r in enumerate(rows, start=1)]
 
 
 def _baseline_lines(page: pd.DataFrame) -> list[str]:
@@ -163,9 +196,14 @@ def _baseline_lines(page: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _notes(table: pd.DataFrame, rows: list[dict[str, Any]]) -> list[str]:
+def _notes(table: pd.DataFrame, rows: list[dict[str, Any]], measured: bool = False) -> list[str]:
     notes = []
-    if any(r["shared"] for r in rows):
+    if measured:
+        notes.append("Speed-ups are measured by `prunebench latency` (docs/latency.md): the compressed model against "
+                     "the baseline architecture, interleaved, batch 1 on one thread, median over the repeats with its "
+                     "95 % bootstrap interval; ▼ marks a row slower than the baseline (interval below 1×), † a "
+                     "measurement the quiet-machine check marked unreliable.")
+    elif any(r["shared"] for r in rows):
         notes.append("\\* latency measured while other runs shared the device: the speed-up is indicative only.")
     has_scratch = (table["name"] == "scratch").any()
     if not has_scratch and bool(table["pretrained"].all()):
@@ -205,8 +243,11 @@ def _reported_lines(dataset: str, arch: str) -> list[str]:
     ]
 
 
-def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, str]) -> tuple[str, list[dict]]:
-    """The markdown of one (dataset, arch) page and its CSV rows. ``plots`` maps budget → PNG name."""
+def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, str],
+         latency: dict[str, dict[str, Any]] | None = None) -> tuple[str, list[dict]]:
+    """The markdown of one (dataset, arch) page and its CSV rows. ``plots`` maps budget → PNG
+    names (the MACs plot, then the latency plot when there is one); ``latency``: the latency
+    records by run id (:func:`prunebench.leaderboard.latency.read_latency`)."""
     from tabulate import tabulate
 
     from prunebench.leaderboard.sections import (
@@ -228,7 +269,12 @@ def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, 
         bdf = pruned[pruned["budget"] == budget]
         for _key, g in sorted(bdf.groupby(["metric", "ratio"]), key=lambda kv: kv[0]):
             tables.append((budget, g, ranked(g)))
+    latency = latency or {}
+    lat_cols = columns_present(latency, df["run_id"])
     every = [r for _b, _g, rows in tables for r in rows]
+    for r in every:
+        r["lat"] = {key: latency_cell([latency.get(rid, {}).get(key) for rid in r["run_ids"]])
+                    for key, *_rest in LATENCY_COLUMNS}
     for r, q in zip(every, holm([r["p_raw"] for r in every]), strict=True):
         if r["p_raw"] is not None:
             r["p"], r["verdict"] = q, verdict_text(q, r["verdict"])
@@ -255,8 +301,9 @@ def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, 
     ]
     csv: list[dict] = []
     for budget in sorted(df["budget"].unique()):
-        if budget in plots:
-            lines += [f"![final top-1 vs MACs reduction, budget {budget}]({plots[budget]})", ""]
+        for png in plots.get(budget, []):
+            what = "measured latency (ONNX Runtime, batch 1)" if png.endswith(".latency.png") else "MACs reduction"
+            lines += [f"![final top-1 vs {what}, budget {budget}]({png})", ""]
         dense_agg = dense_rows(dense[dense["budget"] == budget])
         lines += dense_lines(dataset, arch, budget, dense_agg)
         for _b, g, rows in (t for t in tables if t[0] == budget):
@@ -269,8 +316,9 @@ def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, 
                 f"Baseline top-1 {g['baseline'].mean():.2f}. Hardware: {', '.join(sorted(g['device'].unique()))}. "
                 f"Runs: {g['finished'].min()} – {g['finished'].max()}.", "",
                 f"All rows: {shown}.", "",
-                tabulate(_table_rows(rows), headers=HEADERS, tablefmt="github", disable_numparse=True), "",
-                *[line for n in _notes(g, rows) for line in (n, "")],
+                tabulate(_table_rows(rows, lat_cols), headers=_headers(lat_cols), tablefmt="github",
+                         disable_numparse=True), "",
+                *[line for n in _notes(g, rows, bool(lat_cols)) for line in (n, "")],
                 *dense_verdict(rows, dense_agg, float(g["ratio"].iloc[0]), g["metric"].iloc[0], DENSE_NEAR),
                 *pairwise_lines(rows),
             ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pandas as pd
 
@@ -50,6 +51,54 @@ def tradeoff_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels:
                             fontsize="small")
         ax.axhline(macs["baseline"].mean(), color="grey", linestyle="--", linewidth=1, label="baseline")
         ax.set_xlabel("MACs reduction (%)")
+        ax.set_ylabel("final top-1 (%)")
+        ax.set_title(f"{dataset} · {arch} · budget {budget}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def latency_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels: dict[str, str],
+                latency: dict[str, dict[str, Any]], runtime: str = "onnxruntime") -> bytes | None:
+    """PNG of final top-1 against the measured latency (``runtime``, batch 1, one thread) of
+    each run's compressed model, one marker per configuration label (mean over its seeds), the
+    baseline architecture's latency as a vertical line; None without such latency records."""
+    pts = []
+    base_ms = []
+    for _, r in df.iterrows():
+        rec = latency.get(r["run_id"], {}).get(runtime)
+        if rec is None:
+            continue
+        pts.append((labels.get(r["config"], r["criterion"]), r["target"], float(rec["compressed_ms"]["median"]),
+                    float(r["final"])))
+        base_ms.append(float(rec["baseline_ms"]["median"]))
+    if not pts:
+        return None
+    try:
+        import matplotlib
+        import matplotlib.style
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    frame = pd.DataFrame(pts, columns=["label", "target", "ms", "final"])
+    with matplotlib.style.context("default"):
+        fig = Figure(figsize=(8.4, 4.6), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        palette = matplotlib.colormaps["tab20"].colors
+        markers = "os^Dv<>pPX*h"
+        for i, (name, g) in enumerate(sorted(frame.groupby("label"), key=lambda kv: kv[0])):
+            agg = g.groupby("target").agg(x=("ms", "mean"), y=("final", "mean")).reset_index().sort_values("x")
+            ax.plot(agg["x"], agg["y"], marker=markers[i % len(markers)], linestyle="-",
+                    color=palette[(2 * i) % 20 + (2 * i) // 20 % 2], label=name)
+        ax.axvline(sum(base_ms) / len(base_ms), color="grey", linestyle="--", linewidth=1,
+                   label=f"baseline {arch} latency")
+        ax.axhline(df["baseline"].mean(), color="grey", linestyle=":", linewidth=1, label="baseline top-1")
+        ax.set_xlabel(f"measured latency, {runtime}, batch 1, one thread (ms)")
         ax.set_ylabel("final top-1 (%)")
         ax.set_title(f"{dataset} · {arch} · budget {budget}")
         ax.grid(True, alpha=0.3)

@@ -186,6 +186,7 @@ def row(rec: Mapping[str, Any], source: str) -> dict[str, Any]:
         "budget_info": budget_summary(rec["budget"]), "finetune_epochs": rec["budget"].get("finetune_epochs"),
         "target": f"{t['metric']} -{t['ratio']:.0%}", "metric": t["metric"], "ratio": float(t["ratio"]),
         "criterion": criterion_label(rec), "name": rec["criterion"], "config": configuration(rec),
+        "run_id": str(rec.get("run_id", "")),
         "options": json.dumps(options_of(rec), sort_keys=False), "match": match_key(rec), "seed": rec["seed"],
         "baseline": baseline, "oneshot": _top1(rec.get("oneshot")), "oneshot_bn": _top1(rec.get("oneshot_bn")),
         "final": final, "delta": final - baseline,
