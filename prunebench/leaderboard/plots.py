@@ -36,15 +36,20 @@ def tradeoff_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels:
                    .agg(x=("macs_down", "mean"), y=("final", "mean"), s=("final", "std")).reset_index())
             control = name.split(" ")[0] in ("random", "scratch") or name.startswith("scratch")
             ax.errorbar(pts["x"], pts["y"], yerr=pts["s"].fillna(0.0), marker=markers[i % len(markers)],
-                        capsize=3, label=name, color=palette[(2 * i) % 20 + (2 * i) // 20 % 2],
+                        capsize=3, label=_literal(name), color=palette[(2 * i) % 20 + (2 * i) // 20 % 2],
                         linestyle="--" if control else "-")
         ax.axhline(macs["baseline"].mean(), color="grey", linestyle="--", linewidth=1, label="baseline")
         ax.set_xlabel("MACs reduction (%)")
         ax.set_ylabel("final top-1 (%)")
-        ax.set_title(f"{dataset} · {arch} · budget {budget}")
+        ax.set_title(_literal(f"{dataset} · {arch} · budget {budget}"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return buf.getvalue()
+
+
+def _literal(text: str) -> str:
+    """``text`` as matplotlib draws it literally: ``$`` would start mathtext (which can fail)."""
+    return text.replace("$", r"\$")

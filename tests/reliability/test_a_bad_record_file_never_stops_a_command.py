@@ -136,7 +136,7 @@ def test_a_fifo_named_json_is_skipped_and_named_never_opened(tmp_path):
 def test_a_field_of_the_wrong_type_is_skipped_and_named_never_a_crash(tmp_path, field, value):
     records = tmp_path / "records"
     put(records, "good", rec(final=80.0))
-    put(records, "bad", rec(**{"seed": 1, "final": 99.0, field: value}))
+    put(records, "bad", {**rec(seed=1, final=99.0), field: value})
     res = invoke("leaderboard", "--records", records, "--out", tmp_path / "lb")
     assert res.exit_code == 0, (res.output, repr(res.exception))
     (line,) = [x for x in res.output.splitlines() if "bad.json" in x]
