@@ -18,7 +18,7 @@ _SYNTAX = set("\\`*[]|$~#!")
 #: characters that open HTML or entities: written as entities
 _ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
 #: text shown in a code span as it is (no markdown syntax, no character a table or a line cares about)
-_PLAIN = re.compile(r"[A-Za-z0-9 ._+:=,()/@%'\"-]*")
+_PLAIN = re.compile(r"[A-Za-z0-9 ._+:=,()/@%~'\"-]*")
 
 
 def _invisible(c: str) -> bool:
