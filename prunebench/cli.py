@@ -444,12 +444,25 @@ def leaderboard(
 ) -> None:
     """Aggregate result records into leaderboard pages: an index, one markdown page and CSV per
     (dataset, arch), and accuracy-vs-MACs plots where there are several targets."""
-    from prunebench.leaderboard import build, check_stale, problems, write
+    from prunebench.leaderboard import build, check_stale, write
+    from prunebench.leaderboard.output import read_records
 
     if not records.is_dir():
         raise ConfigError(f"no records directory {records} (run `prunebench run ...` first, or pass --records)")
-    for name, why in problems(records):
-        err.print(f"skipped {escape(str(records / name))}: {escape(why)}", highlight=False, soft_wrap=True)
+    usable, problems = read_records(records)
+    for name, why in problems:
+        err.print(f"skipped {_one_line(str(records / name))}: {_one_line(why)}", markup=False, highlight=False,
+                  soft_wrap=True)
+    unfinished = [(name, rec["status"]) for name, rec in usable if rec["status"] != "complete"]
+    for name, status in unfinished:
+        err.print(f"skipped {_one_line(str(records / name))}: a {_one_line(status)} record (only complete runs "
+                  "are published)", markup=False, highlight=False, soft_wrap=True)
+    if len(usable) == len(unfinished):
+        skipped = len(problems) + len(unfinished)
+        raise ConfigError(
+            f"no complete, usable record in {records}: nothing to publish, nothing written"
+            + (f" ({skipped} file{'s' if skipped != 1 else ''} skipped, each named above)" if skipped
+               else " (it holds no *.json record file)"))
     if check:
         stale = check_stale(records, out_dir)
         if stale:
@@ -519,20 +532,22 @@ def records_check(
     directory: Annotated[Path, typer.Argument(help="directory of result records")] = Path("results"),
 ) -> None:
     """List every file in DIRECTORY that is not a usable record, and why (exit 1 if any)."""
-    from prunebench.records import RecordProblem, scan_records
+    from prunebench.records import survey
 
     if not directory.is_dir():
         raise ConfigError(f"no records directory {directory}")
-    found = list(scan_records(directory))
-    problems = [r for r in found if isinstance(r, RecordProblem)]
+    found, problems = survey(directory)
+    labels = {"unusable": "bad record", "implausible": "implausible record", "duplicate": "duplicate record"}
     for p in problems:
-        err.print(f"bad record: {p}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"{labels.get(p.kind, 'bad record')}: {_one_line(str(p))}", markup=False, highlight=False,
+                  soft_wrap=True)
     counts: dict[str, int] = {}
-    for r in found:
-        if not isinstance(r, RecordProblem):
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no records"
-    out.print(f"{directory}: {summary}; {len(problems)} unusable file(s)", markup=False, highlight=False)
+    for _, r in found:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = ", ".join(f"{n} {_one_line(s)}" for s, n in sorted(counts.items())) or "no records"
+    kinds = {k: sum(p.kind == k for p in problems) for k in ("unusable", "implausible", "duplicate")}
+    more = "".join(f", {kinds[k]} {k}" for k in ("implausible", "duplicate") if kinds[k])
+    out.print(f"{directory}: {summary}; {kinds['unusable']} unusable file(s){more}", markup=False, highlight=False)
     if problems:
         raise typer.Exit(1)
 
@@ -554,9 +569,10 @@ def records_migrate(
     todo = [c for c in changes if c.action in ("rename", "merge", "add identity")]
     for c in changes:
         if dry_run or c.action in ("skip", "current"):
-            out.print(c.line(), markup=False, highlight=False, soft_wrap=True)
+            out.print(_one_line(c.line()), markup=False, highlight=False, soft_wrap=True)
     if not dry_run:
-        apply(directory, todo, log=lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True))
+        apply(directory, todo,
+              log=lambda line: out.print(_one_line(line), markup=False, highlight=False, soft_wrap=True))
     skipped = sum(c.action == "skip" for c in changes)
     verb = "would change" if dry_run else "changed"
     out.print(f"{len(changes)} files: {verb} {len(todo)}, {sum(c.action == 'current' for c in changes)} current, "
@@ -573,6 +589,11 @@ def _degrade_unencodable_output() -> None:
                 reconfigure(errors="replace")
             except (ValueError, OSError):  # pragma: no cover - a stream that cannot change
                 pass
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters written as escapes, so that it prints as one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def main() -> None:

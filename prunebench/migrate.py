@@ -30,8 +30,16 @@ from typing import Any
 from prunebench import checkpoints
 from prunebench.budgets import Budget, get_budget
 from prunebench.errors import PrunebenchError
+from prunebench.files import replace_atomically
 from prunebench.protocols import Target
-from prunebench.records import RecordProblem, read_record, run_id, write_atomic
+from prunebench.records import (
+    RecordProblem,
+    UnusableFile,
+    read_record,
+    read_regular_file,
+    run_id,
+    write_atomic,
+)
 from prunebench.surgery import atomic_torch_save
 
 
@@ -49,9 +57,11 @@ class Change:
 
     def line(self) -> str:
         if self.action == "rename":
-            return f"rename   {self.old_id} -> {self.new_id}"
+            source = self.old_id if self.path.stem == self.old_id else self.path.name
+            return f"rename   {source} -> {self.new_id}"
         if self.action == "merge":
-            return f"merge    {self.old_id} -> {self.new_id} ({self.reason})"
+            source = self.old_id if self.path.stem == self.old_id else self.path.name
+            return f"merge    {source} -> {self.new_id} ({self.reason})"
         if self.action == "add identity":
             return f"identity {self.old_id} (id unchanged; the identity is added to the record)"
         if self.action == "current":
@@ -110,10 +120,15 @@ def verify_old_id(rec: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:
 
 
 def plan(directory: Path) -> list[Change]:
-    """What :func:`apply` would do to each record of ``directory``."""
+    """What :func:`apply` would do to each record of ``directory``. A record whose run already
+    has another file (its current record, or an earlier file of this plan) is merged with it."""
+    directory = Path(directory)
     changes = []
     targets: dict[str, Path] = {}
-    for path in sorted(Path(directory).glob("*.json")):
+    for path in sorted(directory.glob("*.json")):
+        if path.is_symlink():
+            changes.append(Change(path, path.stem, None, "skip", "a symbolic link; only regular files are migrated"))
+            continue
         rec = read_record(path)
         if isinstance(rec, RecordProblem):
             changes.append(Change(path, path.stem, None, "skip", rec.reason))
@@ -124,26 +139,35 @@ def plan(directory: Path) -> list[Change]:
         except (CannotMigrate, PrunebenchError) as exc:
             changes.append(Change(path, old, None, "skip", str(exc)))
             continue
+        except Exception as exc:  # noqa: BLE001 - one odd record never stops the migration of the others
+            changes.append(Change(path, old, None, "skip", f"its fields do not describe a run "
+                                  f"({type(exc).__name__}: {exc})"))
+            continue
         new = run_id(identity)
+        dest = directory / f"{new}.json"
         if rec.get("identity") == identity and new == old:
             changes.append(Change(path, old, new, "current"))
         elif new != old and not verify_old_id(rec, identity):
             changes.append(Change(path, old, None, "skip", "its fields do not reproduce its run id "
                                   "(edited by hand, or written by another version); left as is"))
-        elif new == old:
-            changes.append(Change(path, old, new, "add identity"))
         else:
-            clash = targets.get(new) or (Path(directory) / f"{new}.json" if (Path(directory) / f"{new}.json").exists()
-                                         else None)
-            changes.append(Change(path, old, new, "merge" if clash else "rename",
-                                  f"{clash.name} is the same run under the current rule" if clash else ""))
+            in_place = path.name == dest.name
+            clash = None if in_place else targets.get(new) or (dest if dest.exists() or dest.is_symlink() else None)
+            if clash is not None:
+                changes.append(Change(path, old, new, "merge", f"{clash.name} is the same run under the current rule"))
+            elif new == old and in_place:
+                changes.append(Change(path, old, new, "add identity"))
+            else:
+                changes.append(Change(path, old, new, "rename"))
         targets.setdefault(new, path)
     return changes
 
 
 def apply(directory: Path, changes: list[Change], log: Callable[[str], None] = print) -> None:
     """Carry out ``changes`` (from :func:`plan`). A run that ends up with two records keeps the
-    complete one finished last; the other goes to ``attempts/<run id>/``."""
+    complete one finished last; a complete record is never replaced by one that is not
+    complete. Whatever is replaced, or not kept, goes to ``attempts/<run id>/`` first (a file
+    in the record's place that is no record, byte for byte, as ``unusable-<n>.json``)."""
     from prunebench.store import archive
 
     directory = Path(directory)
@@ -151,33 +175,67 @@ def apply(directory: Path, changes: list[Change], log: Callable[[str], None] = p
         if ch.action in ("current", "skip"):
             continue
         rec = read_record(ch.path)
-        assert isinstance(rec, dict)
+        if isinstance(rec, RecordProblem) or ch.path.is_symlink():  # changed since the plan
+            log(f"skip     {ch.path.name}: {rec.reason if isinstance(rec, RecordProblem) else 'a symbolic link'}")
+            continue
         new = ch.new_id
         assert new is not None
-        identity = json.loads(json.dumps(config_from_record(rec).identity(), default=str))
+        try:
+            identity = json.loads(json.dumps(config_from_record(rec).identity(), default=str))
+        except Exception as exc:  # noqa: BLE001 - changed since the plan
+            log(f"skip     {ch.path.name}: its fields do not describe a run ({type(exc).__name__}: {exc})")
+            continue
         moved = {**rec, "run_id": new, "identity": identity}
         if new != ch.old_id:
             moved["migrated_from"] = ch.old_id
+        renamed = new != ch.old_id  # models/<old id>.pt moves to models/<new id>.pt
         old_model = directory / "models" / f"{ch.old_id}.pt"
-        if rec.get("model_file"):
+        if rec.get("model_file") and renamed:
             moved["model_file"] = f"models/{new}.pt"
         dest = directory / f"{new}.json"
-        if ch.action == "merge" and dest.exists():
+        if ch.path.name != dest.name and (dest.exists() or dest.is_symlink()):
             current = read_record(dest)
+            unusable = None
+            if isinstance(current, RecordProblem):  # kept byte for byte before it is replaced
+                try:
+                    unusable = b"" if dest.is_symlink() else read_regular_file(dest)
+                except UnusableFile as exc:
+                    unusable = str(exc)
+            if dest.is_symlink() or isinstance(unusable, str):
+                why = "a symbolic link" if dest.is_symlink() else unusable
+                log(f"skip     {ch.path.name}: its run's place {dest.name} is {why}; left as is")
+                continue
             if isinstance(current, dict) and _keeps(current, moved):
-                archive(directory, new, {**moved, "model_file": None}, note=f"merged by migration from {ch.old_id}")
-                _remove(ch.path, old_model)
+                archive(directory, new, {**moved, "model_file": None}, note=f"merged by migration from {ch.path.name}")
+                _remove(ch.path, old_model if renamed else None)
                 log(f"{ch.line()}: kept {dest.name}")
                 continue
             if isinstance(current, dict):
-                archive(directory, new, {**current, "model_file": None}, note="merged by migration")
-        if old_model.is_file() and new != ch.old_id:
+                replaced_model = renamed and old_model.is_file() and current.get("status") == "complete"
+                archive(directory, new, {**current, "model_file": None} if replaced_model else current,
+                        note=f"replaced by migration of {ch.path.name}")
+            elif isinstance(unusable, bytes):
+                _keep_unusable(directory, new, unusable)
+        if old_model.is_file() and renamed:
             _rewrite_model(old_model, directory / "models" / f"{new}.pt", new)
         write_atomic(dest, moved)
-        if new != ch.old_id:
-            _remove(ch.path, old_model)
+        if ch.path.name != dest.name:
+            _remove(ch.path, old_model if renamed else None)
+        if renamed:
             _move_attempts(directory, ch.old_id, new)
         log(ch.line())
+
+
+def _keep_unusable(directory: Path, rid: str, raw: bytes) -> None:
+    """Keep the bytes of a file in a record's place that is no usable record, before it is
+    replaced, as ``attempts/<run id>/unusable-<n>.json``."""
+    from prunebench.store import attempts_dir
+
+    folder = attempts_dir(directory, rid)
+    n = 1
+    while (folder / f"unusable-{n}.json").exists():
+        n += 1
+    replace_atomically(folder / f"unusable-{n}.json", lambda f: f.write(raw))
 
 
 def _keeps(current: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
@@ -196,9 +254,10 @@ def _rewrite_model(src: Path, dest: Path, new_id: str) -> None:
     atomic_torch_save(payload, dest)
 
 
-def _remove(record: Path, model: Path) -> None:
+def _remove(record: Path, model: Path | None) -> None:
     record.unlink(missing_ok=True)
-    model.unlink(missing_ok=True)
+    if model is not None:
+        model.unlink(missing_ok=True)
 
 
 def _move_attempts(directory: Path, old: str, new: str) -> None:

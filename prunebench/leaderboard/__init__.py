@@ -32,7 +32,18 @@ __all__ = ["MARKER", "budget_label", "build", "check_stale", "obsolete", "proble
 
 
 def _csv(rows: list[dict]) -> str:
-    return pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(index=False, lineterminator="\n") if rows else ""
+    """The rows as CSV, text as it is in the records. A field holding a line break is quoted
+    (Python's writer quotes ``\\n`` but not a lone ``\\r`` under a ``\\n`` line terminator, so such
+    rows are written with ``\\r\\n`` as the terminator and their last terminator set back)."""
+    if not rows:
+        return ""
+    df = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    if not any(isinstance(v, str) and "\r" in v for row in rows for v in row.values()):
+        return df.to_csv(index=False, lineterminator="\n")
+    lines = [df.iloc[:0].to_csv(index=False, lineterminator="\n")]
+    for i in range(len(df)):
+        lines.append(df.iloc[i:i + 1].to_csv(index=False, header=False, lineterminator="\r\n")[:-2] + "\n")
+    return "".join(lines)
 
 
 def build(records_dir: Path) -> dict[str, str | bytes]:

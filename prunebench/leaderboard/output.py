@@ -20,7 +20,7 @@ from typing import Any
 from prunebench.errors import ConfigError
 from prunebench.files import replace_atomically
 from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER
-from prunebench.records import RecordProblem, read_record
+from prunebench.records import survey
 
 
 def slug(*parts: str) -> str:
@@ -33,35 +33,12 @@ def page_stem(dataset: str, arch: str) -> str:
 
 
 def read_records(directory: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, str]]]:
-    """``(records, problems)``: every usable prunebench record as ``(file name, record)``, and
-    ``(file name, reason)`` for each ``*.json`` file that is not one (sorted by name)."""
-    records, problems = [], []
-    for path in sorted(Path(directory).glob("*.json")):
-        item = read_record(path)
-        if isinstance(item, RecordProblem):
-            problems.append((path.name, item.reason))
-            continue
-        try:
-            _check_shapes(item)
-        except (KeyError, TypeError, ValueError) as exc:
-            problems.append((path.name, f"malformed field ({type(exc).__name__}: {exc})"))
-            continue
-        records.append((path.name, item))
-    return records, problems
-
-
-def _check_shapes(rec: Mapping[str, Any]) -> None:
-    """Raise when a complete record's fields do not have the shapes the pages read."""
-    if rec.get("status") != "complete":
-        return
-    t = rec["target"]
-    float(t["ratio"]), str(t["metric"])  # noqa: B018 - shape checks
-    float(rec["achieved"]["macs_reduction"]), float(rec["achieved"]["params_reduction"])
-    if not isinstance(rec["budget"], Mapping) or "name" not in rec["budget"]:
-        raise ValueError("budget must be a table with a name")
-    for key in ("baseline", "final"):
-        if not isinstance(rec[key], Mapping) or "top1" not in rec[key]:
-            raise ValueError(f"{key} must hold top1")
+    """``(records, problems)``: every usable prunebench record as ``(file name, record)``, once
+    per run, and ``(file name, reason)`` for each other ``*.json`` file: no usable record, a
+    complete record with implausible values, or a copy of a run already counted (sorted by
+    name; see :func:`prunebench.records.survey`)."""
+    records, problems = survey(directory, non_finite_final=True)
+    return [(p.name, r) for p, r in records], [(p.path.name, p.reason) for p in problems]
 
 
 def _generated(path: Path) -> bool:

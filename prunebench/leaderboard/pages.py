@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from prunebench.leaderboard.escape import code, md
 from prunebench.leaderboard.latency import COLUMNS as LATENCY_COLUMNS
 from prunebench.leaderboard.latency import cell as latency_cell
 from prunebench.leaderboard.latency import columns_present
@@ -144,7 +145,7 @@ def _table_rows(rows: list[dict[str, Any]], lat_cols: list[tuple[str, str]] | No
             speed = [r["lat"][key][0] for key, _h in lat_cols]
         else:
             speed = [_fmt(r["speedup"], ".2f") + ("×*" if r["shared"] else "×") if not pd.isna(r["speedup"]) else "—"]
-        table.append([i, r["label"], _final_cell(r["mean"], r["std"], r["n"], r["bad"]), _ci_cell(r["ci"]),
+        table.append([i, md(r["label"]), _final_cell(r["mean"], r["std"], r["n"], r["bad"]), _ci_cell(r["ci"]),
                       _fmt(r["delta"], "+.2f"),
                       _fmt(r["oneshot"], ".2f"), _fmt(r["oneshot_bn"], ".2f"), r["verdict"],
                       f"{r['macs']:.1f}%", f"{r['params']:.1f}%", *speed, _fmt(r["crit_s"], ".2f"), r["n"]])
@@ -184,13 +185,13 @@ def _baseline_lines(page: pd.DataFrame) -> list[str]:
     lines = []
     for budget, g in sorted(page.groupby("budget"), key=lambda kv: kv[0]):
         for source, s in sorted(g.groupby("baseline_source"), key=lambda kv: kv[0]):
-            line = f"- Baseline (budget `{budget}`): {source}, top-1 {s['baseline'].mean():.2f}"
+            line = f"- Baseline (budget {code(budget)}): {md(source)}, top-1 {s['baseline'].mean():.2f}"
             seeds = sorted(set(s["seed"]))
             line += f" (mean over seeds {', '.join(map(str, seeds))})" if len(set(s["baseline"])) > 1 else ""
             adapted = s.dropna(subset=["adapt_epochs"])
             if not adapted.empty:
                 a = adapted.iloc[0]
-                line += (f"; adapted to `{a['dataset']}` by a {a['adapt_epochs']:g}-epoch fine-tune on its "
+                line += (f"; adapted to {code(a['dataset'])} by a {a['adapt_epochs']:g}-epoch fine-tune on its "
                          f"training split: {_fmt(a['adapt_before'], '.2f')} → {_fmt(a['adapt_after'], '.2f')}")
             lines.append(line)
     return lines
@@ -258,7 +259,7 @@ def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, 
         pairwise_lines,
     )
 
-    versions = sorted({f"prunebench {a}, torch {b}, torch-pruning {c}"
+    versions = sorted({f"prunebench {md(a)}, torch {md(b)}, torch-pruning {md(c)}"
                        for a, b, c in zip(df["prunebench"], df["torch"], df["torch_pruning"], strict=True)})
     budgets = df.drop_duplicates("budget").sort_values("budget")
     dense = df[df["name"] == "dense"]
@@ -280,11 +281,11 @@ def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, 
             r["p"], r["verdict"] = q, verdict_text(q, r["verdict"])
     tested = sum(r["p_raw"] is not None for r in every)
     lines = [
-        f"# {dataset} · {arch}", "", MARKER, "",
-        f"- Hardware (latency measured on): {', '.join(sorted(df['device'].unique()))}",
-        *[f"- Budget `{b.budget}`: {b.budget_info}" for b in budgets.itertuples()],
+        f"# {md(dataset)} · {md(arch)}", "", MARKER, "",
+        f"- Hardware (latency measured on): {', '.join(md(d) for d in sorted(df['device'].unique()))}",
+        *[f"- Budget {code(b.budget)}: {md(b.budget_info)}" for b in budgets.itertuples()],
         *_baseline_lines(df),
-        f"- Runs finished: {df['finished'].min()} – {df['finished'].max()} ({len(df)} records)",
+        f"- Runs finished: {md(df['finished'].min())} – {md(df['finished'].max())} ({len(df)} records)",
         f"- Versions: {'; '.join(versions)}",
         f"- Rows as CSV: [{stem}.csv]({stem}.csv); all pages: [index](README.md)", "",
         "Rank is by final top-1 (mean over seeds, ± sample std when there are several seeds; a seed with a "
@@ -303,18 +304,19 @@ def page(dataset: str, arch: str, df: pd.DataFrame, stem: str, plots: dict[str, 
     for budget in sorted(df["budget"].unique()):
         for png in plots.get(budget, []):
             what = "measured latency (ONNX Runtime, batch 1)" if png.endswith(".latency.png") else "MACs reduction"
-            lines += [f"![final top-1 vs {what}, budget {budget}]({png})", ""]
+            lines += [f"![final top-1 vs {what}, budget {md(budget)}]({png})", ""]
         dense_agg = dense_rows(dense[dense["budget"] == budget])
         lines += dense_lines(dataset, arch, budget, dense_agg)
         for _b, g, rows in (t for t in tables if t[0] == budget):
             target = g["target"].iloc[0]
             csv += csv_rows(dataset, arch, budget, target, rows)
             _, shared = _labels(g)
-            shown = ", ".join(f"{k} {v}" for k, v in shared.items() if CAPTION_QUIET.get(k) != v)
+            shown = ", ".join(f"{k} {md(v)}" for k, v in shared.items() if CAPTION_QUIET.get(k) != v)
             lines += [
-                f"## {dataset} · {arch} · {target} · budget `{budget}`", "",
-                f"Baseline top-1 {g['baseline'].mean():.2f}. Hardware: {', '.join(sorted(g['device'].unique()))}. "
-                f"Runs: {g['finished'].min()} – {g['finished'].max()}.", "",
+                f"## {md(dataset)} · {md(arch)} · {md(target)} · budget {code(budget)}", "",
+                f"Baseline top-1 {g['baseline'].mean():.2f}. "
+                f"Hardware: {', '.join(md(d) for d in sorted(g['device'].unique()))}. "
+                f"Runs: {md(g['finished'].min())} – {md(g['finished'].max())}.", "",
                 f"All rows: {shown}.", "",
                 tabulate(_table_rows(rows, lat_cols), headers=_headers(lat_cols), tablefmt="github",
                          disable_numparse=True), "",
@@ -343,9 +345,10 @@ def index(df: pd.DataFrame, problems: list[tuple[str, str]]) -> str:
             stem = page_stem(dataset, arch)
             pruned = p[p["name"] != "dense"]  # a dense control sits at its own MACs, not at a target
             targets = sorted(pruned.drop_duplicates(["metric", "ratio"])[["metric", "ratio"]].itertuples(index=False))
-            rows.append([f"[{dataset} · {arch}]({stem}.md)", ", ".join(f"`{b}`" for b in sorted(p["budget"].unique())),
-                         ", ".join(f"{m} -{r:.0%}" for m, r in targets), p["criterion"].nunique(), len(p),
-                         f"{p['finished'].min()} – {p['finished'].max()}"])
+            rows.append([f"[{md(dataset)} · {md(arch)}]({stem}.md)",
+                         ", ".join(code(b) for b in sorted(p["budget"].unique())),
+                         ", ".join(f"{md(m)} -{r:.0%}" for m, r in targets), p["criterion"].nunique(), len(p),
+                         f"{md(p['finished'].min())} – {md(p['finished'].max())}"])
         lines += [
             "One page per dataset and architecture; each ranks the criteria per target and budget.", "",
             tabulate(rows, headers=["page", "budgets", "targets", "criteria", "records", "runs finished"],
@@ -355,5 +358,5 @@ def index(df: pd.DataFrame, problems: list[tuple[str, str]]) -> str:
     if problems:
         lines += ["", "## Records not used", "", "These files in the records folder could not be read as result "
                   "records and were skipped:", ""]
-        lines += [f"- `{name}`: {why}" for name, why in problems]
+        lines += [f"- {code(name)}: {md(why)}" for name, why in problems]
     return "\n".join(lines) + "\n"

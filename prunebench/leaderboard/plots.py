@@ -39,7 +39,7 @@ def tradeoff_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels:
                    .agg(x=("macs_down", "mean"), y=("final", "mean"), s=("final", "std")).reset_index())
             control = name.split(" ")[0] in ("random", "scratch") or name.startswith("scratch")
             ax.errorbar(pts["x"], pts["y"], yerr=pts["s"].fillna(0.0), marker=markers[i % len(markers)],
-                        capsize=3, label=name, color=palette[(2 * i) % 20 + (2 * i) // 20 % 2],
+                        capsize=3, label=_literal(name), color=palette[(2 * i) % 20 + (2 * i) // 20 % 2],
                         linestyle="--" if control else "-")
         if not dense.empty:  # the smaller dense networks: one series, each point named
             pts = (dense.groupby("criterion").agg(x=("macs_down", "mean"), y=("final", "mean"), s=("final", "std"))
@@ -47,18 +47,23 @@ def tradeoff_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels:
             ax.errorbar(pts["x"], pts["y"], yerr=pts["s"].fillna(0.0), marker="*", markersize=10, capsize=3,
                         color="black", linestyle=":", label="dense smaller networks (control)")
             for x, y, name in zip(pts["x"], pts["y"], pts["criterion"], strict=True):
-                ax.annotate(name.removeprefix("dense "), (x, y), textcoords="offset points", xytext=(5, 5),
+                ax.annotate(_literal(name.removeprefix("dense ")), (x, y), textcoords="offset points", xytext=(5, 5),
                             fontsize="small")
         ax.axhline(macs["baseline"].mean(), color="grey", linestyle="--", linewidth=1, label="baseline")
         ax.set_xlabel("MACs reduction (%)")
         ax.set_ylabel("final top-1 (%)")
-        ax.set_title(f"{dataset} · {arch} · budget {budget}")
+        ax.set_title(_literal(f"{dataset} · {arch} · budget {budget}"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return buf.getvalue()
+
+
+def _literal(text: str) -> str:
+    """``text`` as matplotlib draws it literally: ``$`` would start mathtext (which can fail)."""
+    return text.replace("$", r"\$")
 
 
 def latency_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels: dict[str, str],
@@ -94,13 +99,13 @@ def latency_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels: 
         for i, (name, g) in enumerate(sorted(frame.groupby("label"), key=lambda kv: kv[0])):
             agg = g.groupby("target").agg(x=("ms", "mean"), y=("final", "mean")).reset_index().sort_values("x")
             ax.plot(agg["x"], agg["y"], marker=markers[i % len(markers)], linestyle="-",
-                    color=palette[(2 * i) % 20 + (2 * i) // 20 % 2], label=name)
+                    color=palette[(2 * i) % 20 + (2 * i) // 20 % 2], label=_literal(name))
         ax.axvline(sum(base_ms) / len(base_ms), color="grey", linestyle="--", linewidth=1,
                    label=f"baseline {arch} latency")
         ax.axhline(df["baseline"].mean(), color="grey", linestyle=":", linewidth=1, label="baseline top-1")
         ax.set_xlabel(f"measured latency, {runtime}, batch 1, one thread (ms)")
         ax.set_ylabel("final top-1 (%)")
-        ax.set_title(f"{dataset} · {arch} · budget {budget}")
+        ax.set_title(_literal(f"{dataset} · {arch} · budget {budget}"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()

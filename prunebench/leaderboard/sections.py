@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from prunebench.leaderboard.escape import md
 from prunebench.leaderboard.ranking import MOVE, holding, ranks
 from prunebench.leaderboard.stats import ALPHA, holm, pairwise, t_interval, welch_greater
 
@@ -49,7 +50,7 @@ def dense_lines(dataset: str, arch: str, budget: str, rows: list[dict[str, Any]]
 
     if not rows:
         return []
-    body = [[r["label"], _cell(r["mean"], r["std"], r["n"]),
+    body = [[md(r["label"]), _cell(r["mean"], r["std"], r["n"]),
              "—" if r["ci"] is None else f"{r['ci'][0]:.2f} – {r['ci'][1]:.2f}", f"{r['delta']:+.2f}",
              f"{r['before']:.2f}", f"{r['macs']:.1f}%", f"{r['params']:.1f}%", r["n"]] for r in rows]
     return [
@@ -70,15 +71,15 @@ def dense_verdict(rows: list[dict[str, Any]], dense: list[dict[str, Any]], ratio
         return []
     d = min(dense, key=lambda r: (abs(r["macs"] - 100 * ratio), r["macs"]))
     if abs(d["macs"] - 100 * ratio) > near:
-        where = ", ".join(f"{r['label']} {r['macs']:.1f}%" for r in dense)
+        where = ", ".join(f"{md(r['label'])} {r['macs']:.1f}%" for r in dense)
         return [f"*Dense control:* no smaller dense network lies within {near:g} points of this target "
                 f"({where} MACs ↓).", ""]
     candidates = [r for r in rows if r["label"].split(" ")[0] not in ("random", "scratch") and r["n"] >= 2]
     raw = [welch_greater(r["finals"], d["finals"]) if d["n"] >= 2 else None for r in candidates]
     adjusted = holm(raw)
-    winners = [f"{r['label']} (p={q:.3f})" for r, q in zip(candidates, adjusted, strict=True)
+    winners = [f"{md(r['label'])} (p={q:.3f})" for r, q in zip(candidates, adjusted, strict=True)
                if q is not None and q < ALPHA]
-    head = (f"*Dense control:* {d['label']} ({d['macs']:.1f}% MACs ↓, {_cell(d['mean'], d['std'], d['n'])}) "
+    head = (f"*Dense control:* {md(d['label'])} ({d['macs']:.1f}% MACs ↓, {_cell(d['mean'], d['std'], d['n'])}) "
             f"is the nearest smaller network. ")
     if d["n"] < 2 or not any(p is not None for p in raw):
         return [head + "Not tested: fewer than two seeds on a side.", ""]
@@ -113,7 +114,7 @@ def pairwise_lines(rows: list[dict[str, Any]]) -> list[str]:
     tested = sum(pr.p is not None for pr in results)
     if not tested:
         return []
-    body = [[i + 1, r["label"], *cells[i]] for i, r in enumerate(rows)]
+    body = [[i + 1, md(r["label"]), *cells[i]] for i, r in enumerate(rows)]
     return [
         "<details><summary>Pairwise comparisons of this table's rows</summary>", "",
         f"Welch's t-test, two-sided, on final top-1 over seeds, Holm-adjusted over the table's {tested} tested "
@@ -147,7 +148,7 @@ def holding_lines(df: pd.DataFrame, labels_of: Callable[[pd.DataFrame], tuple[di
         rank_of = {s.name: ranks(h.means[s.name]) for s in h.stages}
         body = []
         for i, c in enumerate(h.configs):
-            body.append([labels[c], *[f"{rank_of[s.name][i]} ({h.means[s.name][i]:.2f})" for s in h.stages]])
+            body.append([md(labels[c]), *[f"{rank_of[s.name][i]} ({h.means[s.name][i]:.2f})" for s in h.stages]])
         body.sort(key=lambda row: int(row[-1].split(" ")[0]))
         taus = [[f"{a.name} → {b.name}", f"{tau:+.2f}", f"{lo:+.2f} – {hi:+.2f}"] for a, b, tau, lo, hi in h.taus]
         lines += [
@@ -174,7 +175,7 @@ def _verdict_changes(h: Any, labels: dict[str, str], verdicts: dict[tuple[str, s
     for c in h.configs:
         got = [verdicts.get((b, metric, ratio, c), "—").split(" ")[0] for b in budgets]
         if "yes" in got and "no" in got:
-            changed.append(f"{labels[c]} ({', '.join(f'`{b}` {v}' for b, v in zip(budgets, got, strict=True))})")
+            changed.append(f"{md(labels[c])} ({', '.join(f'`{b}` {v}' for b, v in zip(budgets, got, strict=True))})")
     if changed:
         return [f"- Verdicts against `random` that change with the budget: {'; '.join(changed)}."]
     return ["- No row's verdict against `random` changes with the budget."]
@@ -188,7 +189,7 @@ def _changes(h: Any, labels: dict[str, str], rank_of: dict[str, list[int]]) -> l
     for first in (h.stages[0], h.stages[1]) if len(h.stages) > 2 else (h.stages[0],):
         moves = [(labels[c], rank_of[first.name][i], rank_of[last.name][i]) for i, c in enumerate(h.configs)
                  if abs(rank_of[first.name][i] - rank_of[last.name][i]) >= MOVE]
-        moved = "; ".join(f"{lab} {a} → {b}" for lab, a, b in sorted(moves, key=lambda m: m[2]))
+        moved = "; ".join(f"{md(lab)} {a} → {b}" for lab, a, b in sorted(moves, key=lambda m: m[2]))
         out.append(f"- From {first.name} to {last.name}: "
                    + (f"rows moving {MOVE} or more places: {moved}." if moves
                       else f"no row moves {MOVE} or more places."))

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from _records import put, rec, table_rows
+from _records import SMOKE, put, rec, table_rows
+from _support import one_line_error, prunebench
 from typer.testing import CliRunner
 
 from prunebench.cli import app
@@ -116,3 +119,105 @@ def test_output_is_identical_across_hash_seeds_and_file_orders(tmp_path):
 
     assert digest(a, "1") == digest(a, "2") == digest(b, "3")
     assert hashlib.sha256(repr(sorted(build(a).items())).encode()).hexdigest() == digest(a, "0")
+
+
+def test_a_copy_of_a_record_is_never_counted_as_another_seed(tmp_path):
+    records = tmp_path / "records"
+    seeds = [rec(seed=0, final=80.0), rec(seed=1, final=82.0)]
+    for r in seeds:
+        put(records, r["run_id"], r)
+    shutil.copy(records / f"{seeds[1]['run_id']}.json", records / "copy.json")  # cp rec.json copy.json
+    put(records, "failed-copy", {**seeds[0], "status": "failed", "error": "RuntimeError: x"})
+    res = CliRunner().invoke(app, ["leaderboard", "--records", str(records), "--out", str(tmp_path / "lb")])
+    assert res.exit_code == 0, res.output
+    (row,) = table_rows((tmp_path / "lb" / "digits-resnet20.md").read_text())
+    assert row[2] == "81.00 ± 1.41" and row[-1] == "2"  # two seeds, not three
+    assert f"skipped {records / 'copy.json'}: the same run as {seeds[1]['run_id']}.json" in res.output
+    assert f"skipped {records / 'failed-copy.json'}: the same run as {seeds[0]['run_id']}.json" in res.output
+    res = CliRunner().invoke(app, ["records", "check", str(records)])
+    assert res.exit_code == 1 and f"duplicate record: {records / 'copy.json'}: the same run as" in res.output
+
+
+HOSTILE_TEXT = "x|99.99|<b>bold</b> & `code` [link](http://example.com) $x$ *em* ~~s~~ #h\r\nnext\u202eline"
+
+
+def test_nothing_a_user_typed_reaches_a_page_unescaped(tmp_path):
+    import csv
+    import io
+
+    records, out = tmp_path / "records", tmp_path / "lb"
+    put(records, "a", rec(final=80.0, criterion_params={"note": HOSTILE_TEXT}, scope="in|ner",
+                          hardware={"device": "<script>cpu</script>"}, versions={"torch": "2|<i>", "prunebench": "0"},
+                          budget={**SMOKE, "name": "smoke|<u>"}))
+    put(records, "b", rec(seed=1, final=70.0, criterion_params={"note": "plain"}, scope="in|ner",
+                          hardware={"device": "<script>cpu</script>"}, versions={"torch": "2|<i>", "prunebench": "0"},
+                          budget={**SMOKE, "name": "smoke|<u>"}))
+    (records / "bad|<img src=x>`.json").write_text("[]")
+    res = CliRunner().invoke(app, ["leaderboard", "--records", str(records), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    page, index = (out / "digits-resnet20.md").read_text(), (out / "README.md").read_text()
+    for text in (page, index):
+        assert "<b>" not in text and "<script>" not in text and "<u>" not in text and "<img" not in text
+        assert not re.search(r"(?<!\\)\]\(http", text) and "\r" not in text and "\u202e" not in text
+    # a markdown table splits its cells at every "|" that is not escaped as "\\|"
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in page.splitlines()
+            if line.startswith("| ")]
+    assert {len(r) for r in rows} == {12}  # no cell is split or added
+    assert [(r[2], r[-1]) for r in rows[1:]] == [("80.00", "1"), ("70.00", "1")]
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "\\[link\\](http://example.com)" in page
+    assert "x\\|99.99\\|" in page and "\\\\r\\\\nnext\\\\u202eline" in page
+    # the CSV holds the text as it was typed, quoted so that it stays one field
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 and HOSTILE_TEXT in table[0]["criterion"] and table[0]["budget"].startswith("smoke|<u>")
+    page_csv = (out / "digits-resnet20.csv").read_bytes().decode("utf-8")
+    assert list(csv.reader(io.StringIO(page_csv, newline="")))[1][5] == table[0]["criterion"]
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("final", {"top1": 150.0}, "final.top1 is 150.0, not a percentage in [0, 100]"),
+    ("baseline", {"top1": -3.0}, "baseline.top1 is -3.0, not a percentage in [0, 100]"),
+    ("oneshot", {"top1": float("inf")}, "oneshot.top1 is inf, not a percentage in [0, 100]"),
+    ("macs", {"before": 100, "after": 120}, "macs after compression (120) exceed those before (100)"),
+    ("params", {"before": 0, "after": 5}, "params before/after are 0/5, not positive counts"),
+    ("achieved", {"macs_reduction": 0.9, "params_reduction": 0.5}, "achieved.macs_reduction 0.9 disagrees with"),
+    ("seed", -1, "seed is -1, not an integer in [0, 2**64)"),
+    ("criterion_seconds", -2.0, "criterion_seconds is -2.0, not a time >= 0"),
+    ("latency", {"speedup_batch1": float("nan")}, "latency.speedup_batch1 is nan, not a positive ratio"),
+    ("target", {"metric": "macs", "ratio": 1.5, "tolerance": 0.01}, "target.ratio is 1.5, not a fraction in (0, 1)"),
+])
+def test_implausible_values_are_never_published_and_records_check_names_them(tmp_path, field, value, why):
+    records = tmp_path / "records"
+    put(records, "good", rec(final=80.0))
+    put(records, "odd", {**rec(seed=1, final=90.0), field: value})
+    res = CliRunner().invoke(app, ["leaderboard", "--records", str(records), "--out", str(tmp_path / "lb")])
+    assert res.exit_code == 0, res.output
+    assert f"skipped {records / 'odd.json'}: implausible: {why}" in res.output
+    assert [r[2] for r in table_rows((tmp_path / "lb" / "digits-resnet20.md").read_text())] == ["80.00"]
+    assert "odd.json" in (tmp_path / "lb" / "README.md").read_text()
+    res = CliRunner().invoke(app, ["records", "check", str(records)])
+    assert res.exit_code == 1 and f"implausible record: {records / 'odd.json'}: implausible: {why}" in res.output
+
+
+def test_records_check_reports_a_non_finite_result_the_page_shows_as_nan(tmp_path):
+    put(tmp_path, "ok", rec(seed=0, final=80.0))
+    put(tmp_path, "nan", rec(seed=1, final=float("nan")))
+    res = CliRunner().invoke(app, ["records", "check", str(tmp_path)])
+    assert res.exit_code == 1 and f"implausible record: {tmp_path / 'nan.json'}: implausible: final.top1 is nan" \
+        in res.output
+
+
+@pytest.mark.parametrize("content", ["nothing", "failed records only"])
+def test_a_records_folder_with_nothing_to_publish_is_a_one_line_error(tmp_path, content):
+    records, out = tmp_path / "records", tmp_path / "lb"
+    records.mkdir()
+    if content == "failed records only":
+        put(records, "f1", {**rec(), "status": "failed", "error": "RuntimeError: x"})
+        (records / "broken.json").write_text("{")
+    proc = prunebench("leaderboard", "--records", records, "--out", out)
+    line = one_line_error(proc)
+    assert f"no complete, usable record in {records}" in line and "nothing written" in line
+    assert not out.exists()  # no empty results.csv
+    if content == "failed records only":
+        assert f"skipped {records / 'f1.json'}: a failed record (only complete runs are published)" in proc.stderr
+        assert f"skipped {records / 'broken.json'}: not valid JSON" in proc.stderr
