@@ -155,3 +155,14 @@ def test_a_killed_baseline_training_resumes_to_the_same_cached_weights(tmp_path)
     sa, sb = torch.load(a, weights_only=True)["state_dict"], torch.load(b, weights_only=True)["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not list(cache.glob("baselines/*.partial*"))  # the completed stage removed them
+
+
+def test_a_cached_adaptation_s_accuracy_is_not_measured_again():
+    from prunebench.runner import known_baseline_accuracy
+
+    cached = {"adaptation": {"cached": True, "top1_after": 89.69, "top1_before": 83.2}}
+    assert known_baseline_accuracy(cached, 10) == {"top1": 89.69}
+    # adapted in this run (measured just before), no adaptation, or top-5 needed: evaluate
+    assert known_baseline_accuracy({"adaptation": {"cached": False, "top1_after": 89.69}}, 10) is None
+    assert known_baseline_accuracy({"source": "trained"}, 10) is None
+    assert known_baseline_accuracy(cached, 100) is None
