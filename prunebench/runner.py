@@ -790,11 +790,12 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
 
 
 def known_baseline_accuracy(info: Mapping[str, Any], num_classes: int) -> dict[str, float] | None:
-    """The baseline's top-1 when the cached adaptation already measured it on this run's test
-    split with these weights (``top1_after``): evaluating them again gives the same number, and
-    costs a pass over the test split per run. None otherwise (top-5 is not cached)."""
+    """The baseline's top-1 when the adaptation (run now, or cached) already measured it on
+    this run's test split with these weights (``top1_after``): evaluating them again gives the
+    same number, and costs a pass over the test split per run. None otherwise (top-5 is not
+    kept)."""
     adaptation = info.get("adaptation") or {}
-    if num_classes >= 100 or not adaptation.get("cached") or adaptation.get("top1_after") is None:
+    if num_classes >= 100 or adaptation.get("top1_after") is None:
         return None
     return {"top1": float(adaptation["top1_after"])}
 

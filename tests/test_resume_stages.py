@@ -162,7 +162,8 @@ def test_a_cached_adaptation_s_accuracy_is_not_measured_again():
 
     cached = {"adaptation": {"cached": True, "top1_after": 89.69, "top1_before": 83.2}}
     assert known_baseline_accuracy(cached, 10) == {"top1": 89.69}
-    # adapted in this run (measured just before), no adaptation, or top-5 needed: evaluate
-    assert known_baseline_accuracy({"adaptation": {"cached": False, "top1_after": 89.69}}, 10) is None
+    # adapted in this run: measured just before, on the same split
+    assert known_baseline_accuracy({"adaptation": {"cached": False, "top1_after": 89.69}}, 10) == {"top1": 89.69}
+    # no adaptation, or top-5 needed: evaluate
     assert known_baseline_accuracy({"source": "trained"}, 10) is None
     assert known_baseline_accuracy(cached, 100) is None
