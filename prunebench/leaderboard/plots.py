@@ -50,14 +50,19 @@ def tradeoff_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels:
                 ax.annotate(_literal(name.removeprefix("dense ")), (x, y), textcoords="offset points", xytext=(5, 5),
                             fontsize="small")
         ax.axhline(macs["baseline"].mean(), color="grey", linestyle="--", linewidth=1, label="baseline")
-        ax.set_xlabel("MACs reduction (%)")
-        ax.set_ylabel("final top-1 (%)")
-        ax.set_title(_literal(f"{dataset} · {arch} · budget {budget}"))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+        return _png(fig, ax, "MACs reduction (%)", f"{dataset} · {arch} · budget {budget}")
+
+
+def _png(fig: Any, ax: Any, xlabel: str, title: str) -> bytes:
+    """Labels, grid and legend of a page's plot, as deterministic PNG bytes (no metadata)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final top-1 (%)")
+    ax.set_title(_literal(title))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return buf.getvalue()
 
 
@@ -103,12 +108,5 @@ def latency_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels: 
         ax.axvline(sum(base_ms) / len(base_ms), color="grey", linestyle="--", linewidth=1,
                    label=f"baseline {arch} latency")
         ax.axhline(df["baseline"].mean(), color="grey", linestyle=":", linewidth=1, label="baseline top-1")
-        ax.set_xlabel(f"measured latency, {runtime}, batch 1, one thread (ms)")
-        ax.set_ylabel("final top-1 (%)")
-        ax.set_title(_literal(f"{dataset} · {arch} · budget {budget}"))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    return buf.getvalue()
+        return _png(fig, ax, f"measured latency, {runtime}, batch 1, one thread (ms)",
+                    f"{dataset} · {arch} · budget {budget}")
