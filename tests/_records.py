@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 from prunebench.budgets import ADAPTATION_FIELDS, BUDGETS
-from prunebench.records import write_atomic
 
 # the budget as a run from a trained baseline records it (no adaptation fields)
 SMOKE = {k: v for k, v in BUDGETS["smoke"].resolved().items() if k not in ADAPTATION_FIELDS}
 
 
+# every fabricated record is another run (a copy of one is made by writing the same dict twice)
+_IDS = itertools.count()
+
+
 def rec(criterion="l1", seed=0, final=80.0, ratio=0.5, **over):
     r = {
-        "schema": "prunebench-result/1", "run_id": f"{criterion}-{seed}-{final}", "status": "complete",
+        "schema": "prunebench-result/1", "run_id": f"{criterion}-{seed}-{final}-{next(_IDS)}", "status": "complete",
         "criterion": criterion, "criterion_kind": "score", "criterion_params": {}, "arch": "resnet20",
         "dataset": "digits", "budget": SMOKE, "target": {"metric": "macs", "ratio": ratio, "tolerance": 0.01},
         "seed": seed, "allocation": "uniform", "started": "2026-01-01T00:00:00+00:00",
@@ -30,7 +35,10 @@ def rec(criterion="l1", seed=0, final=80.0, ratio=0.5, **over):
 
 
 def put(folder: Path, name: str, record: dict) -> None:
-    write_atomic(folder / f"{name}.json", record)
+    """Write ``record`` as a file in ``folder``, as it is: a non-finite number stays a bare
+    ``NaN``/``Infinity`` token, as in files that prunebench did not write (prunebench writes null)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def table_rows(page: str) -> list[list[str]]:

@@ -54,7 +54,8 @@ def _generated(path: Path) -> bool:
     return False
 
 
-_PLOT_LINE = re.compile(r"^!\[final top-1 vs MACs reduction, budget [^\]\n]*\]\(([A-Za-z0-9_.-]+\.png)\)$",
+_PLOT_LINE = re.compile(r"^!\[final top-1 vs (?:MACs reduction|measured latency [^,\]\n]*), budget [^\]\n]*\]"
+                        r"\(([A-Za-z0-9_.-]+\.png)\)$",
                         re.MULTILINE)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -162,7 +162,7 @@ def test_nothing_a_user_typed_reaches_a_page_unescaped(tmp_path):
     # a markdown table splits its cells at every "|" that is not escaped as "\\|"
     rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in page.splitlines()
             if line.startswith("| ")]
-    assert {len(r) for r in rows} == {12}  # no cell is split or added
+    assert {len(r) for r in rows} == {13}  # no cell is split or added (13 columns, the 95 % CI among them)
     assert [(r[2], r[-1]) for r in rows[1:]] == [("80.00", "1"), ("70.00", "1")]
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "\\[link\\](http://example.com)" in page
     assert "x\\|99.99\\|" in page and "\\\\r\\\\nnext\\\\u202eline" in page
