@@ -38,7 +38,7 @@ import torch
 
 from prunebench.errors import ConfigError, RecordError
 from prunebench.files import signals_deferred, staged, temp_path
-from prunebench.records import dumps, read_record, write_atomic
+from prunebench.records import UnusableFile, dumps, read_record, read_regular_file, write_atomic
 
 
 def record_path(results: Path, rid: str) -> Path:
@@ -108,8 +108,13 @@ def _previous(results: Path, rid: str, log: Callable[[str], None] = print) -> di
     if isinstance(rec, dict):
         return rec
     try:
-        raw = path.read_bytes()
-    except OSError:
+        raw = read_regular_file(path)  # a FIFO, socket or device there is never opened
+    except UnusableFile as exc:
+        folder = attempts_dir(results, rid)
+        folder.mkdir(parents=True, exist_ok=True)
+        aside = folder / f"unusable-{_free_number(folder)}.special"
+        os.replace(path, aside)  # moves the node itself
+        log(f"{path} was no record file ({exc}); it was moved to {aside}")
         return None
     folder = attempts_dir(results, rid)
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +125,7 @@ def _previous(results: Path, rid: str, log: Callable[[str], None] = print) -> di
 
 def _free_number(folder: Path) -> int:
     n = 1
-    while os.path.lexists(folder / f"unusable-{n}.json") or os.path.lexists(folder / f"unusable-{n}.symlink"):
+    while any(os.path.lexists(folder / f"unusable-{n}{suffix}") for suffix in (".json", ".symlink", ".special")):
         n += 1
     return n
 

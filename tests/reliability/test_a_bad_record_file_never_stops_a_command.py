@@ -144,3 +144,26 @@ def test_a_field_of_the_wrong_type_is_skipped_and_named_never_a_crash(tmp_path, 
     assert [r[2] for r in table_rows((tmp_path / "lb" / "digits-resnet20.md").read_text())] == ["80.00"]
     res = invoke("records", "check", records)
     assert res.exit_code == 1 and f"bad record: {records / 'bad.json'}: malformed field: {field}" in res.output
+
+
+def test_a_fifo_at_a_runs_record_path_is_moved_aside_never_opened(tmp_path):
+    """`run` looks at the file in its record's place before it writes: a FIFO there would block
+    a read forever, so it is never opened; the node itself is moved to the run's attempts."""
+    from _support import records as read_all
+    from _support import run_args
+
+    from prunebench.store import attempts_dir
+
+    results = tmp_path / "r"
+    res = invoke(*run_args(results))
+    assert res.exit_code == 0, res.output
+    (rid,) = read_all(results)
+    (results / f"{rid}.json").unlink()
+    os.mkfifo(results / f"{rid}.json")
+    try:
+        res = _within(120, lambda: invoke(*run_args(results)))
+        assert res.exit_code == 0, (res.output, repr(res.exception))
+        assert read_all(results)[rid]["status"] == "complete"
+        assert (attempts_dir(results, rid) / "unusable-1.special").exists()
+    finally:
+        _release(results / f"{rid}.json")
