@@ -4,7 +4,10 @@ The greedy searches of HBGS/HBGTS evaluate many networks that differ from the cu
 one layer's consumers. :class:`SuffixRunner` traces the working copy once with ``torch.fx``
 and, for each start node, caches per calibration chunk the *frontier*: the values computed
 before the node and read at or after it. Scoring a candidate then forwards only from its
-first edited module. Forward hooks on the working copy's modules fire as usual (``call_module``
+first edited module; the values a suffix run computes can be kept and adopted as the cached
+ones later (:meth:`SuffixRunner.adopt`), when the network it ran is the one applied. Each node's
+module and in-place handling are resolved once, not per run. Forward hooks on the working
+copy's modules fire as usual (``call_module``
 nodes call the module), so per-layer outputs can be collected during a suffix run. Models
 that ``torch.fx`` cannot trace fall back to full forward passes (same results, slower).
 """
@@ -102,6 +105,18 @@ class SuffixRunner:
             self.frontier[s] = [n for n in self.nodes[:s] if last[n] >= s]
         self.cached = {n for f in self.frontier.values() for n in f}
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        # per node, what running it needs, resolved once (the modules, the in-place copies)
+        self.steps: list[tuple] = []
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                fn = self.gm.get_submodule(n.target)
+            elif n.op == "call_function":
+                fn = n.target
+            else:
+                fn = None
+            copy_first = _is_inplace(n) and bool(n.args) and isinstance(n.args[0], Node) and n.args[0] in self.cached
+            dead = tuple(d for d in self.dies_at.get(i, ()) if d.op != "placeholder")
+            self.steps.append((n, n.op, fn, copy_first, n in self.cached, dead))
 
     def _fetch_attr(self, target: str):
         obj = self.gm
@@ -110,12 +125,18 @@ class SuffixRunner:
         return obj
 
     @torch.no_grad()
-    def run_chunk(self, ci: int, start: int, record: bool):
-        """The model output on chunk ``ci``, forwarding from node ``start``."""
+    def run_chunk(self, ci: int, start: int, record: bool, keep: dict | None = None):
+        """The model output on chunk ``ci``, forwarding from node ``start``.
+
+        ``record`` refreshes the chunk's cached values downstream of ``start``; ``keep``, a
+        dict, receives those values instead (for :meth:`adopt` later), leaving the cache as it is.
+        """
         x = self.chunks[ci]
         if self.gm is None:
             return self.work(x)
         cache = self.caches[ci]
+        if record:
+            keep = cache
         env: dict[Node, object] = {}
         for j, ph in enumerate(self.placeholders):
             env[ph] = x if j == 0 else (ph.args[0] if ph.args else None)
@@ -124,34 +145,36 @@ class SuffixRunner:
                 env[n] = cache[n]
         out = None
         look = env.__getitem__
-        for i in range(start, len(self.nodes)):
-            n = self.nodes[i]
-            if n.op == "placeholder":
+        pop = env.pop
+        for n, op, fn, copy_first, is_cached, dead in self.steps[start:]:
+            if op == "placeholder":
                 continue
-            if n.op == "output":
+            if op == "output":
                 out = map_arg(n.args[0], look)
                 break
             args = map_arg(n.args, look)
             kwargs = map_arg(n.kwargs, look)
-            if _is_inplace(n) and n.args and isinstance(n.args[0], Node) and n.args[0] in self.cached:
+            if copy_first:
                 args = (args[0].clone(),) + tuple(args[1:])
-            if n.op == "call_module":
-                v = self.gm.get_submodule(n.target)(*args, **kwargs)
-            elif n.op == "call_function":
-                v = n.target(*args, **kwargs)
-            elif n.op == "call_method":
+            if op == "call_module" or op == "call_function":
+                v = fn(*args, **kwargs)
+            elif op == "call_method":
                 v = getattr(args[0], n.target)(*args[1:], **kwargs)
-            elif n.op == "get_attr":
+            elif op == "get_attr":
                 v = self._fetch_attr(n.target)
             else:  # pragma: no cover - fx has no other node kinds
-                raise RuntimeError(f"unexpected fx node {n.op}")
+                raise RuntimeError(f"unexpected fx node {op}")
             env[n] = v
-            if record and n in self.cached:
-                cache[n] = v
-            for dead in self.dies_at.get(i, ()):
-                if dead.op != "placeholder":
-                    env.pop(dead, None)
+            if is_cached and keep is not None:
+                keep[n] = v
+            for d in dead:
+                pop(d, None)
         return out
+
+    def adopt(self, ci: int, kept: dict) -> None:
+        """Make values kept by ``run_chunk(ci, start, record=False, keep=kept)`` the cached ones:
+        the same as ``run_chunk(ci, start, record=True)`` when the model has not changed since."""
+        self.caches[ci].update(kept)
 
     def run(self, start: int, record: bool) -> list:
         """The model outputs of every chunk, forwarding from node ``start``."""

@@ -12,7 +12,9 @@ proposal with the smallest error is applied, until the MACs (or params) target i
 * ``objective="output"`` (HBGTS): the relative change ``‖Z − Z₀‖ / ‖Z₀‖`` of the network's
   logits (``output="logits"``) or of its last BatchNorm's output (``output="last_bn"``, the
   authors' code) with the candidate simulated in the working copy; each candidate costs one
-  suffix forward.
+  suffix forward. The forward of the step's best candidate is kept, and applying that move
+  adopts its values as the runner's cached ones instead of forwarding again (the working
+  copy then shows the same weights, bit for bit, so the numbers are the same).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ def _flat(out: Tensor) -> Tensor:
 
 
 class Search:
+    #: HBGTS applies a move from the forward that scored it (False: a second forward, as before;
+    #: the results are the same, tests compare both)
+    _reuse_scoring_forward = True
+
     def __init__(self, params: Any, objective: str, label: str, model: nn.Module, ctx: CompressionContext):
         self.p = params
         self.objective = objective
@@ -171,6 +177,7 @@ class Search:
         starts = self.work.starts()
         self.runner = SuffixRunner(self.work.model, self.chunks, starts)
         self.start = self.runner.start
+        self.pending = None
         if self.objective == "layer":
             self.reference = SuffixRunner(copy.deepcopy(self.original), self.chunks, starts)
             self._init_grams()
@@ -275,21 +282,25 @@ class Search:
             raise ConfigError(f"{self.label} output='last_bn' needs a model with a BatchNorm layer")
         return order[-1]
 
-    def _outputs(self, start: int, record: bool) -> list[Tensor]:
+    def _outputs(self, start: int, record: bool, keep: list[dict] | None = None) -> list[Tensor]:
         """The compared output of every chunk, forwarding from node ``start``.
 
         A captured module that runs before ``start`` keeps its last recorded value (a move
-        whose edits all follow the last BatchNorm does not change its output).
+        whose edits all follow the last BatchNorm does not change its output). ``keep``, one
+        dict per chunk, receives the values the run would record (see :meth:`apply`).
         """
         if self.capture is None:
-            return [logits_of(o) for o in self.runner.run(start, record)]
+            return [
+                logits_of(self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci]))
+                for ci in range(len(self.chunks))
+            ]
         got: list[Tensor | None] = []
         h = self.work.model.get_submodule(self.capture).register_forward_hook(
             lambda mod, inp, out: got.__setitem__(-1, out.detach().clone().float()))
         try:
             for ci in range(len(self.chunks)):
                 got.append(None)
-                self.runner.run_chunk(ci, start, record)
+                self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci])
         finally:
             h.remove()
         out = [g if g is not None else self.captured[ci] for ci, g in enumerate(got)]
@@ -325,12 +336,25 @@ class Search:
         return sq / self.z0_norm
 
     def output_error(self, n: str, b: int) -> float:
+        """The error with ``b`` more drops of ``n``. The values its suffix forward computed are
+        kept while it is the best candidate of the step (:meth:`_keep_best`): applying that move
+        then needs no second forward."""
+        keep: list[dict] = [{} for _ in self.chunks]
         self.work.show(n, b)
         try:
-            out = self._outputs(self.start[n], record=False)
+            out = self._outputs(self.start[n], record=False, keep=keep)
         finally:
             self.work.show(n, 0)
-        return self._err(out)
+        e = self._err(out)
+        self._keep_best(n, b, e, keep, out)
+        return e
+
+    def _keep_best(self, n: str, b: int, e: float, keep: list[dict], out: list[Tensor]) -> None:
+        """Hold the forward of the step's best candidate so far, ordered as :meth:`best_move`
+        orders them (the lazy greedy compares ``e - cur_err``, which can tie where ``e`` does not)."""
+        rank = (e - self.cur_err, n) if self.p.lazy else (e, n)
+        if self.pending is None or rank < self.pending[0]:
+            self.pending = (rank, (n, self.units[n].removed, b), e, keep, out)
 
     # ---- scoring ----------------------------------------------------------------------------
     def score(self, n: str, b: int) -> float:
@@ -368,6 +392,12 @@ class Search:
 
     # ---- applying moves ---------------------------------------------------------------------
     def apply(self, n: str, b: int) -> None:
+        """Apply ``b`` more drops of ``n``. HBGTS: when the move is the candidate whose forward
+        :meth:`output_error` kept, its values become the cached ones and its error the current
+        one; the working copy now shows exactly what that candidate showed (the same weights,
+        bit for bit), so a second forward would compute the same numbers."""
+        pending, self.pending = self.pending, None
+        key = (n, self.units[n].removed, b)
         self.units[n].apply(b)  # drops the block, then re-runs the selector on the rest
         self._sync_cost()
         self.steps += 1
@@ -376,7 +406,15 @@ class Search:
         if self.objective == "layer":
             self._refresh_grams(self.start[n])
         else:
-            self.cur_err = self._err(self._outputs(self.start[n], record=True))
+            if pending is not None and pending[1] == key and self._reuse_scoring_forward:
+                _, _, e, keep, out = pending
+                for ci, values in enumerate(keep):
+                    self.runner.adopt(ci, values)
+                if self.capture is not None:
+                    self.captured = out
+                self.cur_err = e
+            else:
+                self.cur_err = self._err(self._outputs(self.start[n], record=True))
             self.stale = {k: v for k, v in self.stale.items() if k[0] != n}
 
     @torch.no_grad()
@@ -438,6 +476,7 @@ class Search:
         self.steps, self.evaluations, self.ledger_note = 0, 0, False
         self.scores: dict[tuple[str, int, int], float] = {}
         self.stale: dict[tuple[str, int], float] = {}
+        self.pending = None  # HBGTS: the kept forward of the step's best candidate so far
         self.build_units()
         self.r0 = 0.0
         self.r0 = self.exact()
