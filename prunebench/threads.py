@@ -4,8 +4,8 @@ PyTorch takes every core for its threads by default. Two runs started together t
 oversubscribe the CPU and OpenMP collapses (measured on 2 cores: two demos took 6.5× longer
 with the default threads than with one thread each). So, on a CPU, each training stage that
 is long enough times a few steps of a copy of the model at each candidate thread count (1 to
-the CPUs this process may use) and keeps the fastest; the measurement itself sees the cores
-that other processes occupy. During the stage, a fall of the step rate below half of the
+the CPUs this process may use, less the cores that other processes are running on at that
+moment) and keeps the fastest; the measurement itself also sees busy cores. During the stage, a fall of the step rate below half of the
 measured one (another run started, say) measures again.
 
 ``--threads N`` or ``PRUNEBENCH_THREADS=N`` fixes the count (no measurement); so does a
@@ -88,6 +88,22 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
+def others_running() -> int:
+    """Processes (threads) of others that are running or runnable right now, from the kernel's
+    count in ``/proc/loadavg`` less this one; 0 where it cannot be read."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, running - 1)
+
+
+def thread_counts() -> list[int]:
+    """1 to the CPUs this process may use, less the cores others are running on now (at least 1)."""
+    return list(range(1, max(1, cpus() - others_running()) + 1))
+
+
 def take_history() -> list[dict[str, Any]]:
     out = list(history)
     history.clear()
@@ -114,7 +130,7 @@ def choose(step: Callable[[], None], candidates: list[int] | None = None,
     """Time ``step`` at each thread count (one warm-up, then :data:`PROBE_STEPS`) and set the
     fastest. Returns (threads, seconds per step at that count)."""
     best: tuple[int, float] | None = None
-    for n in candidates or list(range(1, cpus() + 1)):
+    for n in candidates or thread_counts():
         torch.set_num_threads(n)
         step()
         t0 = clock()

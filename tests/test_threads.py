@@ -41,7 +41,9 @@ def test_the_fastest_count_is_kept():
     assert threads.choose(clock.step, [1, 2], clock=clock) == (2, pytest.approx(0.3))
 
 
-def test_a_stage_measures_again_when_its_rate_halves():
+def test_a_stage_measures_again_when_its_rate_halves(monkeypatch):
+    monkeypatch.setattr(threads, "cpus", lambda: 2)
+    monkeypatch.setattr(threads, "others_running", lambda: 0)  # the fake clock stands for the load
     clock = FakeClock({1: 1.0, 2: 0.5})
     stage = threads.StageThreads("baseline", total=500, batch=100, make_step=lambda: clock.step, clock=clock)
     assert stage.entry == {"stage": "baseline", "threads": 2, "img_per_s": 200.0, "how": "measured"}
@@ -112,3 +114,18 @@ def test_a_process_without_a_fixed_count_measures_its_starting_count(monkeypatch
     monkeypatch.setenv(threads.ENV, "2")
     threads.apply_fixed()
     assert len(seen) == 1 and torch.get_num_threads() == 2
+
+
+def test_cores_that_others_run_on_are_not_candidates(monkeypatch):
+    monkeypatch.setattr(threads, "cpus", lambda: 4)
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    assert threads.thread_counts() == [1, 2, 3, 4]
+    monkeypatch.setattr(threads, "others_running", lambda: 1)  # another run is computing now
+    assert threads.thread_counts() == [1, 2, 3]
+    monkeypatch.setattr(threads, "others_running", lambda: 9)
+    assert threads.thread_counts() == [1]
+
+
+def test_others_running_reads_the_kernel_s_count():
+    n = threads.others_running()
+    assert isinstance(n, int) and n >= 0
