@@ -89,16 +89,24 @@ def _load_average() -> float:
 
 
 def probe_kernel(samples: int = 15, clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Seconds of a fixed kernel (a few 96x96 fp32 matrix products), ``samples`` times."""
-    a = torch.randn(96, 96, generator=torch.Generator().manual_seed(0))
+    """Seconds of a fixed kernel (four 256x256 fp32 matrix products on one thread, a few
+    milliseconds: long enough that the timer's and the thread pool's jitter do not count),
+    ``samples`` times after one untimed call."""
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) / 16
     out = []
-    with torch.no_grad():
-        for _ in range(samples):
-            t0 = clock()
-            b = a
-            for _ in range(8):
-                b = torch.tanh(b @ a)
-            out.append(clock() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for i in range(samples + 1):
+                t0 = clock()
+                b = a
+                for _ in range(4):
+                    b = torch.tanh(b @ a)
+                if i:
+                    out.append(clock() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
