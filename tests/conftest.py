@@ -10,6 +10,10 @@ import torch
 
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+# A run's numbers depend on its thread count (docs/performance.md): tests that compare two runs
+# need the same count in both, so the session fixes it instead of letting each command measure
+# (tests of the measurement itself unset it).
+os.environ.setdefault("PRUNEBENCH_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session", autouse=True)
