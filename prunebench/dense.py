@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prunebench import checkpoints, divergence, registry
-from prunebench.engine import DeviceData, train
+from prunebench.engine import train
 from prunebench.errors import ConfigError, suggest
 from prunebench.metrics import count_macs, count_params
 
@@ -59,6 +59,7 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
     from prunebench.runner import (
         _check_accuracies,
         _lr_hint,
+        data_block,
         evaluate,
         get_baseline,
         latency_block,
@@ -72,11 +73,7 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
     budget = cfg.budget
     rep.stage("data")
     splits, data = load_data(cfg, device)
-    record["data"] = {"train_images": data.n_train, "test_images": data.n_test,
-                      "input_shape": list(splits.input_shape), "num_classes": splits.num_classes}
-    if isinstance(data, DeviceData):  # the images and labels the run trains and evaluates on
-        record["data"]["sha256"] = checkpoints.weights_sha256(
-            {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y})
+    record["data"] = data_block(splits, data)
     kwargs = {"num_classes": splits.num_classes, "in_channels": splits.in_channels}
     example = torch.zeros(1, *splits.input_shape, device=device)
 

@@ -672,13 +672,7 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     budget = cfg.budget
     rep.stage("data")
     splits, data = load_data(cfg, device)
-    record["data"] = {
-        "train_images": data.n_train, "test_images": data.n_test,
-        "input_shape": list(splits.input_shape), "num_classes": splits.num_classes,
-    }
-    if isinstance(data, DeviceData):  # the images and labels the run trains and evaluates on
-        record["data"]["sha256"] = checkpoints.weights_sha256(
-            {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y})
+    record["data"] = data_block(splits, data)
     model = arch.build(num_classes=splits.num_classes, in_channels=splits.in_channels).to(device)
     example = torch.zeros(1, *splits.input_shape, device=device)
 
@@ -787,6 +781,17 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
         cfg.arch, {"num_classes": splits.num_classes, "in_channels": splits.in_channels},
         result.plan, model, list(example.shape), meta={"run_id": rid},
     )
+
+
+def data_block(splits: DataSplits | StreamedSplits, data: DeviceData | StreamData) -> dict[str, Any]:
+    """The record's ``data``: sizes, shape, classes, and a digest of the images and labels the
+    run trains and evaluates on (device-resident data only)."""
+    block: dict[str, Any] = {"train_images": data.n_train, "test_images": data.n_test,
+                             "input_shape": list(splits.input_shape), "num_classes": splits.num_classes}
+    if isinstance(data, DeviceData):
+        block["sha256"] = checkpoints.weights_sha256(
+            {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y})
+    return block
 
 
 def known_baseline_accuracy(info: Mapping[str, Any], num_classes: int) -> dict[str, float] | None:
