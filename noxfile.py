@@ -58,11 +58,11 @@ MUTANT_TESTS = {
     "criteria/_greedy.py": ["tests/test_coring.py", "tests/test_qsfm.py"],
     "criteria/l1.py": ["tests/test_compress.py"],
     "criteria/random.py": ["tests/test_compress.py"],
-    "prunebench/compress.py": ["tests/test_compress.py"],
-    "prunebench/costmodel.py": ["tests/test_costmodel.py"],
+    "prunebench/pipeline/compress.py": ["tests/test_compress.py"],
+    "prunebench/pipeline/costmodel.py": ["tests/test_costmodel.py"],
     # surgery's units and channel removal are run by compress and the cost model; its replay and
     # compressed-model files by the round trips
-    "prunebench/surgery.py": [
+    "prunebench/pipeline/surgery.py": [
         "tests/test_surgery.py", "tests/test_roundtrip.py", "tests/test_compress.py", "tests/test_costmodel.py"
     ],
 }

@@ -13,7 +13,7 @@ expansion factors are the paper's (Table 2); the CIFAR adaptation is the common 
 Unlike kuangliu's version, shortcuts are the paper's: identity only where stride is 1 and
 the width is unchanged, no 1x1 projection shortcuts. Blocks use ReLU6 and a linear
 (no activation) projection. Kaiming-normal (fan_out) init for convs, as in torchvision.
-Measured at 32x32 with ``prunebench.metrics``: 87,976,458 MACs (87.98M) and 2,236,682 params (2.24M).
+Measured at 32x32 with ``prunebench.pipeline.metrics``: 87,976,458 MACs (87.98M) and 2,236,682 params (2.24M).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ common CIFAR adaptation (e.g. kuangliu/pytorch-cifar, used by many pruning paper
 the 7x7/2 stem and its max-pool are replaced by a 3x3/1 conv, so stages run at 32/16/8/4;
 shortcuts that change shape are 1x1 conv + BN projections (option B). Convs have no bias
 and are Kaiming-normal (fan_out) initialised.
-Measured at 32x32 with ``prunebench.metrics``: 555,422,730 MACs (555.42M) and 11,173,962 params
+Measured at 32x32 with ``prunebench.pipeline.metrics``: 555,422,730 MACs (555.42M) and 11,173,962 params
 (11.17M); the "0.56G / 11.17M" usually quoted.
 """
 

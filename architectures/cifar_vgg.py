@@ -12,7 +12,7 @@ classifier "512-512-10" used by HRank and its successors:
   ``AdaptiveAvgPool2d(1)``, the same at 32x32 and valid at any size);
 * classifier: ``Linear(512, 512) -> BatchNorm1d(512) -> ReLU -> Linear(512, num_classes)``.
 
-Counted with ``prunebench.metrics`` at 32x32 (conv + linear MACs with bias adds; every
+Counted with ``prunebench.pipeline.metrics`` at 32x32 (conv + linear MACs with bias adds; every
 parameter, BatchNorm included) this is 313,740,810 MACs (313.74M) and 14,991,946 params
 (14.99M). The literature's "313.73M / 14.98M" is not reachable under that convention by any
 variant (with/without conv bias, BN1d, hidden bias, affine BN, either pooling -- all checked):

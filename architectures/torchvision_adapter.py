@@ -5,7 +5,7 @@ MobileNetV2 (Sandler et al., CVPR 2018) and VGG-16-BN (Simonyan & Zisserman, ICL
 ``torchvision.models.<name>(weights=None, num_classes=num_classes)`` -- fresh torchvision
 initialisation, no pretrained weights. With ``in_channels != 3`` the first conv is replaced
 by an identically shaped conv taking ``in_channels`` inputs (Kaiming-normal, fan_out).
-Measured at 224x224 with ``prunebench.metrics`` (1000 classes): ResNet-18 1,814,074,344 MACs /
+Measured at 224x224 with ``prunebench.pipeline.metrics`` (1000 classes): ResNet-18 1,814,074,344 MACs /
 11,689,512 params; ResNet-50 4,089,185,256 / 25,557,032; MobileNetV2 300,775,272 / 3,504,872;
 VGG-16-BN 15,483,821,032 / 138,365,992.
 """

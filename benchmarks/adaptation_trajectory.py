@@ -2,7 +2,7 @@
 
 Loads the zoo's checkpoint for ``--arch`` (verified, keys mapped, the checkpoint's own
 normalisation), then fine-tunes it on the whole cifar10-jpeg training split exactly as
-prunebench's adaptation does (``prunebench.adaptation``: SGD with Nesterov momentum 0.9,
+prunebench's adaptation does (``prunebench.pipeline.adaptation``: SGD with Nesterov momentum 0.9,
 weight decay on weights only, cosine decay from ``--lr`` to 0, batch 128, random crop with
 4-pixel padding and horizontal flip, seed 0), printing top-1 on a fixed 2,000-image subset of
 the test split (every fifth image) at every ``--eval-every`` epochs, and top-1 on the whole
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from prunebench import registry, zoo
-from prunebench.adaptation import ADAPT_SEED
 from prunebench.datasets import data_root
-from prunebench.engine import Recipe, augment, lr_at
+from prunebench.pipeline.adaptation import ADAPT_SEED
+from prunebench.training.engine import Recipe, augment, lr_at
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Throughput of the streamed data path: decode + augment (img/s) and training steps with it.
 
-Two sources, both streamed exactly as a run streams them (:mod:`prunebench.streaming`):
+Two sources, both streamed exactly as a run streams them (:mod:`prunebench.training.streaming`):
 
 * ``cifar10-folder``: the 32x32 cifar10-jpeg images, decompressed into the cache as a plain tar (needs
   ``cifar10-jpeg.tar.gz`` under ``PRUNEBENCH_DATA``), at the recipe's input size 32;
@@ -14,7 +14,7 @@ For each source it prints, per DataLoader worker count (``--workers``, default 0
 img/s for the training transform (decode, random-resized crop, flip; what the training loop
 waits for) and the evaluation transform (decode, resize, centre crop), each variant timed once
 per repeat, interleaved; then the training-step rate of ``tv_resnet18`` on the streamed batches
-(``prunebench.streaming.train_streamed``) against the same steps on batches already in memory
+(``prunebench.training.streaming.train_streamed``) against the same steps on batches already in memory
 (compute alone), at the given worker count. Medians over ``--repeats``.
 
     python benchmarks/data_throughput.py                      # both sources, workers 0/1/2
@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from prunebench.datasets.streaming import Preprocess, StreamedSplits, scan
-from prunebench.engine import Recipe, TrainOptions, optimizer
-from prunebench.metrics import cpu_name
-from prunebench.streaming import TEST, TRAIN, StreamData, eval_batches, sample_seed, train_streamed
+from prunebench.pipeline.metrics import cpu_name
+from prunebench.training.engine import Recipe, TrainOptions, optimizer
+from prunebench.training.streaming import TEST, TRAIN, StreamData, eval_batches, sample_seed, train_streamed
 
 
 def imagenet_like(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
@@ -124,7 +124,7 @@ def step_rates(splits: StreamedSplits, workers: int, batch: int, steps: int, rep
 
 
 def _bf16() -> bool:
-    from prunebench.precision import resolve_precision
+    from prunebench.training.precision import resolve_precision
 
     return resolve_precision("auto", torch.device("cpu")) == "bf16"
 

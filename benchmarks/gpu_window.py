@@ -57,7 +57,7 @@ def say(message: str) -> None:
 def load_config(path: Path, runs_per_gpu: int | None, results: Path):
     """The sweep of ``path``; a key this prunebench does not know yet (``baseline``) is dropped
     with a warning rather than losing the window."""
-    from prunebench.sweep import TOP_KEYS, parse_sweep
+    from prunebench.sweep.run import TOP_KEYS, parse_sweep
 
     doc = tomllib.loads(path.read_text())
     for key in [k for k in doc if k not in TOP_KEYS]:
@@ -72,7 +72,7 @@ def run_seed(config: Path, seed: int, runs_per_gpu: int | None, results: Path) -
     """Child process: the sweep restricted to one seed; one line per finished run."""
     import dataclasses
 
-    from prunebench.sweep import run_sweep
+    from prunebench.sweep.run import run_sweep
 
     sweep = dataclasses.replace(load_config(config, runs_per_gpu, results), seeds=(seed,))
 

@@ -7,7 +7,7 @@ normal tensors (already "normalised" inputs of CIFAR shape): the search's cost d
 depend on what the pixels show, only the chosen filters do. Weights are the random
 initialisation of the architecture. The target is checked the way the harness does it
 (channels removed through torch-pruning's DependencyGraph, MACs counted by
-``prunebench.metrics.count_macs``), and those checks are part of the time.
+``prunebench.pipeline.metrics.count_macs``), and those checks are part of the time.
 
 Every configuration runs in its own process and is cut after ``--limit`` seconds.
 
@@ -47,9 +47,9 @@ def run_one(arch: str, images: int, criterion: str, selector: str, lazy: bool, r
 
     from prunebench.architectures import cifar_resnet
     from prunebench.criteria.hbgs import HBGS, HBGTS
-    from prunebench.metrics import count_macs
+    from prunebench.pipeline.metrics import count_macs
+    from prunebench.pipeline.surgery import prune_kept
     from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-    from prunebench.surgery import prune_kept
 
     torch.manual_seed(0)
     spec = getattr(cifar_resnet, arch.upper())
@@ -125,7 +125,7 @@ def main() -> None:
 
     import torch
 
-    from prunebench.metrics import cpu_name
+    from prunebench.pipeline.metrics import cpu_name
 
     print(
         f"# hbgs/hbgts search time, MACs target {args.ratio:.2f}, random init, random normal images; "

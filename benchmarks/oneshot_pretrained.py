@@ -7,7 +7,7 @@ Loads the public option-A ResNet-56 checkpoint of the ``pytorch_resnet_cifar10``
 ``{"best_prec1", "state_dict"}``; keys carry a ``module.`` prefix, the classifier is
 ``linear``, BatchNorm layers have no ``num_batches_tracked``; trained with ImageNet
 normalisation), evaluates it on the ``cifar10-jpeg`` test split, then compresses a fresh copy
-with every criterion to the MACs target through the harness (``prunebench.compress``) and
+with every criterion to the MACs target through the harness (``prunebench.pipeline.compress``) and
 evaluates again, with no training at all: for ``trp`` that is its transform of the converged
 weights (its training hooks never run, the epoch ledger is empty). Calibration images are a
 fixed seeded subset of the training split. Prints one row per (criterion, scope): one-shot
@@ -124,8 +124,8 @@ def main() -> None:
 
     import prunebench
     from prunebench import registry
-    from prunebench.compress import Meter, compress
     from prunebench.datasets import data_root
+    from prunebench.pipeline.compress import Meter, compress
     from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 
     if not args.checkpoint.is_file():

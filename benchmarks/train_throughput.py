@@ -5,7 +5,7 @@ machine load hits all of them alike), it trains ResNet-56 (default) on ~1,536 ci
 training images (random uint8 images of the same shape when ``PRUNEBENCH_DATA`` lacks the
 archive) and prints img/s for:
 
-* **engine**: ``prunebench.engine.train`` with its defaults (precision ``auto``: bf16 where
+* **engine**: ``prunebench.training.engine.train`` with its defaults (precision ``auto``: bf16 where
   the device computes it natively; channels_last with bf16; no ``torch.compile``);
 * **plain loop**: the baseline to beat, fp32: a ``torch.utils.data.DataLoader`` over the same
   uint8 images with torchvision's ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``,
@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunebench import registry
-from prunebench.engine import DeviceData, Recipe, TrainOptions, optimizer, train
-from prunebench.metrics import count_macs, cpu_name
-from prunebench.precision import cpu_supports_bf16, resolve_precision
+from prunebench.pipeline.metrics import count_macs, cpu_name
+from prunebench.training.engine import DeviceData, Recipe, TrainOptions, optimizer, train
+from prunebench.training.precision import cpu_supports_bf16, resolve_precision
 
 VARIANTS = ("engine", "plain", "engine-fp32", "engine-no-channels-last", "engine-compile", "engine-cudagraphs")
 COMPILED = ("engine-compile", "engine-cudagraphs")
@@ -116,7 +116,7 @@ def sync(dev: torch.device) -> None:
 
 # --------------------------------------------------------------------------------- loops
 class EngineLoop:
-    """``prunebench.engine.train`` for whole epochs over the images."""
+    """``prunebench.training.engine.train`` for whole epochs over the images."""
 
     def __init__(self, arch: str, data: DeviceData, batch_size: int, options: TrainOptions) -> None:
         self.model = build(arch, data.device)
@@ -284,7 +284,7 @@ def packed(args: argparse.Namespace, processes: int, mode: str | None = "split")
 
 def worker(args: argparse.Namespace) -> None:
     """One packed process: warm up, say ready, wait for the others, train, write the result."""
-    from prunebench import threads
+    from prunebench.training import threads
 
     threads.apply_fixed()  # PRUNEBENCH_THREADS, or measured as a prunebench command does by default
     dev = _device(args.device)

@@ -62,7 +62,7 @@ class Selection:
     ``kept`` and ``dropped`` are filter indices (``kept`` ascending, ``dropped`` in the order
     the selector gave them up); ``coeffs[r, j]`` expresses dropped filter ``dropped[r]`` from
     kept filter ``kept[j]`` (ridge least squares), the input of
-    :func:`prunebench.compensation.fold_into_consumers`. ``order`` is the selector's own
+    :func:`prunebench.pipeline.compensation.fold_into_consumers`. ``order`` is the selector's own
     decision sequence: filters in the order they were dropped (backward) or picked (omp).
     """
 

@@ -13,7 +13,7 @@ channels, the more redundant member of the most similar pair scoring lowest.
 
 With ``compensation`` on, :meth:`QSFM.compensate` folds every removed channel into its most
 similar kept channel (its *twin*): the consumers' input weights get
-``W[:, twin] += W[:, removed]`` through :func:`prunebench.compensation.fold_into_consumers`.
+``W[:, twin] += W[:, removed]`` through :func:`prunebench.pipeline.compensation.fold_into_consumers`.
 
 Memory per layer: the ``C x C`` float64 running sum, plus one batch of the conv's output
 (which the forward pass materialises anyway) and a float64 working copy of a chunk of it.
@@ -33,10 +33,10 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from prunebench.compensation import fold_into_consumers
 from prunebench.criteria._greedy import greedy_redundancy_scores
 from prunebench.errors import ConfigError, suggest
 from prunebench.graph import build_graph
+from prunebench.pipeline.compensation import fold_into_consumers
 from prunebench.protocols import Calibration, ScoreCriterion
 
 SIMILARITIES = ("psnr", "ssim")

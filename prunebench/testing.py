@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunebench.compress import Meter, compress
 from prunebench.errors import TargetMissedError
+from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.surgery import load_compressed, replay, set_module
 from prunebench.protocols import (
     Calibration,
     CompressionContext,
@@ -32,7 +33,6 @@ from prunebench.protocols import (
     Target,
     TransformCriterion,
 )
-from prunebench.surgery import load_compressed, replay, set_module
 
 
 class TinyNet(nn.Module):
@@ -234,7 +234,7 @@ def check_criterion(criterion: type[Criterion] | str, params: dict[str, Any] | N
 
 def _replay(model: nn.Module, example: torch.Tensor, plan: list[dict[str, Any]], cls: type[Criterion],
             name: str) -> None:
-    """:func:`~prunebench.surgery.replay`, with this criterion's own steps rebuilt by ``cls``.
+    """:func:`~prunebench.pipeline.surgery.replay`, with this criterion's own steps rebuilt by ``cls``.
 
     A criterion under test need not be installed yet, so the registry may not know its name.
     """

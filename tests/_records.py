@@ -6,7 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
-from prunebench.budgets import ADAPTATION_FIELDS, BUDGETS
+from prunebench.config.budgets import ADAPTATION_FIELDS, BUDGETS
 
 # the budget as a run from a trained baseline records it (no adaptation fields)
 SMOKE = {k: v for k, v in BUDGETS["smoke"].resolved().items() if k not in ADAPTATION_FIELDS}

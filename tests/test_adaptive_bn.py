@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.adaptive_bn import batchnorms, recalibrate_bn
-from prunebench.engine import DeviceData, Recipe, train
-from prunebench.metrics import accuracy
+from prunebench.pipeline.adaptive_bn import batchnorms, recalibrate_bn
+from prunebench.pipeline.metrics import accuracy
+from prunebench.pipeline.runner import oneshot_bn
 from prunebench.protocols import Calibration
-from prunebench.runner import oneshot_bn
 from prunebench.testing import TinyNet
+from prunebench.training.engine import DeviceData, Recipe, train
 
 
 def device_data(n_train: int = 512) -> DeviceData:

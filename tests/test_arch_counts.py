@@ -1,6 +1,6 @@
 """MACs and parameter counts from the architectures' layer tables, counted by hand.
 
-The expected numbers in test_architectures.py were measured with prunebench.metrics; here
+The expected numbers in test_architectures.py were measured with prunebench.pipeline.metrics; here
 each architecture is described again from its paper or torchvision's definition (layer by
 layer: channels, kernel, stride, output size) and counted with the protocol's convention:
 multiply-accumulates of convolutions and linear layers per image, bias adds included;
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.metrics import count_macs, count_params
+from prunebench.pipeline.metrics import count_macs, count_params
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch import nn
 
 from prunebench.architectures import Architecture
 from prunebench.architectures.cifar_resnet import PadShortcut
-from prunebench.metrics import count_macs, count_params
+from prunebench.pipeline.metrics import count_macs, count_params
 
 torch.set_num_threads(1)
 
@@ -27,7 +27,7 @@ IMAGENET = sorted(n for n, a in ARCHS.items() if a.family == "imagenet")
 IMAGENET_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "tv_vgg16_bn" else n for n in IMAGENET]
 
 # Exact counts at the architecture's input size (10 classes for CIFAR, 1000 for ImageNet),
-# measured with prunebench.metrics (conv + linear MACs incl. bias adds; all parameters).
+# measured with prunebench.pipeline.metrics (conv + linear MACs incl. bias adds; all parameters).
 CIFAR_COUNTS: dict[str, tuple[int, int]] = {
     "resnet20": (40_551_050, 269_722),
     "resnet32": (68_862_602, 464_154),
@@ -246,7 +246,7 @@ def test_every_scope_lists_distinct_convs(name: str, scope: str) -> None:
 
 @pytest.mark.parametrize("name, scope", [(n, s) for n, s in SCOPES if n in CIFAR or n == "tv_resnet18"])
 def test_every_scope_prunes_through_the_harness_surgery(name: str, scope: str) -> None:
-    from prunebench.surgery import prune_kept, pruning_units
+    from prunebench.pipeline.surgery import prune_kept, pruning_units
 
     arch = ARCHS[name]
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from prunebench.cli import app
 from prunebench.errors import ConfigError, TargetMissedError
-from prunebench.records import validate
-from prunebench.surgery import load_compressed
+from prunebench.pipeline.surgery import load_compressed
+from prunebench.results.records import validate
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def test_run_writes_a_complete_valid_record(smoke_run):
     assert "adapt_epochs" not in rec["budget"]  # adaptation fields belong to runs from pretrained baselines
     assert rec["baseline"]["top1"] > 30  # digits is learnable even on the smoke budget
     assert rec["latency"]["before"]["batch1_ms"] > 0
-    from prunebench.precision import resolve_precision
+    from prunebench.training.precision import resolve_precision
 
     assert rec["precision"] == resolve_precision("auto", "cpu")  # bf16 where the CPU computes it natively
     assert rec["sharing"] == {"runs_per_device": 1, "executor": "run"}
@@ -57,8 +57,8 @@ def test_run_writes_a_complete_valid_record(smoke_run):
 def test_the_saved_model_is_the_one_the_record_scores(smoke_run):
     """Reloaded from its file and evaluated on the run's test split, the compressed model
     scores exactly the record's final top-1."""
-    from prunebench.budgets import BUDGETS
-    from prunebench.runner import RunConfig, load_data
+    from prunebench.config.budgets import BUDGETS
+    from prunebench.pipeline.runner import RunConfig, load_data
 
     results, _ = smoke_run
     rec = json.loads(next(results.glob("*.json")).read_text())

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from prunebench.compensation import fold_into_consumers
-from prunebench.surgery import prune_kept
+from prunebench.pipeline.compensation import fold_into_consumers
+from prunebench.pipeline.surgery import prune_kept
 
 
 def test_fold_duplicate_channel_keeps_output_exact():

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.compress import Meter, compress, plan_scores, unit_profile, unit_scores
 from prunebench.errors import ConfigError, PluginError, TargetMissedError
+from prunebench.pipeline.compress import Meter, compress, plan_scores, unit_profile, unit_scores
+from prunebench.pipeline.surgery import prune_kept, pruning_units
 from prunebench.protocols import (
     AllocateCriterion,
     CompressionContext,
@@ -20,7 +21,6 @@ from prunebench.protocols import (
     TrainingHooks,
     TransformCriterion,
 )
-from prunebench.surgery import prune_kept, pruning_units
 from prunebench.testing import TinyNet
 
 
@@ -182,7 +182,7 @@ def test_k_shot_prunes_iteratively_and_charges_the_ledger():
     layers = [s["layer"] for s in result.plan]
     assert len(layers) == 3 * len(arch.prunable(model))  # every layer pruned in each shot
     fresh = arch.build(num_classes=10, in_channels=1).eval()
-    from prunebench.surgery import replay
+    from prunebench.pipeline.surgery import replay
 
     replay(fresh, ctx.example_inputs, result.plan)
     fresh.load_state_dict(model.state_dict())
@@ -349,7 +349,7 @@ def test_max_layer_ratio_lets_a_layer_keep_a_single_channel_but_no_fewer():
 
 
 def test_k_shot_meets_each_shots_share_of_the_target_and_its_plan_replays():
-    from prunebench.surgery import replay
+    from prunebench.pipeline.surgery import replay
 
     model = _chain()
     ctx, meter = make_ctx(model, ["0", "2"], Target("params", 0.64))

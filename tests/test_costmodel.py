@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.costmodel import ChannelCost
-from prunebench.metrics import count_macs, count_params
-from prunebench.surgery import prune_kept, pruning_units
+from prunebench.pipeline.costmodel import ChannelCost
+from prunebench.pipeline.metrics import count_macs, count_params
+from prunebench.pipeline.surgery import prune_kept, pruning_units
 from prunebench.testing import TINY_PRUNABLE, TinyNet
 
 CIFAR = ["resnet20", "vgg16_bn", "mobilenetv2", "resnet18"]

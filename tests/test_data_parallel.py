@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from prunebench.datasets.streaming import Preprocess, StreamedSplits, scan
-from prunebench.engine import Recipe, TrainOptions
-from prunebench.streaming import StreamData, train_streamed
+from prunebench.training.engine import Recipe, TrainOptions
+from prunebench.training.streaming import StreamData, train_streamed
 from tests._folders import make_folder
 
 RECIPE = Recipe(epochs=2, lr=0.05, batch_size=8, momentum=0.9, weight_decay=5e-4, schedule="cosine")
@@ -33,7 +33,7 @@ def _rank(rank: int, port: int, root: Path, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from prunebench import distributed
+    from prunebench.training import distributed
 
     world = distributed.init(torch.device("cpu"))
     try:

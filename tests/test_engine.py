@@ -2,9 +2,9 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.engine import DeviceData, Recipe, augment, lr_at, train
-from prunebench.metrics import accuracy
+from prunebench.pipeline.metrics import accuracy
 from prunebench.protocols import TrainingHooks
+from prunebench.training.engine import DeviceData, Recipe, augment, lr_at, train
 
 
 def synthetic_data():
@@ -94,8 +94,8 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from prunebench.engine import Augmenter, TrainOptions, optimizer  # noqa: E402
 from prunebench.errors import DivergedError  # noqa: E402
+from prunebench.training.engine import Augmenter, TrainOptions, optimizer  # noqa: E402
 
 
 def reference_train(model, data, recipe, seed):

@@ -14,7 +14,7 @@ from prunebench.criteria.hbgs import HBGS, HBGSB, HBGTS, HBGTSB
 from prunebench.criteria.hbgs.links import CostModel, unit_links
 from prunebench.criteria.hbgs.runner import SuffixRunner
 from prunebench.errors import ConfigError, TargetMissedError
-from prunebench.metrics import count_macs
+from prunebench.pipeline.metrics import count_macs
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 
 LAYERS = ["conv1", "conv2", "conv3"]
@@ -994,7 +994,7 @@ _VARIANTS = {"hbgs": "omp", "hbgs-b": "backward", "hbgts": "omp", "hbgts-b": "ba
 
 @pytest.mark.parametrize("name", sorted(_VARIANTS))
 def test_a_run_records_the_documented_defaults_and_the_same_run_given_them_explicitly(name):
-    from prunebench.runner import resolved_params
+    from prunebench.pipeline.runner import resolved_params
 
     documented = {**_DOCUMENTED_DEFAULTS, "selector": _VARIANTS[name]}
     assert resolved_params(name, {}) == documented

@@ -16,9 +16,9 @@ from prunebench.architectures import cifar_resnet
 from prunebench.criteria import hbgs as hbgs_pkg
 from prunebench.criteria.hbgs.runner import SuffixRunner
 from prunebench.criteria.hbgs.search import Search
-from prunebench.metrics import count_macs
+from prunebench.pipeline.metrics import count_macs
+from prunebench.pipeline.surgery import prune_kept
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.surgery import prune_kept
 
 
 def search_resnet20(pkg, criterion: str, images: int = 8, scope: str = "inner", ratio: float = 0.5, **params):

@@ -35,7 +35,7 @@ from prunebench.criteria._factorized import (
 )
 from prunebench.criteria.ht2 import HT2, ht2_ranks, tucker2_conv
 from prunebench.errors import ConfigError
-from prunebench.metrics import count_macs
+from prunebench.pipeline.metrics import count_macs
 from prunebench.protocols import CompressionContext, EpochLedger, Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny decompositions

@@ -1,4 +1,4 @@
-"""The latency protocol (prunebench.latency): interleaved timing, the bootstrap interval of the
+"""The latency protocol (prunebench.latency.protocol): interleaved timing, the bootstrap interval of the
 speed-up, the quiet-machine rule, and the latency records beside the accuracy records. Every
 clock and load here is synthetic: no test measures real time."""
 
@@ -13,12 +13,12 @@ import torch
 from _records import put, rec
 from torch import nn
 
-from prunebench import latency as lat
 from prunebench import registry
-from prunebench.compress import Meter, compress
+from prunebench.latency import protocol as lat
+from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.runner import widths
+from prunebench.pipeline.surgery import save_compressed
 from prunebench.protocols import CompressionContext, EpochLedger, Target
-from prunebench.runner import widths
-from prunebench.surgery import save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

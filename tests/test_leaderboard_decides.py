@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from _records import SMOKE, put, rec, table_rows
 
-from prunebench.budgets import ADAPTATION_FIELDS, BUDGETS
+from prunebench.config.budgets import ADAPTATION_FIELDS, BUDGETS
 from prunebench.leaderboard import build
 from prunebench.leaderboard.pages import ranked
 from prunebench.leaderboard.ranking import Stage, bootstrap_tau, holding, kendall_tau, ranks

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from prunebench.budgets import ADAPTATION_FIELDS, BUDGETS
 from prunebench.cli import app
+from prunebench.config.budgets import ADAPTATION_FIELDS, BUDGETS
 from prunebench.leaderboard import budget_label, build, check_stale, write
-from prunebench.records import write_atomic
+from prunebench.results.records import write_atomic
 
 # a record of the unmodified preset, as a run from a trained baseline records it (no adaptation fields)
 SMOKE = {k: v for k, v in BUDGETS["smoke"].resolved().items() if k not in ADAPTATION_FIELDS}

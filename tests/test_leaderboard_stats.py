@@ -9,7 +9,7 @@ from _records import put, rec, table_rows
 from prunebench.leaderboard import build
 from prunebench.leaderboard.reported import REPORTED, reported_for
 from prunebench.leaderboard.stats import versus_random, welch_greater
-from prunebench.records import write_atomic
+from prunebench.results.records import write_atomic
 
 
 def test_welch_p_value_matches_the_formula():

@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from prunebench import metrics
-from prunebench.metrics import accuracy, count_macs, count_params, measure_latency, measure_latency_pair
+from prunebench.pipeline import metrics
+from prunebench.pipeline.metrics import (
+    accuracy,
+    count_macs,
+    count_params,
+    measure_latency,
+    measure_latency_pair,
+)
 
 
 def test_macs_count_conv_and_linear_with_bias_adds_only():

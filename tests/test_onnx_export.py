@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.compress import Meter, compress
+from prunebench.pipeline.compress import Meter, compress
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 
 pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'prunebench[onnx]')")
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'prunebench[onnx]')")
 
-from prunebench import latency as lat  # noqa: E402
+from prunebench.latency import protocol as lat  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

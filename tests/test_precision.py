@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunebench import precision
-from prunebench.budgets import get_budget
+from prunebench.config.budgets import get_budget
 from prunebench.errors import ConfigError
-from prunebench.precision import check_precision, cpu_supports_bf16, resolve_precision
-from prunebench.records import run_id
-from prunebench.runner import RunConfig
+from prunebench.pipeline.runner import RunConfig
+from prunebench.results.records import run_id
+from prunebench.training import precision
+from prunebench.training.precision import check_precision, cpu_supports_bf16, resolve_precision
 
 
 def test_explicit_precisions_are_kept_and_unknown_ones_rejected():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from prunebench import registry
+from prunebench.config.profiles import named_profile, named_profiles
 from prunebench.errors import ConfigError
-from prunebench.profiles import named_profile, named_profiles
-from prunebench.validation import load_profile
+from prunebench.pipeline.validation import load_profile
 
 
 def expand(spec: str) -> list[float]:
@@ -79,7 +79,7 @@ def test_a_named_profile_drives_a_run_in_both_scopes():
     """Inner scope ignores the residual entries, scope all applies them (stage 3 stays whole)."""
     import copy
 
-    from prunebench.compress import Meter, compress
+    from prunebench.pipeline.compress import Meter, compress
     from prunebench.protocols import CompressionContext, EpochLedger, Target
 
     arch = registry.architectures.get("resnet56")
@@ -110,9 +110,9 @@ def test_a_named_profile_drives_a_run_in_both_scopes():
 
 @pytest.mark.parametrize("criterion", ["hbgs", "ht2"])
 def test_a_profile_is_refused_for_criteria_that_would_ignore_it(criterion):
-    from prunebench.budgets import get_budget
-    from prunebench.runner import RunConfig
-    from prunebench.validation import check_run
+    from prunebench.config.budgets import get_budget
+    from prunebench.pipeline.runner import RunConfig
+    from prunebench.pipeline.validation import check_run
 
     cfg = RunConfig(criterion=criterion, arch="resnet56", dataset="digits", budget=get_budget("smoke"),
                     allocation="profile", layer_ratios=load_profile("hrank-resnet56-2", arch="resnet56"))

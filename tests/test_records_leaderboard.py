@@ -3,7 +3,7 @@ import json
 import pytest
 
 from prunebench.leaderboard import build, check_stale, write
-from prunebench.records import run_id, validate, write_atomic
+from prunebench.results.records import run_id, validate, write_atomic
 
 
 def fake_record(criterion, seed, final, **over):

@@ -10,11 +10,11 @@ from torch import nn
 
 from prunebench import registry
 from prunebench.architectures.cifar_resnet import BasicBlock, PadShortcut
-from prunebench.compress import Meter, compress
-from prunebench.costmodel import ChannelCost
-from prunebench.metrics import count_macs, count_params
+from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.costmodel import ChannelCost
+from prunebench.pipeline.metrics import count_macs, count_params
+from prunebench.pipeline.surgery import load_compressed, prune_kept, pruning_units, replay, save_compressed
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.surgery import load_compressed, prune_kept, pruning_units, replay, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

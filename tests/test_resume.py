@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prunebench.cli import app
-from prunebench.records import validate
+from prunebench.results.records import validate
 
 runner = CliRunner()
 

@@ -14,12 +14,12 @@ from test_sweep import invoke, write_config
 from torch import nn
 
 from prunebench import registry
-from prunebench.budgets import get_budget
-from prunebench.compress import Meter, compress, removable_counts
+from prunebench.config.budgets import get_budget
+from prunebench.pipeline.compress import Meter, compress, removable_counts
+from prunebench.pipeline.runner import RunConfig
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.records import run_id
-from prunebench.runner import RunConfig
-from prunebench.sweep import load_sweep
+from prunebench.results.records import run_id
+from prunebench.sweep.run import load_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.compress import Meter, compress
+from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.surgery import load_compressed, save_compressed
 from prunebench.protocols import CompressionContext, EpochLedger, Target
-from prunebench.surgery import load_compressed, save_compressed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ import torch
 from prunebench.datasets.imagenet import load_imagenet
 from prunebench.datasets.streaming import ImageFiles, Preprocess, StreamedSplits, crop_box, scan
 from prunebench.errors import ConfigError, DataNotFoundError
-from prunebench.streaming import TEST, TRAIN, StreamData, epoch_batches, eval_batches
+from prunebench.training.streaming import TEST, TRAIN, StreamData, epoch_batches, eval_batches
 from tests._folders import make_folder, make_tar
 
 
@@ -130,9 +130,9 @@ def test_streamed_evaluation_and_calibration_match_the_decoded_images(tmp_path):
 
 def test_a_run_on_a_streamed_dataset_completes_in_one_process(tmp_path):
     """The whole protocol on streamed data: baseline, calibration, compression, fine-tune, record."""
-    from prunebench.budgets import get_budget
+    from prunebench.config.budgets import get_budget
+    from prunebench.pipeline.runner import RunConfig, execute
     from prunebench.progress import Reporter
-    from prunebench.runner import RunConfig, execute
 
     make_folder(tmp_path / "data" / "imagenet", classes=3, train=8, test=4)
     budget = get_budget("smoke").override(baseline_epochs=1, finetune_epochs=1, train_subset=16, test_subset=9,

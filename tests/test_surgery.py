@@ -8,7 +8,7 @@ from torch import nn
 
 from prunebench import registry
 from prunebench.errors import CheckpointError, ConfigError, PluginError
-from prunebench.surgery import load_compressed, prune_kept, pruning_units, replay, save_compressed
+from prunebench.pipeline.surgery import load_compressed, prune_kept, pruning_units, replay, save_compressed
 
 
 def test_pruned_model_round_trips_through_plan_and_weights_only_load(tmp_path):

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from prunebench.cli import app
 from prunebench.errors import ConfigError
-from prunebench.locks import FileLock
-from prunebench.records import validate
-from prunebench.sweep import load_sweep, run_one
+from prunebench.results.records import validate
+from prunebench.storage.locks import FileLock
+from prunebench.sweep.run import load_sweep, run_one
 
 runner = CliRunner()
 
@@ -251,7 +251,7 @@ def test_a_run_locked_by_another_process_is_not_executed(tmp_path):
     lock.release()
     assert not lock.path.exists()
 
-    from prunebench.sweep import cfg_run_id
+    from prunebench.sweep.run import cfg_run_id
 
     other = FileLock(tmp_path / "r" / f"{cfg_run_id(cfg)}.lock")
     assert other.acquire(blocking=False)
@@ -377,8 +377,8 @@ def test_precision_and_runs_per_gpu_from_the_file_and_the_command_line(tmp_path)
 
 
 def test_slots_per_device(monkeypatch):
-    from prunebench import packing
-    from prunebench.packing import Slots, plan_slots
+    from prunebench.sweep import packing
+    from prunebench.sweep.packing import Slots, plan_slots
 
     monkeypatch.setattr(packing, "_cpu_count", lambda: 16)
     assert plan_slots(4, "cpu") == Slots(total=4, gpus=(), per_device=4, threads=4)
@@ -398,13 +398,13 @@ def test_slots_per_device(monkeypatch):
 
 
 def test_several_gpus_need_an_unpinned_device(tmp_path, monkeypatch):
-    from prunebench import packing
+    from prunebench.sweep import packing
 
     monkeypatch.setattr(packing, "_cuda_device_count", lambda: 2)
-    monkeypatch.setattr("prunebench.sweep.device_type", lambda device: "cuda")
+    monkeypatch.setattr("prunebench.sweep.run.device_type", lambda device: "cuda")
     sweep = load_sweep(write_config(tmp_path / "s.toml", device="cuda:1", runs_per_gpu=2), results_dir=tmp_path / "r")
     with pytest.raises(ConfigError, match="with several GPUs the local executor gives each worker its own GPU"):
-        from prunebench.sweep import run_sweep
+        from prunebench.sweep.run import run_sweep
 
         run_sweep(sweep, log=lambda line: None)
 
@@ -436,8 +436,8 @@ class FakeRay:
 def test_ray_tasks_ask_for_a_fraction_of_a_gpu(monkeypatch, cuda, runs_per_gpu, max_parallel, asked, per_device):
     import torch
 
-    from prunebench.runner import Sharing
-    from prunebench.sweep import _RayEngine
+    from prunebench.pipeline.runner import Sharing
+    from prunebench.sweep.run import _RayEngine
 
     fake = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)

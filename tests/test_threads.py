@@ -1,12 +1,12 @@
-"""CPU threads chosen by measurement (prunebench.threads), fixed by --threads or PRUNEBENCH_THREADS."""
+"""CPU threads chosen by measurement (prunebench.training.threads), fixed by --threads or PRUNEBENCH_THREADS."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from prunebench import threads
 from prunebench.errors import ConfigError
+from prunebench.training import threads
 
 
 class FakeClock:

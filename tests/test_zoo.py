@@ -14,13 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 from prunebench import registry, zoo
-from prunebench.adaptation import adaptation_key
-from prunebench.budgets import get_budget
 from prunebench.cli import app
+from prunebench.config.budgets import get_budget
 from prunebench.errors import CheckpointError, ConfigError, DataNotFoundError
+from prunebench.pipeline.adaptation import adaptation_key
+from prunebench.pipeline.runner import PRETRAINED, RunConfig, execute, load_data
 from prunebench.progress import Reporter
-from prunebench.records import validate
-from prunebench.runner import PRETRAINED, RunConfig, execute, load_data
+from prunebench.results.records import validate
 from prunebench.zoo.files import digests, resolve
 
 FILE = "tiny20-0000.th"
@@ -237,7 +237,7 @@ def run_config(tmp_path: Path, data_root: Path, seed: int = 0, **budget) -> RunC
 
 
 def test_the_run_uses_the_checkpoints_preprocessing(registered, data_root, tmp_path, monkeypatch):
-    import prunebench.runner as runner
+    import prunebench.pipeline.runner as runner
 
     cfg = run_config(tmp_path, data_root)
     _, data = load_data(cfg, torch.device("cpu"))
@@ -338,7 +338,7 @@ def test_cli_unknown_combination_fails_before_running(tmp_path):
 
 
 def test_sweep_files_accept_baseline_pretrained(registered, tmp_path):
-    from prunebench.sweep import baseline_groups, parse_sweep
+    from prunebench.sweep.run import baseline_groups, parse_sweep
 
     doc = {"criteria": ["l1"], "architectures": ["resnet20"], "dataset": "digits", "seeds": [0, 1],
            "baseline": "pretrained"}
@@ -362,7 +362,7 @@ def test_a_budget_that_trains_no_baseline_asks_for_one(tmp_path):
 @pytest.mark.data
 def test_the_real_resnet20_checkpoint(real_data_root, tmp_path, monkeypatch):
     """The published ResNet-20 file: verified, mapped, and about its known accuracy on cifar10-jpeg."""
-    from prunebench.metrics import accuracy
+    from prunebench.pipeline.metrics import accuracy
 
     monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
     entry = zoo.lookup("resnet20", "cifar10-jpeg")

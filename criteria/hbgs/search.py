@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunebench.compensation import fold_into_consumers
 from prunebench.criteria._selection import SELECTORS, filter_gram, ridge_value
 from prunebench.errors import ConfigError, TargetMissedError, suggest
 from prunebench.graph import build_graph
+from prunebench.pipeline.compensation import fold_into_consumers
+from prunebench.pipeline.surgery import pruning_units
 from prunebench.protocols import CompressionContext, TrainingHooks
-from prunebench.surgery import pruning_units
 
 from .compensation import WorkingCopy, bn_scale, consumer_coefficients, silencer
 from .layer import UnitState

@@ -4,7 +4,7 @@ Decoding tens of thousands of JPEGs takes seconds; loading the decoded uint8 ten
 with ``torch.load(..., weights_only=True)`` takes a fraction of a second. Entries are named
 after the source path and stamped with the source's size and mtime; a changed source gets a
 new entry and the stale one is removed. Writes go to a temporary file first and are moved
-into place with ``os.replace`` (:mod:`prunebench.files`), so a reader never sees half a file,
+into place with ``os.replace`` (:mod:`prunebench.storage.files`), so a reader never sees half a file,
 and get the mode the umask gives new files.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from prunebench.datasets import cache_dir
 from prunebench.datasets.base import DataSplits
-from prunebench.files import replace_atomically
+from prunebench.storage.files import replace_atomically
 
 FORMAT = 1  # bump when the cached layout or the decoding changes
 
@@ -37,8 +37,8 @@ def load(path: Path, stamp: str) -> dict[str, Any] | None:
     """The cached fields, or None when there is no usable entry (missing, stale, corrupt)."""
     if not path.is_file():
         return None
-    from prunebench.checkpoints import read
     from prunebench.errors import CheckpointError
+    from prunebench.storage.checkpoints import read
 
     try:
         data = read(path, "dataset cache")

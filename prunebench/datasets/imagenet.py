@@ -32,7 +32,7 @@ from prunebench.datasets import cache_dir, data_root, dataset_options
 from prunebench.datasets.base import Dataset
 from prunebench.datasets.streaming import Preprocess, StreamedSplits, scan
 from prunebench.errors import DataNotFoundError
-from prunebench.locks import hold
+from prunebench.storage.locks import hold
 
 
 def _imagenet_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -2,7 +2,7 @@
 
 A dataset too large for the device (ImageNet: about 1.28 M training JPEGs) returns
 :class:`StreamedSplits` from its ``load`` instead of :class:`~prunebench.datasets.base.DataSplits`;
-the runner then trains through :mod:`prunebench.streaming` instead of the device-resident
+the runner then trains through :mod:`prunebench.training.streaming` instead of the device-resident
 engine. The choice is the dataset's, never the user's.
 
 Sources (:func:`scan`): an ImageFolder directory, or an uncompressed ``.tar`` read in place
@@ -205,8 +205,8 @@ def index_images(source: Path, splits: tuple[str, ...]) -> Index:
     import json
 
     from prunebench.datasets import cache_dir
-    from prunebench.files import replace_atomically
-    from prunebench.locks import hold
+    from prunebench.storage.files import replace_atomically
+    from prunebench.storage.locks import hold
 
     source = source.absolute()
     stamp = _stamp(source)

@@ -1,6 +1,6 @@
 """Measured speed-ups on the pages: the latency records of ``prunebench latency``.
 
-Latency records (:mod:`prunebench.latency`) sit in ``<records>/latency/`` beside the accuracy
+Latency records (:mod:`prunebench.latency.protocol`) sit in ``<records>/latency/`` beside the accuracy
 records and name the runs whose models they measured. A page shows, per runtime, the
 speed-up at batch 1 on one thread — the median over the interleaved repeats with its 95 %
 bootstrap interval — for each row; when the seeds of a row reached different architectures

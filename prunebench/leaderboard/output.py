@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from prunebench.errors import ConfigError
-from prunebench.files import replace_atomically
 from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER
-from prunebench.records import survey
+from prunebench.results.records import survey
+from prunebench.storage.files import replace_atomically
 
 
 def slug(*parts: str) -> str:
@@ -36,7 +36,7 @@ def read_records(directory: Path) -> tuple[list[tuple[str, dict[str, Any]]], lis
     """``(records, problems)``: every usable prunebench record as ``(file name, record)``, once
     per run, and ``(file name, reason)`` for each other ``*.json`` file: no usable record, a
     complete record with implausible values, or a copy of a run already counted (sorted by
-    name; see :func:`prunebench.records.survey`)."""
+    name; see :func:`prunebench.results.records.survey`)."""
     records, problems = survey(directory, non_finite_final=True)
     return [(p.name, r) for p, r in records], [(p.path.name, p.reason) for p in problems]
 

@@ -33,7 +33,7 @@ def _digest(obj: Any, n: int = 6) -> str:
 def budget_label(budget: Mapping[str, Any]) -> str:
     """The budget's name, plus a short digest when the record's numbers differ from the preset
     of that name (records of differently overridden budgets are never averaged together)."""
-    from prunebench.budgets import BUDGETS
+    from prunebench.config.budgets import BUDGETS
 
     name = budget["name"]
     preset = BUDGETS[name].resolved() if name in BUDGETS else {}

@@ -46,7 +46,7 @@ def load_pretrained(entry: ZooEntry, model: nn.Module, data_dir: str | Path | No
                     num_classes: int | None = None) -> dict[str, Any]:
     """Load the entry's checkpoint into ``model`` (weights-only, checked: finite tensors that fit
     the model, else a one-line :class:`CheckpointError`); returns what the record stores about it."""
-    from prunebench import checkpoints
+    from prunebench.storage import checkpoints
 
     if num_classes is not None and num_classes != entry.num_classes:
         raise ConfigError(f"pretrained baseline {entry.name} has {entry.num_classes} classes; "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prunebench.datasets import cache_dir, data_root
 from prunebench.errors import ConfigError, DataNotFoundError
-from prunebench.locks import hold
+from prunebench.storage.locks import hold
 from prunebench.zoo.entries import ZooEntry
 
 DOWNLOAD_TIMEOUT_S = 10.0

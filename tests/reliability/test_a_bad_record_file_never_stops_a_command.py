@@ -18,7 +18,7 @@ import pytest
 from _records import put, rec, table_rows
 from _support import invoke
 
-from prunebench.records import is_complete
+from prunebench.results.records import is_complete
 
 # hostile file contents, each of which crashed every command that read it
 HOSTILE = {
@@ -152,7 +152,7 @@ def test_a_fifo_at_a_runs_record_path_is_moved_aside_never_opened(tmp_path):
     from _support import records as read_all
     from _support import run_args
 
-    from prunebench.store import attempts_dir
+    from prunebench.results.store import attempts_dir
 
     results = tmp_path / "r"
     res = invoke(*run_args(results))

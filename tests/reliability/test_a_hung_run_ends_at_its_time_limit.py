@@ -14,13 +14,13 @@ import time
 import pytest
 from _support import TINY, invoke, records, run_args
 
-import prunebench.runner as runner_mod
-from prunebench.budgets import get_budget
+import prunebench.pipeline.runner as runner_mod
+from prunebench.config.budgets import get_budget
 from prunebench.errors import ConfigError, RunTimedOut
+from prunebench.pipeline.runner import RunConfig, execute
 from prunebench.progress import Reporter
-from prunebench.records import run_id
-from prunebench.runner import RunConfig, execute
-from prunebench.sweep import parse_sweep
+from prunebench.results.records import run_id
+from prunebench.sweep.run import parse_sweep
 
 
 def test_a_hung_criterion_ends_at_the_time_limit_as_a_failed_run(tmp_path, monkeypatch):
@@ -92,8 +92,8 @@ def test_the_time_limit_waits_for_an_import_in_progress(monkeypatch):
     rest of the process: the limit fires only once no import is in progress."""
     import time
 
-    from prunebench import limits
     from prunebench.errors import RunTimedOut
+    from prunebench.pipeline import limits
 
     start = time.monotonic()
     monkeypatch.setattr(limits, "_importing", lambda: time.monotonic() - start < 1.5)

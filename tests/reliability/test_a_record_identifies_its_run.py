@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from _support import PROFILE, copy_results, invoke, records
 
-from prunebench.budgets import get_budget
-from prunebench.records import run_id
-from prunebench.runner import RunConfig
-from prunebench.surgery import load_compressed
+from prunebench.config.budgets import get_budget
+from prunebench.pipeline.runner import RunConfig
+from prunebench.pipeline.surgery import load_compressed
+from prunebench.results.records import run_id
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,7 @@ def test_a_record_whose_fields_do_not_reproduce_its_id_is_left_alone(complete_ru
 
 
 def test_the_committed_leaderboard_records_follow_the_current_id_rule():
-    from prunebench.migrate import plan
+    from prunebench.results.migrate import plan
 
     changes = plan(REPO / "leaderboard" / "records")
     assert changes and {c.action for c in changes} == {"current"}, [c.line() for c in changes if c.action != "current"]
@@ -96,8 +96,8 @@ def test_a_record_describes_its_scope_precision_and_pretrained_baseline():
     """What `records migrate` reads back from a record is the run that wrote it."""
     import dataclasses
 
-    from prunebench.migrate import config_from_record
-    from prunebench.runner import PRETRAINED
+    from prunebench.pipeline.runner import PRETRAINED
+    from prunebench.results.migrate import config_from_record
 
     cfg = RunConfig(criterion="l1", arch="resnet56", dataset="cifar10-jpeg", budget=get_budget("cpu-pretrained"),
                     scope="all", precision="bf16", baseline=PRETRAINED)
@@ -116,8 +116,8 @@ def test_the_same_settings_typed_on_the_command_line_or_in_a_sweep_file_are_one_
     and the run id are the same whether they came as strings or as TOML numbers."""
     from types import SimpleNamespace
 
-    from prunebench.runner import base_record, baseline_key
-    from prunebench.sweep import load_sweep
+    from prunebench.pipeline.runner import base_record, baseline_key
+    from prunebench.sweep.run import load_sweep
 
     (tmp_path / "s.toml").write_text(
         'criteria = [{ name = "coring", params = { rank = 2 } }]\narchitectures = ["resnet20"]\nbudget = "smoke"\n'

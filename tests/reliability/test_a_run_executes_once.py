@@ -11,11 +11,11 @@ import time
 
 from _support import TINY, records
 
-from prunebench.budgets import get_budget
-from prunebench.locks import FileLock
+from prunebench.config.budgets import get_budget
+from prunebench.pipeline.runner import RunConfig, execute
 from prunebench.progress import Reporter
-from prunebench.records import run_id
-from prunebench.runner import RunConfig, execute
+from prunebench.results.records import run_id
+from prunebench.storage.locks import FileLock
 
 
 def test_prunebench_run_waits_for_the_process_holding_the_run_lock(tmp_path):

@@ -16,12 +16,13 @@ import pytest
 import torch
 from _support import TINY, invoke, records, run_args
 
-from prunebench import checkpoints, registry
-from prunebench.budgets import get_budget
+from prunebench import registry
+from prunebench.config.budgets import get_budget
 from prunebench.datasets import cache_dir
 from prunebench.errors import CheckpointError
+from prunebench.pipeline.runner import RunConfig, get_baseline, load_data
 from prunebench.progress import Reporter
-from prunebench.runner import RunConfig, get_baseline, load_data
+from prunebench.storage import checkpoints
 
 
 def save_weights(path: Path, seed: int) -> Path:

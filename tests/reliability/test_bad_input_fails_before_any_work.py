@@ -13,7 +13,7 @@ import sys
 import pytest
 from _support import invoke, one_line_error, prunebench, run_args
 
-import prunebench.runner as runner_mod
+import prunebench.pipeline.runner as runner_mod
 from prunebench.cli import main
 from prunebench.errors import PrunebenchError
 

@@ -15,8 +15,8 @@ import torch
 from _support import invoke, records, run_args
 
 from prunebench import registry
-from prunebench.compress import Meter, compress
 from prunebench.errors import PluginError, TargetMissedError
+from prunebench.pipeline.compress import Meter, compress
 from prunebench.protocols import AllocateCriterion, Calibration, CompressionContext, EpochLedger, Target
 from prunebench.testing import TINY_PROTECTED, TINY_PRUNABLE, TinyNet
 

@@ -17,11 +17,11 @@ import torch
 from _support import TINY, invoke, records, run_args
 
 from prunebench import registry
-from prunebench.budgets import get_budget
+from prunebench.config.budgets import get_budget
 from prunebench.datasets import cache_dir
 from prunebench.errors import DivergedError, PrunebenchError
+from prunebench.pipeline.runner import RunConfig, baseline_key, load_data
 from prunebench.protocols import ScoreCriterion
-from prunebench.runner import RunConfig, baseline_key, load_data
 
 
 def test_a_fine_tune_that_diverges_is_recorded_as_diverged_not_complete(tmp_path):
@@ -35,7 +35,7 @@ def test_a_fine_tune_that_diverges_is_recorded_as_diverged_not_complete(tmp_path
 
 
 def test_a_scratch_control_that_diverges_is_recorded_as_diverged(tmp_path):
-    from prunebench.runner import execute
+    from prunebench.pipeline.runner import execute
 
     good = tmp_path / "baseline.pt"  # a finite baseline, so that only the scratch training diverges
     torch.save(registry.architectures.get("resnet20").build(num_classes=10, in_channels=1).state_dict(), good)
@@ -134,7 +134,7 @@ def test_a_compression_that_leaves_non_finite_weights_is_recorded_as_diverged(tm
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_non_finite_dataset_option_is_refused_before_any_work(tmp_path, monkeypatch, value):
-    import prunebench.runner as runner_mod
+    import prunebench.pipeline.runner as runner_mod
 
     monkeypatch.setattr(runner_mod, "load_data", lambda *a, **k: pytest.fail("work started before the error"))
     args = run_args(tmp_path / "r", "--dataset-option", f"noise={value}")
@@ -165,7 +165,7 @@ class Unchecked(ScoreCriterion):
 
 
 def test_a_non_finite_hyper_parameter_of_a_plugin_is_refused_before_any_work(tmp_path, monkeypatch):
-    import prunebench.runner as runner_mod
+    import prunebench.pipeline.runner as runner_mod
 
     monkeypatch.setattr(registry.criteria, "_extra", dict(registry.criteria._extra))
     monkeypatch.setattr(registry.criteria, "_loaded", dict(registry.criteria._loaded))
@@ -182,7 +182,7 @@ def test_a_non_finite_hyper_parameter_of_a_plugin_is_refused_before_any_work(tmp
 def test_a_run_whose_record_would_hold_a_non_finite_number_fails_and_writes_valid_json(tmp_path, monkeypatch):
     import json
 
-    import prunebench.runner as runner_mod
+    import prunebench.pipeline.runner as runner_mod
 
     monkeypatch.setattr(runner_mod, "peak_memory_mb", lambda device: float("nan"))
     res = invoke(*run_args(tmp_path / "r"))

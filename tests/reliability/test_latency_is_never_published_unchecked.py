@@ -15,7 +15,7 @@ from _support import copy_results
 from torch import nn
 
 from prunebench import cli
-from prunebench import latency as lat
+from prunebench.latency import protocol as lat
 
 
 def machine(load: float, cpus: int = 2, probe_after: list[float] | None = None) -> lat.Machine:

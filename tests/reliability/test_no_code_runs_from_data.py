@@ -24,12 +24,12 @@ import torch
 from _support import TINY, invoke, one_line_error, prunebench, records, run_args
 
 from prunebench import registry
-from prunebench.budgets import get_budget
+from prunebench.config.budgets import get_budget
 from prunebench.datasets import cache_dir
 from prunebench.datasets import cifar as cifar_mod
 from prunebench.errors import PrunebenchError
-from prunebench.runner import RunConfig, baseline_key, load_data
-from prunebench.surgery import load_compressed, save_compressed
+from prunebench.pipeline.runner import RunConfig, baseline_key, load_data
+from prunebench.pipeline.surgery import load_compressed, save_compressed
 
 # --- CIFAR python-version files ------------------------------------------------------------
 
@@ -248,8 +248,8 @@ def test_a_corrupt_cached_baseline_is_named_set_aside_and_retrained(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "other architecture", "a list"])
 def test_every_kind_of_damaged_cached_baseline_is_detected_and_set_aside(tmp_path, damage):
+    from prunebench.pipeline.runner import _load_cached_baseline
     from prunebench.progress import Reporter
-    from prunebench.runner import _load_cached_baseline
 
     path = tmp_path / "baseline.pt"
     torch.save({"state_dict": resnet().state_dict(), "seconds": 1.0}, path)

@@ -17,10 +17,10 @@ import pytest
 from _support import invoke
 
 from prunebench import registry
-from prunebench.budgets import get_budget
+from prunebench.config.budgets import get_budget
 from prunebench.errors import PluginError
-from prunebench.records import run_id
-from prunebench.runner import RunConfig
+from prunebench.pipeline.runner import RunConfig
+from prunebench.results.records import run_id
 
 
 def list_rows(output: str) -> dict[tuple[str, str], str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from _support import TINY, copy_results, invoke, records, run_args
 
-import prunebench.runner as runner_mod
+import prunebench.pipeline.runner as runner_mod
 from prunebench.errors import ConfigError
 
 
@@ -77,10 +77,10 @@ def test_ctrl_c_on_a_forced_rerun_keeps_the_complete_record(complete_run, profil
     (whose lock this test holds, so the moment is certain)."""
     import torch
 
-    from prunebench.budgets import get_budget
+    from prunebench.config.budgets import get_budget
     from prunebench.datasets import cache_dir
-    from prunebench.locks import FileLock
-    from prunebench.runner import RunConfig, baseline_key, load_data
+    from prunebench.pipeline.runner import RunConfig, baseline_key, load_data
+    from prunebench.storage.locks import FileLock
 
     results = copy_results(complete_run, tmp_path / "r")
     before = snapshot(results)
@@ -190,7 +190,7 @@ def test_a_record_that_cannot_be_written_is_saved_elsewhere_and_the_error_says_w
 
 def test_a_killed_run_leaves_no_partial_record(tmp_path, monkeypatch):
     """Whatever stops a run, a record file is complete JSON or absent (atomic writes)."""
-    from prunebench.records import write_atomic
+    from prunebench.results.records import write_atomic
 
     path = tmp_path / "r.json"
     write_atomic(path, {"status": "complete"})
@@ -207,9 +207,9 @@ def test_a_killed_run_leaves_no_partial_record(tmp_path, monkeypatch):
 
 
 def _run_id_of_run_args() -> str:
-    from prunebench.budgets import get_budget
-    from prunebench.records import run_id
-    from prunebench.runner import RunConfig
+    from prunebench.config.budgets import get_budget
+    from prunebench.pipeline.runner import RunConfig
+    from prunebench.results.records import run_id
 
     return run_id(RunConfig(criterion="l1", arch="resnet20", budget=get_budget("smoke", TINY)).identity())
 
@@ -219,7 +219,7 @@ def test_a_full_disk_while_the_model_is_written_keeps_the_record(tmp_path, monke
     """torch reports a full disk as a RuntimeError, not an OSError: the record is still written."""
     import torch
 
-    from prunebench import store
+    from prunebench.results import store
 
     results = tmp_path / "r"
     real_save = torch.save
@@ -253,7 +253,7 @@ def test_a_file_size_limit_keeps_the_record(tmp_path, monkeypatch):
     stores its result: the small record is written, the model is not, and the record says so."""
     import resource
 
-    from prunebench import store
+    from prunebench.results import store
 
     results = tmp_path / "r"
     real_commit = store.commit
@@ -285,10 +285,10 @@ def test_sigterm_records_the_attempt(tmp_path):
     while the run waits for its baseline: the attempt is recorded as failed, as Ctrl-C is."""
     import torch
 
-    from prunebench.budgets import get_budget
+    from prunebench.config.budgets import get_budget
     from prunebench.datasets import cache_dir
-    from prunebench.locks import FileLock
-    from prunebench.runner import RunConfig, baseline_key, load_data
+    from prunebench.pipeline.runner import RunConfig, baseline_key, load_data
+    from prunebench.storage.locks import FileLock
 
     results = tmp_path / "r"
     cfg = RunConfig(criterion="l1", arch="resnet20", budget=get_budget("smoke", TINY))
@@ -323,7 +323,7 @@ def test_a_forced_rerun_whose_model_cannot_be_written_keeps_the_previous_model_w
     """models/<run_id>.pt never holds a model that the record beside it does not name."""
     import torch
 
-    from prunebench import store
+    from prunebench.results import store
 
     results = copy_results(complete_run, tmp_path / "r")
     (rid,) = records(results)

@@ -2,11 +2,11 @@
 
 Every stage follows PROTOCOL.md; the test split is only used for evaluation, and final
 (not best) accuracy is reported. The whole configuration is checked before any work
-(:mod:`prunebench.validation`), the run holds ``<results>/<run_id>.lock`` while it executes,
+(:mod:`prunebench.pipeline.validation`), the run holds ``<results>/<run_id>.lock`` while it executes,
 every training stage and the compression are checked for divergence
-(:mod:`prunebench.divergence`), and checkpoints are loaded only as checked plain tensors
-(:mod:`prunebench.checkpoints`). Any exception still produces a record, with status
-``failed`` (or ``diverged``) and the error, stored by :func:`prunebench.store.commit`, which
+(:mod:`prunebench.pipeline.divergence`), and checkpoints are loaded only as checked plain tensors
+(:mod:`prunebench.storage.checkpoints`). Any exception still produces a record, with status
+``failed`` (or ``diverged``) and the error, stored by :func:`prunebench.results.store.commit`, which
 never lets it replace a complete record.
 """
 
@@ -28,32 +28,42 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunebench import checkpoints, distributed, divergence, registry, store, threads
-from prunebench.budgets import ADAPTATION_FIELDS, Budget
-from prunebench.compress import Meter, compress
+from prunebench import registry
+from prunebench.config.budgets import ADAPTATION_FIELDS, Budget
 from prunebench.datasets.base import DataSplits
 from prunebench.datasets.streaming import StreamedSplits
-from prunebench.engine import DeviceData, Recipe, TrainOptions, train
 from prunebench.errors import CheckpointError, ConfigError, DivergedError, RecordError
-from prunebench.limits import sigterm_stops, time_limit
-from prunebench.locks import FileLock
-from prunebench.metrics import accuracy, count_macs, count_params, measure_latency_pair, peak_memory_mb
-from prunebench.precision import check_precision, resolve_precision
-from prunebench.progress import Reporter
-from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.records import hardware, is_complete, non_finite_field, now, run_id, versions
-from prunebench.resume import StageCheckpoint
-from prunebench.surgery import compressed_payload
-from prunebench.validation import (
+from prunebench.pipeline import divergence
+from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.limits import sigterm_stops, time_limit
+from prunebench.pipeline.metrics import (
+    accuracy,
+    count_macs,
+    count_params,
+    measure_latency_pair,
+    peak_memory_mb,
+)
+from prunebench.pipeline.surgery import compressed_payload
+from prunebench.pipeline.validation import (
     check_data,
     check_dataset_options,
     check_run,
     typed_criterion_params,
     typed_dataset_options,
 )
+from prunebench.progress import Reporter
+from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
+from prunebench.results import store
+from prunebench.results.records import hardware, is_complete, non_finite_field, now, run_id, versions
+from prunebench.storage import checkpoints
+from prunebench.storage.locks import FileLock
+from prunebench.training import distributed, threads
+from prunebench.training.engine import DeviceData, Recipe, TrainOptions, train
+from prunebench.training.precision import check_precision, resolve_precision
+from prunebench.training.resume import StageCheckpoint
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prunebench.streaming import StreamData
+    from prunebench.training.streaming import StreamData
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ class RunConfig:
     scratch: bool = False  # control: the compressed architecture re-initialised and trained from scratch
     dense: str | None = None  # control: this smaller architecture, trained for the post-compression epochs
     scope: str | None = None  # which layers may be pruned (architecture scopes); None: the default
-    precision: str = "auto"  # auto | bf16 | fp32 (prunebench.precision); resolved for the run's device
+    precision: str = "auto"  # auto | bf16 | fp32 (prunebench.training.precision); resolved for the run's device
     sharing: Sharing = field(default_factory=Sharing)
     workers: int | None = None  # DataLoader workers per process for streamed datasets (None: automatic)
     # seconds the run may take before it is stopped and recorded as failed (None: no limit); like
@@ -286,7 +296,7 @@ def load_data(cfg: RunConfig, device: torch.device) -> tuple[DataSplits | Stream
 def stream_data(cfg: RunConfig, splits: StreamedSplits, device: torch.device) -> StreamData:
     """A streamed dataset's budget subsets (seeded permutations, as on the device path), its
     normalisation on ``device`` and its loader's worker count."""
-    from prunebench.streaming import StreamData, default_workers
+    from prunebench.training.streaming import StreamData, default_workers
 
     def pick(images, n: int | None, seed: int):
         if n is None or n >= len(images):
@@ -369,7 +379,7 @@ def get_baseline(
     from prunebench.datasets import cache_dir
 
     if cfg.pretrained:
-        from prunebench.adaptation import pretrained_baseline
+        from prunebench.pipeline.adaptation import pretrained_baseline
 
         return pretrained_baseline(cfg, model, splits, data, rep)
     if cfg.baseline is not None:
@@ -503,7 +513,7 @@ def execute(cfg: RunConfig, reporter: Reporter | None = None, *, locked: bool = 
     holds ``<results>/<run_id>.lock`` while it executes (waiting for another process that
     holds it); a caller that already holds it passes ``locked=True``.
 
-    In a run of several processes (:mod:`prunebench.distributed`) every rank calls this;
+    In a run of several processes (:mod:`prunebench.training.distributed`) every rank calls this;
     rank 0 holds the lock (unless the launcher does: ``locked=True``) and writes the record.
     """
     rep = reporter or Reporter()
@@ -616,7 +626,7 @@ def _execute_recorded(cfg: RunConfig, criterion, arch, device: torch.device, rec
     try:
         with time_limit(cfg.timeout):
             if cfg.dense is not None:
-                from prunebench.dense import execute_dense
+                from prunebench.pipeline.dense import execute_dense
 
                 model = execute_dense(cfg, device, record, rep, rid)
             else:
@@ -826,7 +836,7 @@ def oneshot_bn(model: nn.Module, calibration: Calibration, data: DeviceData | St
     """One-shot accuracy after re-estimating BatchNorm statistics on the calibration images
     (adaptive BN, EagleEye). Measured on a copy: the fine-tune starts from the compressed model
     as it is, so the one-shot and final columns do not depend on this one. None without BatchNorm."""
-    from prunebench.adaptive_bn import batchnorms, recalibrate_bn
+    from prunebench.pipeline.adaptive_bn import batchnorms, recalibrate_bn
 
     if not batchnorms(model):
         return None

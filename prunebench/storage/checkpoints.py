@@ -201,7 +201,7 @@ def digest_path(path: str | Path) -> Path:
 def save_with_digest(obj: Any, path: str | Path) -> str:
     """Save ``obj`` to ``path`` atomically, then the sha256 of its bytes to ``<path>.sha256``;
     returns the digest. A reader checks the two with :func:`digest_mismatch`."""
-    from prunebench.files import replace_atomically
+    from prunebench.storage.files import replace_atomically
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)

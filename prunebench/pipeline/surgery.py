@@ -204,8 +204,9 @@ def load_compressed(path: Path, map_location: str | torch.device = "cpu") -> tup
     truncated, or whose plan or weights do not fit its architecture) raises a one-line
     :class:`~prunebench.errors.CheckpointError` naming it.
     """
-    from prunebench import checkpoints, registry
+    from prunebench import registry
     from prunebench.errors import CheckpointError
+    from prunebench.storage import checkpoints
 
     what = "compressed model"
     payload = checkpoints.read(path, what)
@@ -241,6 +242,6 @@ def load_compressed(path: Path, map_location: str | torch.device = "cpu") -> tup
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then move it into place (mode per the umask)."""
-    from prunebench.files import replace_atomically
+    from prunebench.storage.files import replace_atomically
 
     replace_atomically(Path(path), lambda f: torch.save(obj, f))

@@ -193,11 +193,11 @@ def agree_on_model(model: nn.Module, what: str) -> None:
 @contextmanager
 def main_holds(lock_path: str | os.PathLike[str], read_only_ok: str | os.PathLike[str] | None = None
                ) -> Iterator[None]:
-    """A file lock (:func:`prunebench.locks.hold`) taken by rank 0 alone, the other ranks
+    """A file lock (:func:`prunebench.storage.locks.hold`) taken by rank 0 alone, the other ranks
     waiting for it at a barrier: the lock keeps other runs out while all ranks work together.
     With ``read_only_ok`` (a cached file), a lock that cannot be created in a read-only folder
-    is done without when that file is already there (:func:`prunebench.locks.hold_unless_read_only`)."""
-    from prunebench.locks import hold, hold_unless_read_only
+    is done without when that file is already there (:func:`prunebench.storage.locks.hold_unless_read_only`)."""
+    from prunebench.storage.locks import hold, hold_unless_read_only
 
     held = hold(lock_path) if read_only_ok is None else hold_unless_read_only(lock_path, read_only_ok)
     with held if _WORLD.main else nullcontext():

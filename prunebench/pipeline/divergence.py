@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from prunebench.checkpoints import non_finite
 from prunebench.errors import DivergedError
+from prunebench.storage.checkpoints import non_finite
 
 
 def first_non_finite(model: nn.Module) -> str | None:
@@ -35,7 +35,7 @@ def check_model(model: nn.Module, stage: str, hint: str = "") -> None:
 
 
 def check_training(model: nn.Module, stats: Mapping[str, float], stage: str, hint: str = "") -> None:
-    """After a call of :func:`prunebench.engine.train`: a finite last-epoch loss (when any step
+    """After a call of :func:`prunebench.training.engine.train`: a finite last-epoch loss (when any step
     ran) and finite weights."""
     loss = stats.get("loss")
     if stats.get("steps", 0) and loss is not None and not math.isfinite(float(loss)):
@@ -45,7 +45,7 @@ def check_training(model: nn.Module, stats: Mapping[str, float], stage: str, hin
 
 @contextmanager
 def training(stage: str, hint: str = "") -> Iterator[None]:
-    """Around a call of :func:`prunebench.engine.train`: the engine stops at the first
+    """Around a call of :func:`prunebench.training.engine.train`: the engine stops at the first
     non-finite loss with a :class:`DivergedError` of its own; re-raise it naming the run's
     stage and the setting to change, as :func:`check_training` does after the call."""
     try:

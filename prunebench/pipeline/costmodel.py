@@ -21,8 +21,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from prunebench.graph import build_graph
-from prunebench.metrics import layer_macs
-from prunebench.surgery import Unit, prune_kept
+from prunebench.pipeline.metrics import layer_macs
+from prunebench.pipeline.surgery import Unit, prune_kept
 
 _OUT = {id(f.__func__) for f in (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels,
                                  tp.prune_linear_out_channels, tp.prune_batchnorm_out_channels)}

@@ -3,7 +3,7 @@
 The launching process checks the configuration, holds the run's lock and starts N workers
 through torch's elastic launcher (the machinery of ``torchrun --standalone``; rendezvous on a
 free local port, no restarts). Each worker joins the process group
-(:func:`prunebench.distributed.init`) and runs the protocol (:func:`prunebench.runner.execute`);
+(:func:`prunebench.training.distributed.init`) and runs the protocol (:func:`prunebench.pipeline.runner.execute`);
 rank 0 writes the record. When any worker fails, the launcher stops the others (SIGTERM: rank
 0 then records the run as ``failed``) and makes sure this attempt left a ``failed`` record that
 names the rank that failed first, writing one itself when rank 0 could not (killed outright).
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from prunebench import distributed, store
 from prunebench.errors import ConfigError, RunFailedError
-from prunebench.locks import FileLock
 from prunebench.progress import Reporter
-from prunebench.records import is_complete, now, read_record, run_id, write_atomic
+from prunebench.results import store
+from prunebench.results.records import is_complete, now, read_record, run_id, write_atomic
+from prunebench.storage.locks import FileLock
+from prunebench.training import distributed
 
 
 def worker(cfg: Any, quiet: bool, locked: bool) -> None:
@@ -39,7 +40,7 @@ def worker(cfg: Any, quiet: bool, locked: bool) -> None:
 
 
 def _worker(cfg: Any, quiet: bool, locked: bool) -> None:
-    from prunebench.runner import execute, resolve_device
+    from prunebench.pipeline.runner import execute, resolve_device
 
     world = distributed.init(resolve_device(cfg.device))
     try:
@@ -72,12 +73,12 @@ def describe_failure(exc: BaseException) -> tuple[int | None, str]:
 
 def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], Path]:
     """Run ``cfg`` over ``nproc`` local processes; returns (record, path) like
-    :func:`prunebench.runner.execute`. Raises :class:`RunFailedError` when a rank failed
+    :func:`prunebench.pipeline.runner.execute`. Raises :class:`RunFailedError` when a rank failed
     (after the ``failed`` record is written)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from prunebench.runner import _already_complete, base_record, check_distributed, resolve_device
-    from prunebench.validation import check_data, check_run
+    from prunebench.pipeline.runner import _already_complete, base_record, check_distributed, resolve_device
+    from prunebench.pipeline.validation import check_data, check_run
 
     rep = Reporter(quiet=quiet)
     check_run(cfg)

@@ -1,9 +1,9 @@
 """Sweeps: a benchmark grid (criteria × architectures × targets × seeds, plus controls) from one
 TOML file, run by the local executor (one run after another in this process, or
-``runs_per_gpu`` at a time in worker processes, see :mod:`prunebench.packing`) or fanned out
+``runs_per_gpu`` at a time in worker processes, see :mod:`prunebench.sweep.packing`) or fanned out
 over Ray.
 
-Every run of the grid is an ordinary :func:`prunebench.runner.execute` call, so each writes one
+Every run of the grid is an ordinary :func:`prunebench.pipeline.runner.execute` call, so each writes one
 atomic record whose id is derived from its configuration. That is what makes a sweep safe to
 interrupt and to re-start: a complete record is skipped, anything else is (re-)run. Before
 the grid fans out, each distinct baseline is trained once (or found in the cache). While a
@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from prunebench import registry
-from prunebench.budgets import Budget, get_budget
+from prunebench.config.budgets import Budget, get_budget
 from prunebench.errors import ConfigError, DivergedError, suggest
-from prunebench.locks import FileLock
-from prunebench.precision import check_precision, device_type, resolve_precision
+from prunebench.pipeline.runner import PRETRAINED, RunConfig, Sharing, check_timeout
+from prunebench.pipeline.validation import ALLOCATIONS, check_device, check_run, load_profile
 from prunebench.protocols import Target
-from prunebench.records import is_complete, run_id
-from prunebench.runner import PRETRAINED, RunConfig, Sharing, check_timeout
-from prunebench.store import check_results_dir
-from prunebench.validation import ALLOCATIONS, check_device, check_run, load_profile
+from prunebench.results.records import is_complete, run_id
+from prunebench.results.store import check_results_dir
+from prunebench.storage.locks import FileLock
+from prunebench.training.precision import check_precision, device_type, resolve_precision
 
 try:
     import tomllib
@@ -375,8 +375,8 @@ def plan(runs: Iterable[RunConfig]) -> list[tuple[str, str]]:
 def run_one(cfg: RunConfig, blocking: bool = False, verbose: bool = False) -> Outcome:
     """Execute one run unless it is complete. Holds ``<results>/<run_id>.lock`` meanwhile; when
     another process holds it, returns ``busy`` at once (or, with ``blocking``, waits for it)."""
+    from prunebench.pipeline.runner import execute
     from prunebench.progress import Reporter
-    from prunebench.runner import execute
 
     rid = cfg_run_id(cfg)
     results = Path(cfg.results_dir)
@@ -401,8 +401,8 @@ def prepare_baseline(cfg: RunConfig) -> str:
     """Train (or load from the cache) the baseline that ``cfg`` needs; returns what happened."""
     import torch
 
+    from prunebench.pipeline.runner import get_baseline, load_data, resolve_device
     from prunebench.progress import Reporter
-    from prunebench.runner import get_baseline, load_data, resolve_device
 
     try:
         torch.manual_seed(cfg.seed)  # as the runner does: the same seed gives the same baseline
@@ -520,7 +520,7 @@ def summary(outcomes: Sequence[Outcome]) -> str:
 
 
 def _local_engine(sweep: Sweep, max_parallel: int | None, verbose: bool):
-    from prunebench.packing import PackedEngine, plan_slots
+    from prunebench.sweep.packing import PackedEngine, plan_slots
 
     slots = plan_slots(sweep.runs_per_gpu, device_type(sweep.device), max_parallel)
     if slots.total == 1:

@@ -19,14 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prunebench import checkpoints, divergence, registry
-from prunebench.engine import train
+from prunebench import registry
 from prunebench.errors import ConfigError, suggest
-from prunebench.metrics import count_macs, count_params
+from prunebench.pipeline import divergence
+from prunebench.pipeline.metrics import count_macs, count_params
+from prunebench.storage import checkpoints
+from prunebench.training.engine import train
 
 if TYPE_CHECKING:
+    from prunebench.pipeline.runner import RunConfig
     from prunebench.progress import Reporter
-    from prunebench.runner import RunConfig
 
 #: the record's ``criterion`` (and the run id's criterion part) of a smaller-dense control
 NAME = "dense"
@@ -55,8 +57,7 @@ def check_dense(cfg: RunConfig) -> None:
 def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], rep: Reporter,
                   rid: str) -> dict[str, Any]:
     """The stages of a dense control; fills ``record`` and returns the model payload to store."""
-    from prunebench import distributed
-    from prunebench.runner import (
+    from prunebench.pipeline.runner import (
         _check_accuracies,
         _lr_hint,
         data_block,
@@ -67,7 +68,8 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
         recipe,
         train_options,
     )
-    from prunebench.surgery import compressed_payload
+    from prunebench.pipeline.surgery import compressed_payload
+    from prunebench.training import distributed
 
     torch.manual_seed(cfg.seed)
     budget = cfg.budget

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from prunebench.errors import ConfigError, RecordError
-from prunebench.files import signals_deferred, staged, temp_path
-from prunebench.records import UnusableFile, dumps, read_record, read_regular_file, write_atomic
+from prunebench.results.records import UnusableFile, dumps, read_record, read_regular_file, write_atomic
+from prunebench.storage.files import signals_deferred, staged, temp_path
 
 
 def record_path(results: Path, rid: str) -> Path:

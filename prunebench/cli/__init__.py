@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from prunebench.budgets import DEFAULT_BUDGET
+from prunebench.config.budgets import DEFAULT_BUDGET
 from prunebench.errors import ConfigError, PrunebenchError
 
 app = typer.Typer(
@@ -55,7 +55,7 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def _baseline_option(value: str | None) -> Path | str | None:
     """``--baseline``: 'pretrained', or a checkpoint file that must exist."""
-    from prunebench.runner import PRETRAINED
+    from prunebench.pipeline.runner import PRETRAINED
 
     if value is None or value == PRETRAINED:
         return value
@@ -120,10 +120,10 @@ def run(
     Under torchrun (several machines) every process runs this same command without --nproc."""
     _set_threads(threads)
     from prunebench import registry
-    from prunebench.budgets import get_budget
+    from prunebench.config.budgets import get_budget
+    from prunebench.pipeline.runner import RunConfig, execute
+    from prunebench.pipeline.validation import load_profile
     from prunebench.progress import Reporter
-    from prunebench.runner import RunConfig, execute
-    from prunebench.validation import load_profile
 
     if (criterion is None) == (dense is None):
         raise ConfigError("give --criterion NAME (prunebench list criteria), or --dense ARCH for the smaller-dense "
@@ -147,23 +147,23 @@ def run(
     )
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
-    from prunebench import distributed
+    from prunebench.training import distributed
 
     if distributed.env_world_size() > 1:  # one process of a torchrun launch
         if nproc > 1:
             raise ConfigError("under torchrun, give the processes to torchrun (--nproc-per-node), not --nproc")
-        from prunebench.launch import worker
+        from prunebench.pipeline.launch import worker
 
         worker(cfg, quiet, locked=False)
         if int(os.environ.get("RANK", "0")) != 0:
             return
-        from prunebench.records import read_record, run_id
-        from prunebench.store import record_path
+        from prunebench.results.records import read_record, run_id
+        from prunebench.results.store import record_path
 
         path = record_path(cfg.results_dir, run_id(cfg.identity()))
         record = read_record(path)
     elif nproc > 1:
-        from prunebench.launch import launch
+        from prunebench.pipeline.launch import launch
 
         record, path = launch(cfg, nproc, quiet)
     else:
@@ -184,7 +184,7 @@ def run(
 
 def _set_threads(value: str | None) -> None:
     """``--threads N`` (or ``PRUNEBENCH_THREADS``), checked before any work, fixes the count."""
-    from prunebench import threads
+    from prunebench.training import threads
 
     if value is not None:
         os.environ[threads.ENV] = str(threads.check_threads(value))
@@ -219,7 +219,7 @@ def sweep(
     Complete runs are skipped, so an interrupted sweep is resumed by starting it again.
     """
     _set_threads(threads)
-    from prunebench.sweep import EXECUTORS, describe, load_sweep, plan, run_sweep, summary
+    from prunebench.sweep.run import EXECUTORS, describe, load_sweep, plan, run_sweep, summary
 
     if executor not in EXECUTORS:
         from prunebench.errors import suggest
@@ -257,13 +257,13 @@ def list_(kind: Annotated[str, typer.Argument(
     """List registered plug-ins (broken ones are shown with the reason), budgets, or the
     pretrained baselines of the model zoo."""
     from prunebench import registry
-    from prunebench.budgets import BUDGETS
+    from prunebench.config.budgets import BUDGETS
     from prunebench.errors import suggest
 
     if kind not in KINDS:
         raise ConfigError(f"unknown kind {kind!r}.{suggest(kind, KINDS)} Choose from: {', '.join(KINDS)}")
     if kind == "budgets":
-        from prunebench.runner import recipe
+        from prunebench.pipeline.runner import recipe
 
         # what each stage uses: a budget without baseline epochs trains no baseline (its runs start
         # from --baseline pretrained or FILE), so its baseline lr is not shown as if it were used
@@ -322,14 +322,14 @@ def info(
     import torch
 
     from prunebench import registry
-    from prunebench.metrics import count_macs, count_params
+    from prunebench.pipeline.metrics import count_macs, count_params
 
     a = registry.architectures.get(arch)
     model = a.build(num_classes=num_classes, in_channels=in_channels)
     size = input_size or a.input_size
     x = torch.zeros(1, in_channels, size, size)
     macs, params = count_macs(model, x), count_params(model)
-    from prunebench.surgery import pruning_units
+    from prunebench.pipeline.surgery import pruning_units
 
     chosen = a.resolve_scope(scope)
     out.print(f"[bold]{escape(a.name)}[/]: {escape(a.description)}")
@@ -404,10 +404,17 @@ def baseline(
     import torch
 
     from prunebench import registry
-    from prunebench.budgets import get_budget
+    from prunebench.config.budgets import get_budget
+    from prunebench.pipeline.runner import (
+        PRETRAINED,
+        RunConfig,
+        evaluate,
+        get_baseline,
+        load_data,
+        resolve_device,
+    )
+    from prunebench.pipeline.validation import check_data, check_run
     from prunebench.progress import Reporter
-    from prunebench.runner import PRETRAINED, RunConfig, evaluate, get_baseline, load_data, resolve_device
-    from prunebench.validation import check_data, check_run
 
     cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),
                     seed=seed, dataset_options=_pairs(dataset_option, "--dataset-option"), data_dir=data_dir,
@@ -497,7 +504,7 @@ def latency(
     """Measure each compressed model of RESULTS_DIR against its baseline: interleaved timing,
     the median latency and a 95 % interval of the speed-up, per runtime, batch and threads.
     Writes RESULTS_DIR/latency/*.json; the accuracy records are never changed (docs/latency.md)."""
-    from prunebench import latency as lat
+    from prunebench.latency import protocol as lat
 
     runtimes = runtime or [r for r in lat.RUNTIMES if lat.installed(r)]
     if not runtime and len(runtimes) < len(lat.RUNTIMES):
@@ -532,7 +539,7 @@ def records_check(
     directory: Annotated[Path, typer.Argument(help="directory of result records")] = Path("results"),
 ) -> None:
     """List every file in DIRECTORY that is not a usable record, and why (exit 1 if any)."""
-    from prunebench.records import survey
+    from prunebench.results.records import survey
 
     if not directory.is_dir():
         raise ConfigError(f"no records directory {directory}")
@@ -561,7 +568,7 @@ def records_migrate(
 
     Each record's configuration is rebuilt from its fields and must reproduce its old id;
     records that do not are reported and left alone (docs/guarantees.md)."""
-    from prunebench.migrate import apply, plan
+    from prunebench.results.migrate import apply, plan
 
     if not directory.is_dir():
         raise ConfigError(f"no records directory {directory}")

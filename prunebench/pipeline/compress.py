@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from prunebench.checkpoints import weights_sha256
-from prunebench.costmodel import ChannelCost
 from prunebench.errors import ConfigError, PluginError, TargetMissedError, suggest
+from prunebench.pipeline.costmodel import ChannelCost
+from prunebench.pipeline.surgery import Unit, prune_kept, pruning_units
 from prunebench.protocols import (
     AllocateCriterion,
     CompressionContext,
@@ -40,7 +40,7 @@ from prunebench.protocols import (
     TrainingHooks,
     TransformCriterion,
 )
-from prunebench.surgery import Unit, prune_kept, pruning_units
+from prunebench.storage.checkpoints import weights_sha256
 
 ALLOCATIONS = ("uniform", "global", "profile")
 
@@ -58,7 +58,7 @@ class Meter:
     """Measures the reduction of the target metric relative to a fixed baseline."""
 
     def __init__(self, baseline: nn.Module, example_inputs: Tensor, target: Target) -> None:
-        from prunebench.metrics import count_macs, count_params
+        from prunebench.pipeline.metrics import count_macs, count_params
 
         self.example_inputs = example_inputs
         self.target = target

@@ -27,18 +27,21 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from prunebench import checkpoints, distributed, divergence, zoo
-from prunebench.engine import DeviceData, Recipe, train
+from prunebench import zoo
 from prunebench.errors import CheckpointError
-from prunebench.resume import StageCheckpoint
+from prunebench.pipeline import divergence
+from prunebench.storage import checkpoints
+from prunebench.training import distributed
+from prunebench.training.engine import DeviceData, Recipe, train
+from prunebench.training.resume import StageCheckpoint
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prunebench.budgets import Budget
+    from prunebench.config.budgets import Budget
     from prunebench.datasets.base import DataSplits
-    from prunebench.engine import DeviceData
+    from prunebench.pipeline.runner import RunConfig
     from prunebench.progress import Reporter
-    from prunebench.runner import RunConfig
-    from prunebench.streaming import StreamData
+    from prunebench.training.engine import DeviceData
+    from prunebench.training.streaming import StreamData
 
 #: the seed of every adaptation fine-tune (shared by all run seeds; see the module docstring)
 ADAPT_SEED = 0
@@ -93,7 +96,7 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
     """Fine-tune ``model`` (holding the checkpoint) on the run's training split, or load the
     cached result. Returns the record's ``adaptation`` block."""
     from prunebench.datasets import cache_dir
-    from prunebench.runner import evaluate, train_options
+    from prunebench.pipeline.runner import evaluate, train_options
 
     rcp = adaptation_recipe(cfg.budget)
     evaluated_on = {"test_subset": cfg.budget.test_subset, "test_images": data.n_test}
@@ -172,7 +175,7 @@ def _use_adapted(model: nn.Module, state: dict[str, Any] | None, stored: dict[st
     """Load the cached adaptation (``state``: rank 0's; the other ranks receive its weights)
     into ``model``, which holds the checkpoint; re-measure the accuracies when they were
     measured on another test split. Returns the record's ``adaptation`` block."""
-    from prunebench.runner import evaluate
+    from prunebench.pipeline.runner import evaluate
 
     same_test = stored_on == evaluated_on
     if not same_test:  # measured on another test split: measure both on this run's

@@ -3,7 +3,7 @@
 ``prunebench latency RESULTS_DIR`` measures each compressed model of a results directory
 against its baseline (the unpruned architecture):
 
-* the compressed model is rebuilt with :func:`prunebench.surgery.load_compressed` from its
+* the compressed model is rebuilt with :func:`prunebench.pipeline.surgery.load_compressed` from its
   model file, or, when the file is gone, from the record's widths on a freshly built
   architecture (latency depends on the architecture, not on the weights);
 * per runtime (``torch``: PyTorch eager fp32; ``onnxruntime``: ONNX Runtime on the CPU, after
@@ -506,7 +506,7 @@ def load_subject(results: Path, record: Mapping[str, Any]) -> Subject:
     """The compressed model of ``record`` and its baseline architecture."""
     from prunebench import registry
     from prunebench.errors import CheckpointError
-    from prunebench.surgery import load_compressed
+    from prunebench.pipeline.surgery import load_compressed
 
     rid = record["run_id"]
     data = record.get("data") or {}
@@ -535,7 +535,7 @@ def load_subject(results: Path, record: Mapping[str, Any]) -> Subject:
     kept = {name: list(range(int(w))) for name, w in widths.items()
             if name in modules and int(w) < getattr(modules[name], "out_channels", int(w))}
     if kept:
-        from prunebench.surgery import prune_kept
+        from prunebench.pipeline.surgery import prune_kept
 
         prune_kept(model, torch.zeros(shape), kept)
     return Subject(rid, model, baseline, shape, arch, kwargs, "record widths")
@@ -543,7 +543,7 @@ def load_subject(results: Path, record: Mapping[str, Any]) -> Subject:
 
 def measurable(results: Path) -> Iterable[dict[str, Any]]:
     """Complete, compressed runs of ``results`` (records only read)."""
-    from prunebench.records import RecordProblem, scan_records
+    from prunebench.results.records import RecordProblem, scan_records
 
     for rec in scan_records(results):
         if isinstance(rec, RecordProblem) or rec.get("status") != "complete":
@@ -564,7 +564,7 @@ class Setting:
 def hardware_key() -> dict[str, Any]:
     import platform
 
-    from prunebench.metrics import cpu_name
+    from prunebench.pipeline.metrics import cpu_name
 
     return {"cpu": cpu_name(), "cpus": available_cpus(), "machine": platform.machine(), "os": os.uname().sysname
             if hasattr(os, "uname") else platform.system()}
@@ -676,7 +676,7 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
     """Measure every complete compressed run of ``results`` under every setting; write one
     latency record per (architecture digest, runtime, batch, threads, hardware)."""
     from prunebench.errors import ConfigError
-    from prunebench.records import now, versions, write_atomic
+    from prunebench.results.records import now, versions, write_atomic
 
     results = Path(results)
     if not results.is_dir():

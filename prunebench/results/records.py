@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prunebench.errors import RecordError
-from prunebench.files import replace_atomically
+from prunebench.storage.files import replace_atomically
 
 SCHEMA = "prunebench-result/1"
 
@@ -94,7 +94,7 @@ def git_sha() -> str | None:
 def hardware(device: Any) -> dict[str, Any]:
     import torch
 
-    from prunebench.metrics import cpu_name
+    from prunebench.pipeline.metrics import cpu_name
 
     info = {"device": str(device), "cpu": cpu_name(), "cpu_threads": torch.get_num_threads(), "os": sys.platform}
     if getattr(device, "type", "") == "cuda":

@@ -4,7 +4,7 @@ For datasets that return :class:`~prunebench.datasets.streaming.StreamedSplits` 
 workers read and decode the images and apply the ImageNet recipe, returning uint8 batches
 (pinned on CUDA); the training device normalises them and trains with the same optimiser,
 learning-rate schedules, precision options, hooks, progress ticks and divergence checks
-as the device-resident engine (:func:`prunebench.engine.train`, which hands streamed data
+as the device-resident engine (:func:`prunebench.training.engine.train`, which hands streamed data
 to :func:`train_streamed`).
 
 Batches: each epoch is a permutation of the training split drawn from (seed, epoch); step
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prunebench import distributed
 from prunebench.datasets.streaming import ImageFiles, StreamedSplits
-from prunebench.engine import CUDA_TICK, Recipe, TrainOptions, check_tick, optimizer, train_step
-from prunebench.precision import resolve_precision
 from prunebench.protocols import TrainingHooks
+from prunebench.training import distributed
+from prunebench.training.engine import CUDA_TICK, Recipe, TrainOptions, check_tick, optimizer, train_step
+from prunebench.training.precision import resolve_precision
 
 EVAL_BATCH = 256
 TRAIN, TEST = 0, 1  # the splits of ImageFiles' keys
@@ -165,8 +165,8 @@ def train_streamed(
     *,
     options: TrainOptions | None = None,
 ) -> dict[str, float]:
-    """:func:`prunebench.engine.train` for streamed data, data-parallel over the ranks of
-    :mod:`prunebench.distributed` (``recipe.batch_size`` is the global batch). The loss of
+    """:func:`prunebench.training.engine.train` for streamed data, data-parallel over the ranks of
+    :mod:`prunebench.training.distributed` (``recipe.batch_size`` is the global batch). The loss of
     each tick is averaged over ranks before the divergence check, so all ranks stop together."""
     hooks = hooks or TrainingHooks()
     opts = options or TrainOptions()

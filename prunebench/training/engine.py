@@ -5,7 +5,7 @@ augments it there (random crop with zero padding, horizontal flip where label-pr
 normalises and trains. No DataLoader workers in the hot loop.
 
 Speed (:class:`TrainOptions`): with ``bf16`` precision (the default wherever the hardware
-computes bfloat16 natively, see :mod:`prunebench.precision`) the model runs under bf16
+computes bfloat16 natively, see :mod:`prunebench.training.precision`) the model runs under bf16
 autocast with channels_last activations. The loop never reads a device value back per
 step: the loss is accumulated on the device and read once per progress tick (every step
 on a CPU, where reading is free; every ``tick`` steps on CUDA), which is also where
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunebench.errors import DivergedError
-from prunebench.precision import check_precision, resolve_precision
 from prunebench.protocols import TrainingHooks
+from prunebench.training.precision import check_precision, resolve_precision
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prunebench.resume import StageCheckpoint
-    from prunebench.streaming import StreamData
+    from prunebench.training.resume import StageCheckpoint
+    from prunebench.training.streaming import StreamData
 
 #: steps between host reads of the accumulated loss on CUDA (each read waits for the device)
 CUDA_TICK = 50
@@ -121,7 +121,7 @@ class Recipe:
 class TrainOptions:
     """How the engine computes; only ``precision`` changes the numbers.
 
-    ``precision``: ``auto`` | ``bf16`` | ``fp32`` (see :mod:`prunebench.precision`).
+    ``precision``: ``auto`` | ``bf16`` | ``fp32`` (see :mod:`prunebench.training.precision`).
     ``channels_last``: None follows the precision (on with bf16, and always on CUDA).
     ``compile``: run the model through ``torch.compile`` (off: on a CPU it does not pay for its
     compile time within a run, see docs/performance.md), in ``compile_mode`` (e.g.
@@ -214,17 +214,17 @@ def train(
 ) -> dict[str, float]:
     """Train ``model`` in place for ``recipe.epochs`` (fractions allowed). Returns last-epoch stats.
 
-    ``checkpoint`` (:mod:`prunebench.resume`): resume from its newest usable state, and save
+    ``checkpoint`` (:mod:`prunebench.training.resume`): resume from its newest usable state, and save
     the whole training state at every epoch's end and every few minutes, so that an
     interrupted stage started again ends with the same weights.
 
     ``progress(description, step, total, loss)`` is called every ``tick`` steps and after the
     last one, with the mean loss since the previous call. Raises :class:`DivergedError`
     naming ``description`` and the steps when that loss is not finite. Streamed data
-    (:class:`prunebench.streaming.StreamData`) train through :func:`prunebench.streaming.train_streamed`.
+    (:class:`prunebench.training.streaming.StreamData`) train through :func:`prunebench.training.streaming.train_streamed`.
     """
     if not isinstance(data, DeviceData):
-        from prunebench.streaming import train_streamed
+        from prunebench.training.streaming import train_streamed
 
         return train_streamed(model, data, recipe, seed, hooks, progress, description, options=options)
     hooks = hooks or TrainingHooks()
@@ -262,7 +262,7 @@ def train(
     fingerprint = {"n": n, "total": total, "seed": seed, "precision": precision}
     threads = None
     if dev.type == "cpu":  # the thread count: fixed by the user, or measured for a long stage
-        from prunebench.threads import StageThreads, probe_step
+        from prunebench.training.threads import StageThreads, probe_step
 
         x0 = data.normalise(data.train_x[: min(bs, n)])
         x0 = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0

@@ -1,6 +1,6 @@
 """Bringing result records written under an older run-id rule to the current one.
 
-A run id hashes the run's identity (:meth:`prunebench.runner.RunConfig.identity`). The
+A run id hashes the run's identity (:meth:`prunebench.pipeline.runner.RunConfig.identity`). The
 current rule hashes criterion hyper-parameters *resolved* (defaults filled in, values
 typed), dataset options typed, and the distribution of any plug-in that is not built in;
 the older rule hashed hyper-parameters and options as they were given. A record written
@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunebench import checkpoints
-from prunebench.budgets import Budget, get_budget
+from prunebench.config.budgets import Budget, get_budget
 from prunebench.errors import PrunebenchError
-from prunebench.files import replace_atomically
+from prunebench.pipeline.surgery import atomic_torch_save
 from prunebench.protocols import Target
-from prunebench.records import (
+from prunebench.results.records import (
     RecordProblem,
     UnusableFile,
     read_record,
@@ -40,7 +39,8 @@ from prunebench.records import (
     run_id,
     write_atomic,
 )
-from prunebench.surgery import atomic_torch_save
+from prunebench.storage import checkpoints
+from prunebench.storage.files import replace_atomically
 
 
 class CannotMigrate(Exception):
@@ -71,7 +71,7 @@ class Change:
 
 def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
     """The run configuration a record describes (paths and flags excluded)."""
-    from prunebench.runner import PRETRAINED, RunConfig
+    from prunebench.pipeline.runner import PRETRAINED, RunConfig
 
     try:
         scratch = rec["criterion"] == "scratch"
@@ -168,7 +168,7 @@ def apply(directory: Path, changes: list[Change], log: Callable[[str], None] = p
     complete one finished last; a complete record is never replaced by one that is not
     complete. Whatever is replaced, or not kept, goes to ``attempts/<run id>/`` first (a file
     in the record's place that is no record, byte for byte, as ``unusable-<n>.json``)."""
-    from prunebench.store import archive
+    from prunebench.results.store import archive
 
     directory = Path(directory)
     for ch in changes:
@@ -229,7 +229,7 @@ def apply(directory: Path, changes: list[Change], log: Callable[[str], None] = p
 def _keep_unusable(directory: Path, rid: str, raw: bytes) -> None:
     """Keep the bytes of a file in a record's place that is no usable record, before it is
     replaced, as ``attempts/<run id>/unusable-<n>.json``."""
-    from prunebench.store import attempts_dir
+    from prunebench.results.store import attempts_dir
 
     folder = attempts_dir(directory, rid)
     n = 1

@@ -8,7 +8,7 @@ and caches shared between users) and only then moved into place with ``os.replac
 reader therefore sees the old file or the new one, never half of one.
 
 :func:`staged` splits the two steps for callers that must commit several files together
-(see :mod:`prunebench.store`): it returns the finished temporary file, to be moved into
+(see :mod:`prunebench.results.store`): it returns the finished temporary file, to be moved into
 place later with ``os.replace``.
 """
 

@@ -4,7 +4,7 @@
 any data is loaded or any file is written, so a typo or an impossible value is a one-line
 :class:`ConfigError` (with a suggestion for misspelt names) instead of a failed record after
 minutes or hours of training. Budgets and targets check their own fields when built
-(:class:`prunebench.budgets.Budget`, :class:`prunebench.protocols.Target`).
+(:class:`prunebench.config.budgets.Budget`, :class:`prunebench.protocols.Target`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prunebench import registry
 from prunebench.errors import ConfigError, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prunebench.runner import RunConfig
+    from prunebench.pipeline.runner import RunConfig
 
 ALLOCATIONS = ("uniform", "global", "profile")
 #: the largest seed: torch seeds are 64-bit, and a run derives seeds of its stages by adding offsets
@@ -76,9 +76,9 @@ def check_profile(profile: Any, source: str = "layer-ratio profile") -> dict[str
 def load_profile(spec: str | Path, source: str = "--layer-ratios", base: Path = Path("."),
                  arch: str | None = None) -> dict[str, float]:
     """Read and check a layer-ratio profile: a JSON file (relative to ``base``) or the name of a
-    profile shipped with prunebench (:mod:`prunebench.profiles`; one written for another
+    profile shipped with prunebench (:mod:`prunebench.config.profiles`; one written for another
     architecture than ``arch`` is refused)."""
-    from prunebench import profiles
+    from prunebench.config import profiles
 
     path = Path(base) / Path(spec)
     if not path.is_file() and str(spec) in profiles.named_profiles():
@@ -222,7 +222,7 @@ def check_run(cfg: RunConfig) -> None:
                           f"epochs, but the budget's ledger holds {cfg.budget.finetune_epochs:g} (finetune_epochs)")
     check_device(cfg.device)
     if getattr(cfg, "dense", None) is not None:
-        from prunebench.dense import check_dense
+        from prunebench.pipeline.dense import check_dense
 
         check_dense(cfg)
     if cfg.pretrained:

@@ -1,0 +1,1 @@
+"""The latency protocol: measured speed-ups, separate from the accuracy run (docs/latency.md)."""

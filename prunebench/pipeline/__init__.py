@@ -1,0 +1,1 @@
+"""One run of the protocol: baseline, calibration, compress, one-shot, fine-tune, record."""

@@ -1,0 +1,1 @@
+"""Result records: writing, reading and checking them, where they go, migrating old ones."""

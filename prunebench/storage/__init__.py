@@ -1,0 +1,1 @@
+"""Safe storage: atomic file writes, advisory locks, checked checkpoint loading."""

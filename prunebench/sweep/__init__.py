@@ -1,0 +1,1 @@
+"""Sweeps: a benchmark grid from one TOML file, planned and executed locally or on Ray."""
