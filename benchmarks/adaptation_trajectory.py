@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from prunebench import registry, zoo
 from prunebench.datasets import data_root
 from prunebench.pipeline.adaptation import ADAPT_SEED
-from prunebench.training.engine import Recipe, augment, lr_at
+from prunebench.training.engine import augment
+from prunebench.training.steps import Recipe, lr_at
 
 
 def main() -> None:

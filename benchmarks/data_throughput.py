@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from prunebench.datasets.streaming import Preprocess, StreamedSplits, scan
-from prunebench.pipeline.metrics import cpu_name
-from prunebench.training.engine import Recipe, TrainOptions, optimizer
+from prunebench.results.records import cpu_name
+from prunebench.training.steps import Recipe, TrainOptions, optimizer
 from prunebench.training.streaming import TEST, TRAIN, StreamData, eval_batches, sample_seed, train_streamed
 
 

@@ -57,7 +57,7 @@ def say(message: str) -> None:
 def load_config(path: Path, runs_per_gpu: int | None, results: Path):
     """The sweep of ``path``; a key this prunebench does not know yet (``baseline``) is dropped
     with a warning rather than losing the window."""
-    from prunebench.sweep.run import TOP_KEYS, parse_sweep
+    from prunebench.sweep.spec import TOP_KEYS, parse_sweep
 
     doc = tomllib.loads(path.read_text())
     for key in [k for k in doc if k not in TOP_KEYS]:

@@ -125,7 +125,7 @@ def main() -> None:
 
     import torch
 
-    from prunebench.pipeline.metrics import cpu_name
+    from prunebench.results.records import cpu_name
 
     print(
         f"# hbgs/hbgts search time, MACs target {args.ratio:.2f}, random init, random normal images; "

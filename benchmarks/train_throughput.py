@@ -52,9 +52,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunebench import registry
-from prunebench.pipeline.metrics import count_macs, cpu_name
-from prunebench.training.engine import DeviceData, Recipe, TrainOptions, optimizer, train
+from prunebench.pipeline.metrics import count_macs
+from prunebench.results.records import cpu_name
+from prunebench.training.engine import DeviceData, train
 from prunebench.training.precision import cpu_supports_bf16, resolve_precision
+from prunebench.training.steps import Recipe, TrainOptions, optimizer
 
 VARIANTS = ("engine", "plain", "engine-fp32", "engine-no-channels-last", "engine-compile", "engine-cudagraphs")
 COMPILED = ("engine-compile", "engine-cudagraphs")

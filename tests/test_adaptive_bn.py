@@ -12,7 +12,8 @@ from prunebench.pipeline.metrics import accuracy
 from prunebench.pipeline.runner import oneshot_bn
 from prunebench.protocols import Calibration
 from prunebench.testing import TinyNet
-from prunebench.training.engine import DeviceData, Recipe, train
+from prunebench.training.engine import DeviceData, train
+from prunebench.training.steps import Recipe
 
 
 def device_data(n_train: int = 512) -> DeviceData:

@@ -58,7 +58,8 @@ def test_the_saved_model_is_the_one_the_record_scores(smoke_run):
     """Reloaded from its file and evaluated on the run's test split, the compressed model
     scores exactly the record's final top-1."""
     from prunebench.config.budgets import BUDGETS
-    from prunebench.pipeline.runner import RunConfig, load_data
+    from prunebench.config.run import RunConfig
+    from prunebench.pipeline.data import load_data
 
     results, _ = smoke_run
     rec = json.loads(next(results.glob("*.json")).read_text())

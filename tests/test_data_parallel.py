@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunebench.datasets.streaming import Preprocess, StreamedSplits, scan
-from prunebench.training.engine import Recipe, TrainOptions
+from prunebench.training.steps import Recipe, TrainOptions
 from prunebench.training.streaming import StreamData, train_streamed
 from tests._folders import make_folder
 

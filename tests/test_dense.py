@@ -10,13 +10,12 @@ import pytest
 from test_sweep import TINY, dry_run_ids, invoke, write_config
 
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig, run_id
+from prunebench.config.validation import check_run
 from prunebench.errors import ConfigError
 from prunebench.leaderboard import build
 from prunebench.pipeline.metrics import count_macs
-from prunebench.pipeline.runner import RunConfig
 from prunebench.pipeline.surgery import load_compressed
-from prunebench.pipeline.validation import check_run
-from prunebench.results.records import run_id
 
 BUDGET = {k: v for k, v in TINY.items() if k != "name"}
 SETS = [f"--set={k}={v}" for k, v in BUDGET.items()]

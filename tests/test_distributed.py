@@ -144,8 +144,8 @@ def test_killing_a_worker_fails_the_run_with_a_record_and_a_rerun_completes(data
 
 def test_several_processes_need_a_streamed_dataset_and_an_even_batch(tmp_path):
     from prunebench.config.budgets import get_budget
+    from prunebench.config.run import RunConfig
     from prunebench.pipeline.launch import launch
-    from prunebench.pipeline.runner import RunConfig
 
     cfg = RunConfig(criterion="l1", arch="resnet20", dataset="digits", budget=get_budget("smoke"),
                     results_dir=tmp_path)
@@ -161,9 +161,11 @@ def test_several_processes_need_a_streamed_dataset_and_an_even_batch(tmp_path):
 def test_the_launcher_records_a_failure_rank_0_could_not_write(tmp_path):
     """Rank 0 killed outright writes nothing: the launcher writes the failed record, naming the rank."""
     from prunebench.config.budgets import get_budget
+    from prunebench.config.run import RunConfig, run_id
+    from prunebench.pipeline.data import resolve_device
     from prunebench.pipeline.launch import _record_failure
-    from prunebench.pipeline.runner import RunConfig, base_record, resolve_device
-    from prunebench.results.records import read_record, run_id
+    from prunebench.pipeline.record import base_record
+    from prunebench.results.records import read_record
 
     cfg = RunConfig(criterion="l1", arch="tv_resnet18", dataset="imagenet", budget=get_budget("smoke"),
                     results_dir=tmp_path)

@@ -4,7 +4,8 @@ from torch import nn
 from prunebench import registry
 from prunebench.pipeline.metrics import accuracy
 from prunebench.protocols import TrainingHooks
-from prunebench.training.engine import DeviceData, Recipe, augment, lr_at, train
+from prunebench.training.engine import DeviceData, augment, train
+from prunebench.training.steps import Recipe, lr_at
 
 
 def synthetic_data():
@@ -95,7 +96,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from prunebench.errors import DivergedError  # noqa: E402
-from prunebench.training.engine import Augmenter, TrainOptions, optimizer  # noqa: E402
+from prunebench.training.engine import Augmenter  # noqa: E402
+from prunebench.training.steps import TrainOptions, optimizer  # noqa: E402
 
 
 def reference_train(model, data, recipe, seed):

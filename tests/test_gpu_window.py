@@ -115,7 +115,7 @@ def test_unknown_sweep_keys_are_dropped_with_a_warning(tmp_path, capsys):
 
 
 def test_the_gpu_config_is_valid_where_pretrained_baselines_exist(tmp_path):
-    from prunebench.sweep.run import TOP_KEYS, load_sweep
+    from prunebench.sweep.spec import TOP_KEYS, load_sweep
 
     config = ROOT / "benchmarks" / "gpu_window.toml"
     if "baseline" not in TOP_KEYS:

@@ -994,7 +994,7 @@ _VARIANTS = {"hbgs": "omp", "hbgs-b": "backward", "hbgts": "omp", "hbgts-b": "ba
 
 @pytest.mark.parametrize("name", sorted(_VARIANTS))
 def test_a_run_records_the_documented_defaults_and_the_same_run_given_them_explicitly(name):
-    from prunebench.pipeline.runner import resolved_params
+    from prunebench.config.run import resolved_params
 
     documented = {**_DOCUMENTED_DEFAULTS, "selector": _VARIANTS[name]}
     assert resolved_params(name, {}) == documented

@@ -16,7 +16,7 @@ from torch import nn
 from prunebench import registry
 from prunebench.latency import protocol as lat
 from prunebench.pipeline.compress import Meter, compress
-from prunebench.pipeline.runner import widths
+from prunebench.pipeline.record import widths
 from prunebench.pipeline.surgery import save_compressed
 from prunebench.protocols import CompressionContext, EpochLedger, Target
 

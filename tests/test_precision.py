@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig, run_id
 from prunebench.errors import ConfigError
-from prunebench.pipeline.runner import RunConfig
-from prunebench.results.records import run_id
 from prunebench.training import precision
 from prunebench.training.precision import check_precision, cpu_supports_bf16, resolve_precision
 

@@ -10,8 +10,8 @@ import torch
 
 from prunebench import registry
 from prunebench.config.profiles import named_profile, named_profiles
+from prunebench.config.validation import load_profile
 from prunebench.errors import ConfigError
-from prunebench.pipeline.validation import load_profile
 
 
 def expand(spec: str) -> list[float]:
@@ -111,8 +111,8 @@ def test_a_named_profile_drives_a_run_in_both_scopes():
 @pytest.mark.parametrize("criterion", ["hbgs", "ht2"])
 def test_a_profile_is_refused_for_criteria_that_would_ignore_it(criterion):
     from prunebench.config.budgets import get_budget
-    from prunebench.pipeline.runner import RunConfig
-    from prunebench.pipeline.validation import check_run
+    from prunebench.config.run import RunConfig
+    from prunebench.config.validation import check_run
 
     cfg = RunConfig(criterion=criterion, arch="resnet56", dataset="digits", budget=get_budget("smoke"),
                     allocation="profile", layer_ratios=load_profile("hrank-resnet56-2", arch="resnet56"))

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from prunebench.config.run import run_id
 from prunebench.leaderboard import build, check_stale, write
-from prunebench.results.records import run_id, validate, write_atomic
+from prunebench.results.records import validate, write_atomic
 
 
 def fake_record(criterion, seed, final, **over):

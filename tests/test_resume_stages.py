@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from prunebench.progress import PlainProgress
-from prunebench.training.engine import DeviceData, Recipe, TrainOptions, train
+from prunebench.training.engine import DeviceData, train
 from prunebench.training.resume import StageCheckpoint
+from prunebench.training.steps import Recipe, TrainOptions
 
 RECIPE = Recipe(epochs=3, lr=0.05, batch_size=16, momentum=0.9, weight_decay=5e-4, schedule="cosine")
 
@@ -158,7 +159,7 @@ def test_a_killed_baseline_training_resumes_to_the_same_cached_weights(tmp_path)
 
 
 def test_a_cached_adaptation_s_accuracy_is_not_measured_again():
-    from prunebench.pipeline.runner import known_baseline_accuracy
+    from prunebench.pipeline.baseline import known_baseline_accuracy
 
     cached = {"adaptation": {"cached": True, "top1_after": 89.69, "top1_before": 83.2}}
     assert known_baseline_accuracy(cached, 10) == {"top1": 89.69}

@@ -15,11 +15,10 @@ from torch import nn
 
 from prunebench import registry
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig, run_id
 from prunebench.pipeline.compress import Meter, compress, removable_counts
-from prunebench.pipeline.runner import RunConfig
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
-from prunebench.results.records import run_id
-from prunebench.sweep.run import load_sweep
+from prunebench.sweep.spec import load_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

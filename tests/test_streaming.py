@@ -131,7 +131,8 @@ def test_streamed_evaluation_and_calibration_match_the_decoded_images(tmp_path):
 def test_a_run_on_a_streamed_dataset_completes_in_one_process(tmp_path):
     """The whole protocol on streamed data: baseline, calibration, compression, fine-tune, record."""
     from prunebench.config.budgets import get_budget
-    from prunebench.pipeline.runner import RunConfig, execute
+    from prunebench.config.run import RunConfig
+    from prunebench.pipeline.runner import execute
     from prunebench.progress import Reporter
 
     make_folder(tmp_path / "data" / "imagenet", classes=3, train=8, test=4)

@@ -20,7 +20,8 @@ from prunebench.cli import app
 from prunebench.errors import ConfigError
 from prunebench.results.records import validate
 from prunebench.storage.locks import FileLock
-from prunebench.sweep.run import load_sweep, run_one
+from prunebench.sweep.execute import run_one
+from prunebench.sweep.spec import load_sweep
 
 runner = CliRunner()
 
@@ -251,7 +252,7 @@ def test_a_run_locked_by_another_process_is_not_executed(tmp_path):
     lock.release()
     assert not lock.path.exists()
 
-    from prunebench.sweep.run import cfg_run_id
+    from prunebench.config.run import cfg_run_id
 
     other = FileLock(tmp_path / "r" / f"{cfg_run_id(cfg)}.lock")
     assert other.acquire(blocking=False)
@@ -401,7 +402,7 @@ def test_several_gpus_need_an_unpinned_device(tmp_path, monkeypatch):
     from prunebench.sweep import packing
 
     monkeypatch.setattr(packing, "_cuda_device_count", lambda: 2)
-    monkeypatch.setattr("prunebench.sweep.run.device_type", lambda device: "cuda")
+    monkeypatch.setattr("prunebench.sweep.engines.device_type", lambda device: "cuda")
     sweep = load_sweep(write_config(tmp_path / "s.toml", device="cuda:1", runs_per_gpu=2), results_dir=tmp_path / "r")
     with pytest.raises(ConfigError, match="with several GPUs the local executor gives each worker its own GPU"):
         from prunebench.sweep.run import run_sweep
@@ -436,8 +437,8 @@ class FakeRay:
 def test_ray_tasks_ask_for_a_fraction_of_a_gpu(monkeypatch, cuda, runs_per_gpu, max_parallel, asked, per_device):
     import torch
 
-    from prunebench.pipeline.runner import Sharing
-    from prunebench.sweep.run import _RayEngine
+    from prunebench.config.run import Sharing
+    from prunebench.sweep.engines import _RayEngine
 
     fake = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)

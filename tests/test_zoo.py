@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 from prunebench import registry, zoo
 from prunebench.cli import app
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import PRETRAINED, RunConfig
 from prunebench.errors import CheckpointError, ConfigError, DataNotFoundError
 from prunebench.pipeline.adaptation import adaptation_key
-from prunebench.pipeline.runner import PRETRAINED, RunConfig, execute, load_data
+from prunebench.pipeline.data import load_data
+from prunebench.pipeline.runner import execute
 from prunebench.progress import Reporter
 from prunebench.results.records import validate
 from prunebench.zoo.files import digests, resolve
@@ -338,7 +340,8 @@ def test_cli_unknown_combination_fails_before_running(tmp_path):
 
 
 def test_sweep_files_accept_baseline_pretrained(registered, tmp_path):
-    from prunebench.sweep.run import baseline_groups, parse_sweep
+    from prunebench.sweep.execute import baseline_groups
+    from prunebench.sweep.spec import parse_sweep
 
     doc = {"criteria": ["l1"], "architectures": ["resnet20"], "dataset": "digits", "seeds": [0, 1],
            "baseline": "pretrained"}

@@ -55,7 +55,7 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
 
 def _baseline_option(value: str | None) -> Path | str | None:
     """``--baseline``: 'pretrained', or a checkpoint file that must exist."""
-    from prunebench.pipeline.runner import PRETRAINED
+    from prunebench.config.run import PRETRAINED
 
     if value is None or value == PRETRAINED:
         return value
@@ -121,8 +121,9 @@ def run(
     _set_threads(threads)
     from prunebench import registry
     from prunebench.config.budgets import get_budget
-    from prunebench.pipeline.runner import RunConfig, execute
-    from prunebench.pipeline.validation import load_profile
+    from prunebench.config.run import RunConfig
+    from prunebench.config.validation import load_profile
+    from prunebench.pipeline.runner import execute
     from prunebench.progress import Reporter
 
     if (criterion is None) == (dense is None):
@@ -157,7 +158,8 @@ def run(
         worker(cfg, quiet, locked=False)
         if int(os.environ.get("RANK", "0")) != 0:
             return
-        from prunebench.results.records import read_record, run_id
+        from prunebench.config.run import run_id
+        from prunebench.results.records import read_record
         from prunebench.results.store import record_path
 
         path = record_path(cfg.results_dir, run_id(cfg.identity()))
@@ -219,7 +221,9 @@ def sweep(
     Complete runs are skipped, so an interrupted sweep is resumed by starting it again.
     """
     _set_threads(threads)
-    from prunebench.sweep.run import EXECUTORS, describe, load_sweep, plan, run_sweep, summary
+    from prunebench.sweep.execute import plan
+    from prunebench.sweep.run import EXECUTORS, run_sweep, summary
+    from prunebench.sweep.spec import describe, load_sweep
 
     if executor not in EXECUTORS:
         from prunebench.errors import suggest
@@ -263,7 +267,7 @@ def list_(kind: Annotated[str, typer.Argument(
     if kind not in KINDS:
         raise ConfigError(f"unknown kind {kind!r}.{suggest(kind, KINDS)} Choose from: {', '.join(KINDS)}")
     if kind == "budgets":
-        from prunebench.pipeline.runner import recipe
+        from prunebench.pipeline.recipes import recipe
 
         # what each stage uses: a budget without baseline epochs trains no baseline (its runs start
         # from --baseline pretrained or FILE), so its baseline lr is not shown as if it were used
@@ -405,15 +409,10 @@ def baseline(
 
     from prunebench import registry
     from prunebench.config.budgets import get_budget
-    from prunebench.pipeline.runner import (
-        PRETRAINED,
-        RunConfig,
-        evaluate,
-        get_baseline,
-        load_data,
-        resolve_device,
-    )
-    from prunebench.pipeline.validation import check_data, check_run
+    from prunebench.config.run import PRETRAINED, RunConfig
+    from prunebench.config.validation import check_data, check_run
+    from prunebench.pipeline.baseline import get_baseline
+    from prunebench.pipeline.data import evaluate, load_data, resolve_device
     from prunebench.progress import Reporter
 
     cfg = RunConfig(criterion="l1", arch=arch, dataset=dataset, budget=get_budget(budget, _pairs(set_, "--set")),

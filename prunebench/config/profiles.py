@@ -4,7 +4,7 @@ A profile maps layer names to the fraction of channels each should lose; the har
 all ratios by one factor so that the run meets its target. ``--layer-ratios`` takes either
 a path to a JSON file ``{layer: ratio}`` or the name of a profile shipped with prunebench
 (``prunebench/layer_ratios/NAME.json``; list them with :func:`named_profiles`), both read by
-:func:`prunebench.pipeline.validation.load_profile`. The shipped profiles are the per-layer lists of
+:func:`prunebench.config.validation.load_profile`. The shipped profiles are the per-layer lists of
 the papers' scripts, mapped onto prunebench's layer names; each file records its source.
 See docs/protocol.md.
 """

@@ -564,7 +564,7 @@ class Setting:
 def hardware_key() -> dict[str, Any]:
     import platform
 
-    from prunebench.pipeline.metrics import cpu_name
+    from prunebench.results.records import cpu_name
 
     return {"cpu": cpu_name(), "cpus": available_cpus(), "machine": platform.machine(), "os": os.uname().sysname
             if hasattr(os, "uname") else platform.system()}

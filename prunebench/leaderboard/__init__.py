@@ -22,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from prunebench.leaderboard.latency import read_latency
-from prunebench.leaderboard.output import obsolete, page_stem, read_records, slug, write
+from prunebench.leaderboard.output import obsolete, read_records, write
 from prunebench.leaderboard.output import stale as _stale
-from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER, _labels, index, page
+from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER, _labels, index, page, page_stem, slug
 from prunebench.leaderboard.plots import latency_png, tradeoff_png
 from prunebench.leaderboard.rows import budget_label, frame
 

@@ -23,15 +23,6 @@ from prunebench.results.records import survey
 from prunebench.storage.files import replace_atomically
 
 
-def slug(*parts: str) -> str:
-    """A file-name-safe join of ``parts``."""
-    return "-".join(re.sub(r"[^A-Za-z0-9_-]+", "_", p) for p in parts)
-
-
-def page_stem(dataset: str, arch: str) -> str:
-    return slug(dataset, arch)
-
-
 def read_records(directory: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, str]]]:
     """``(records, problems)``: every usable prunebench record as ``(file name, record)``, once
     per run, and ``(file name, reason)`` for each other ``*.json`` file: no usable record, a

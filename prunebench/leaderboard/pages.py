@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import pandas as pd
@@ -14,7 +15,15 @@ from prunebench.leaderboard.latency import COLUMNS as LATENCY_COLUMNS
 from prunebench.leaderboard.latency import cell as latency_cell
 from prunebench.leaderboard.latency import columns_present
 from prunebench.leaderboard.reported import reported_for
-from prunebench.leaderboard.stats import ALPHA, TEST_NAME, holm, t_interval, verdict_text, versus_random
+from prunebench.leaderboard.stats import (
+    ALPHA,
+    TEST_NAME,
+    holm,
+    mean_std,
+    t_interval,
+    verdict_text,
+    versus_random,
+)
 
 #: option values not worth a caption (the protocol's defaults); other shared options are stated
 CAPTION_QUIET = {"shots": "1", "shot epochs": "0", "max layer ratio": "0.9", "profile": "none",
@@ -34,19 +43,17 @@ CSV_COLUMNS = ["dataset", "arch", "budget", "target", "rank", "criterion", "fina
 DENSE_NEAR = 10.0
 
 
+def slug(*parts: str) -> str:
+    """A file-name-safe join of ``parts``."""
+    return "-".join(re.sub(r"[^A-Za-z0-9_-]+", "_", p) for p in parts)
+
+
+def page_stem(dataset: str, arch: str) -> str:
+    return slug(dataset, arch)
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None or pd.isna(value) else format(value, spec)
-
-
-def _mean_std(values: pd.Series) -> tuple[float, float, int]:
-    """Mean and sample std over seeds; a non-finite value makes the mean NaN (never dropped)."""
-    vals = [float(v) for v in values]
-    n = len(vals)
-    if any(not math.isfinite(v) for v in vals):
-        return float("nan"), float("nan"), n
-    mean = sum(vals) / n
-    std = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    return mean, std, n
 
 
 def _final_cell(mean: float, std: float, n: int, bad: int) -> str:
@@ -104,7 +111,7 @@ def ranked(table: pd.DataFrame) -> list[dict[str, Any]]:
             randoms[match] = list(g["final"])
     out = []
     for config, g in table.groupby("config", sort=True):
-        mean, std, n = _mean_std(g["final"])
+        mean, std, n = mean_std(g["final"])
         bad = sum(not math.isfinite(float(v)) for v in g["final"])
         if g["name"].iloc[0] == "random":
             verdict, p = "control", None
@@ -115,7 +122,7 @@ def ranked(table: pd.DataFrame) -> list[dict[str, Any]]:
             "config": config, "label": labels[config], "mean": mean, "std": std, "n": n, "bad": bad,
             "ci": t_interval(list(g["final"])), "finals": [float(v) for v in g["final"]], "p_raw": p,
             "run_ids": list(g["run_id"]),
-            "delta": _mean_std(g["delta"])[0], "oneshot": _nanmean(g["oneshot"]),
+            "delta": mean_std(g["delta"])[0], "oneshot": _nanmean(g["oneshot"]),
             "oneshot_bn": _nanmean(g["oneshot_bn"]), "verdict": verdict, "p": p,
             "macs": _nanmean(g["macs_down"]), "params": _nanmean(g["params_down"]),
             "speedup": _nanmean(g["speedup"]), "shared": bool(g["shared"].any()), "crit_s": _nanmean(g["crit_s"]),
@@ -338,7 +345,6 @@ def index(df: pd.DataFrame, problems: list[tuple[str, str]]) -> str:
     if df.empty:
         lines.append("No complete result records yet.")
     else:
-        from prunebench.leaderboard.output import page_stem
 
         rows = []
         for (dataset, arch), p in sorted(df.groupby(["dataset", "arch"]), key=lambda kv: kv[0]):

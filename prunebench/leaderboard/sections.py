@@ -11,13 +11,7 @@ import pandas as pd
 
 from prunebench.leaderboard.escape import md
 from prunebench.leaderboard.ranking import MOVE, holding, ranks
-from prunebench.leaderboard.stats import ALPHA, holm, pairwise, t_interval, welch_greater
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+from prunebench.leaderboard.stats import ALPHA, holm, mean_std, pairwise, t_interval, welch_greater
 
 
 def _cell(mean: float, std: float, n: int) -> str:
@@ -35,7 +29,7 @@ def dense_rows(dense: pd.DataFrame) -> list[dict[str, Any]]:
         finals = [float(v) for v in g["final"] if not pd.isna(v)]
         if not finals:
             continue
-        mean, std = _mean_std(finals)
+        mean, std, _ = mean_std(finals)
         out.append({"label": label, "finals": finals, "mean": mean, "std": std, "n": len(finals),
                     "ci": t_interval(finals), "macs": float(g["macs_down"].mean()),
                     "params": float(g["params_down"].mean()), "before": float(g["oneshot"].mean()),

@@ -13,7 +13,7 @@ Welch, Holm over the table's pairs).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 ALPHA = 0.05
@@ -127,3 +127,14 @@ def pairwise(rows: Sequence[Sequence[float]]) -> list[Pairwise]:
 
     return [Pairwise(i, j, p, q, mean(rows[i]) > mean(rows[j])) for (i, j), p, q in zip(pairs, raw, adjusted,
                                                                                         strict=True)]
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean and sample std over seeds; a non-finite value makes the mean NaN (never dropped)."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if any(not math.isfinite(v) for v in vals):
+        return float("nan"), float("nan"), n
+    mean = sum(vals) / n
+    std = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return mean, std, n

@@ -32,13 +32,14 @@ from prunebench.errors import CheckpointError
 from prunebench.pipeline import divergence
 from prunebench.storage import checkpoints
 from prunebench.training import distributed
-from prunebench.training.engine import DeviceData, Recipe, train
+from prunebench.training.engine import DeviceData, train
 from prunebench.training.resume import StageCheckpoint
+from prunebench.training.steps import Recipe
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunebench.config.budgets import Budget
+    from prunebench.config.run import RunConfig
     from prunebench.datasets.base import DataSplits
-    from prunebench.pipeline.runner import RunConfig
     from prunebench.progress import Reporter
     from prunebench.training.engine import DeviceData
     from prunebench.training.streaming import StreamData
@@ -96,7 +97,8 @@ def adapt(cfg: RunConfig, entry: zoo.ZooEntry, model: nn.Module, splits: DataSpl
     """Fine-tune ``model`` (holding the checkpoint) on the run's training split, or load the
     cached result. Returns the record's ``adaptation`` block."""
     from prunebench.datasets import cache_dir
-    from prunebench.pipeline.runner import evaluate, train_options
+    from prunebench.pipeline.data import evaluate
+    from prunebench.pipeline.recipes import train_options
 
     rcp = adaptation_recipe(cfg.budget)
     evaluated_on = {"test_subset": cfg.budget.test_subset, "test_images": data.n_test}
@@ -175,7 +177,7 @@ def _use_adapted(model: nn.Module, state: dict[str, Any] | None, stored: dict[st
     """Load the cached adaptation (``state``: rank 0's; the other ranks receive its weights)
     into ``model``, which holds the checkpoint; re-measure the accuracies when they were
     measured on another test split. Returns the record's ``adaptation`` block."""
-    from prunebench.pipeline.runner import evaluate
+    from prunebench.pipeline.data import evaluate
 
     same_test = stored_on == evaluated_on
     if not same_test:  # measured on another test split: measure both on this run's

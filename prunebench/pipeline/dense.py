@@ -20,54 +20,27 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prunebench import registry
-from prunebench.errors import ConfigError, suggest
+from prunebench.errors import ConfigError
 from prunebench.pipeline import divergence
 from prunebench.pipeline.metrics import count_macs, count_params
 from prunebench.storage import checkpoints
 from prunebench.training.engine import train
 
 if TYPE_CHECKING:
-    from prunebench.pipeline.runner import RunConfig
+    from prunebench.config.run import RunConfig
     from prunebench.progress import Reporter
 
 #: the record's ``criterion`` (and the run id's criterion part) of a smaller-dense control
 NAME = "dense"
 
 
-def check_dense(cfg: RunConfig) -> None:
-    """The smaller architecture exists, differs from the run's, and (for a pretrained
-    baseline) has a checkpoint in the model zoo for the dataset. Raises ConfigError."""
-    names = registry.architectures.names()
-    if not isinstance(cfg.dense, str) or cfg.dense not in names:
-        raise ConfigError(f"unknown dense-control architecture {cfg.dense!r}.{suggest(str(cfg.dense), names)} "
-                          "See `prunebench list architectures`")
-    if cfg.dense == cfg.arch:
-        raise ConfigError(f"the dense control of {cfg.arch} must be another, smaller architecture, got {cfg.dense!r}")
-    if cfg.scratch:
-        raise ConfigError("a run is either a scratch control or a dense control, not both")
-    if cfg.baseline is not None and not cfg.pretrained:
-        raise ConfigError("a dense control starts from the zoo's checkpoints (--baseline pretrained) or from "
-                          "baselines trained under the budget; --baseline FILE holds the larger network only")
-    if cfg.pretrained:
-        from prunebench import zoo
-
-        zoo.lookup(cfg.dense, cfg.dataset)  # an unknown combination lists the entries
-
-
 def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], rep: Reporter,
                   rid: str) -> dict[str, Any]:
     """The stages of a dense control; fills ``record`` and returns the model payload to store."""
-    from prunebench.pipeline.runner import (
-        _check_accuracies,
-        _lr_hint,
-        data_block,
-        evaluate,
-        get_baseline,
-        latency_block,
-        load_data,
-        recipe,
-        train_options,
-    )
+    from prunebench.pipeline.baseline import get_baseline
+    from prunebench.pipeline.data import data_block, evaluate, load_data
+    from prunebench.pipeline.recipes import lr_hint, recipe, train_options
+    from prunebench.pipeline.record import check_accuracies, latency_block
     from prunebench.pipeline.surgery import compressed_payload
     from prunebench.training import distributed
 
@@ -106,7 +79,7 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
     epochs = float(budget.finetune_epochs)
     t0 = time.perf_counter()
     if epochs > 0:
-        hint = _lr_hint(budget, "finetune_lr")
+        hint = lr_hint(budget, "finetune_lr")
         with divergence.training("dense training", hint):
             stats = train(model, data, recipe(budget, "finetune", epochs), cfg.seed + 7,
                           progress=rep.train_callback(budget.batch_size), description="dense", options=train_options(cfg))
@@ -129,7 +102,7 @@ def execute_dense(cfg: RunConfig, device: torch.device, record: dict[str, Any], 
                                       cfg.sharing) if distributed.world().main else None
     record["widths"] = {}
     record["plan_steps"] = 0
-    _check_accuracies(record)
+    check_accuracies(record)
     record["model_file"] = f"models/{rid}.pt"
     rep.log(f"final top-1 {record['final']['top1']:.2f}% at {macs_red:.1%} fewer MACs than {cfg.arch} "
             f"(its baseline {record['baseline']['top1']:.2f}%)")

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from prunebench.config.run import run_id
 from prunebench.errors import ConfigError, RunFailedError
 from prunebench.progress import Reporter
 from prunebench.results import store
-from prunebench.results.records import is_complete, now, read_record, run_id, write_atomic
+from prunebench.results.records import is_complete, now, read_record, write_atomic
 from prunebench.storage.locks import FileLock
 from prunebench.training import distributed
 
@@ -40,7 +41,8 @@ def worker(cfg: Any, quiet: bool, locked: bool) -> None:
 
 
 def _worker(cfg: Any, quiet: bool, locked: bool) -> None:
-    from prunebench.pipeline.runner import execute, resolve_device
+    from prunebench.pipeline.data import resolve_device
+    from prunebench.pipeline.runner import execute
 
     world = distributed.init(resolve_device(cfg.device))
     try:
@@ -77,8 +79,10 @@ def launch(cfg: Any, nproc: int, quiet: bool = False) -> tuple[dict[str, Any], P
     (after the ``failed`` record is written)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from prunebench.pipeline.runner import _already_complete, base_record, check_distributed, resolve_device
-    from prunebench.pipeline.validation import check_data, check_run
+    from prunebench.config.validation import check_data, check_run
+    from prunebench.pipeline.data import resolve_device
+    from prunebench.pipeline.record import base_record
+    from prunebench.pipeline.runner import _already_complete, check_distributed
 
     rep = Reporter(quiet=quiet)
     check_run(cfg)

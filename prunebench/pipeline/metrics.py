@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from prunebench.results.records import cpu_name
+
 
 def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[int, int]]:
     """``{layer: (weight MACs, bias adds)}`` of every conv and linear layer, for one image."""
@@ -141,19 +143,6 @@ def measure_latency(
         times = [_timed_forward(model, x) for _ in range(repeats)]
         model.train(was_training)
     return Latency(_device_name(x), batch_size, statistics.median(times), repeats)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def peak_memory_mb(device: torch.device) -> float | None:

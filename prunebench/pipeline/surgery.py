@@ -28,9 +28,10 @@ from torch import Tensor, nn
 
 from prunebench.errors import ConfigError, PluginError
 from prunebench.graph import build_graph
+from prunebench.storage.checkpoints import atomic_torch_save
 
 __all__ = [
-    "Unit", "atomic_torch_save", "build_graph", "load_compressed", "prune_kept", "pruning_units",
+    "Unit", "build_graph", "load_compressed", "prune_kept", "pruning_units",
     "replay", "save_compressed", "set_module",
 ]
 
@@ -238,10 +239,3 @@ def load_compressed(path: Path, map_location: str | torch.device = "cpu") -> tup
     model.to(map_location)
     info = {"arch": payload["arch"], "plan": plan, "meta": meta}
     return model, info
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then move it into place (mode per the umask)."""
-    from prunebench.storage.files import replace_atomically
-
-    replace_atomically(Path(path), lambda f: torch.save(obj, f))

@@ -1,6 +1,6 @@
 """Bringing result records written under an older run-id rule to the current one.
 
-A run id hashes the run's identity (:meth:`prunebench.pipeline.runner.RunConfig.identity`). The
+A run id hashes the run's identity (:meth:`prunebench.config.run.RunConfig.identity`). The
 current rule hashes criterion hyper-parameters *resolved* (defaults filled in, values
 typed), dataset options typed, and the distribution of any plug-in that is not built in;
 the older rule hashed hyper-parameters and options as they were given. A record written
@@ -28,18 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from prunebench.config.budgets import Budget, get_budget
+from prunebench.config.run import run_id
 from prunebench.errors import PrunebenchError
-from prunebench.pipeline.surgery import atomic_torch_save
 from prunebench.protocols import Target
 from prunebench.results.records import (
     RecordProblem,
     UnusableFile,
     read_record,
     read_regular_file,
-    run_id,
     write_atomic,
 )
 from prunebench.storage import checkpoints
+from prunebench.storage.checkpoints import atomic_torch_save
 from prunebench.storage.files import replace_atomically
 
 
@@ -71,7 +71,7 @@ class Change:
 
 def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
     """The run configuration a record describes (paths and flags excluded)."""
-    from prunebench.pipeline.runner import PRETRAINED, RunConfig
+    from prunebench.config.run import PRETRAINED, RunConfig
 
     try:
         scratch = rec["criterion"] == "scratch"

@@ -6,7 +6,6 @@ finds its record; a crashed run leaves no partial file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,19 +33,6 @@ COMPLETE_REQUIRED = (
     "baseline", "oneshot", "final", "macs", "params", "achieved", "latency",
     "criterion_seconds", "ledger", "widths",
 )
-
-
-def run_id(config: Mapping[str, Any]) -> str:
-    """Readable, deterministic id: dataset-arch-criterion-target-budget-seed-<hash of the rest>."""
-    blob = json.dumps(config, sort_keys=True, default=str)
-    digest = hashlib.sha1(blob.encode()).hexdigest()[:8]
-    t = config["target"]
-    # a dense control has no target: its id names the smaller architecture instead
-    where = f"{config['dense']}" if t is None else f"{t['metric']}{round(t['ratio'] * 100)}"
-    return (
-        f"{config['dataset']}-{config['arch']}-{config['criterion']}-"
-        f"{where}-{config['budget']['name']}-s{config['seed']}-{digest}"
-    )
 
 
 def now() -> str:
@@ -94,7 +80,6 @@ def git_sha() -> str | None:
 def hardware(device: Any) -> dict[str, Any]:
     import torch
 
-    from prunebench.pipeline.metrics import cpu_name
 
     info = {"device": str(device), "cpu": cpu_name(), "cpu_threads": torch.get_num_threads(), "os": sys.platform}
     if getattr(device, "type", "") == "cuda":
@@ -548,3 +533,16 @@ def is_complete(path: Path) -> bool:
         return False
     rec = read_record(path)
     return isinstance(rec, dict) and rec.get("status") == "complete"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

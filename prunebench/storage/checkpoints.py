@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from prunebench.errors import CheckpointError
+from prunebench.storage.files import replace_atomically
 
 #: torch's wording around a refused global; only the sentence naming the refused thing is kept
 _TORCH_ADVICE = re.compile(r"weights_only|Weights only|trusted source|file an issue|documentation of torch\.load",
@@ -201,8 +202,6 @@ def digest_path(path: str | Path) -> Path:
 def save_with_digest(obj: Any, path: str | Path) -> str:
     """Save ``obj`` to ``path`` atomically, then the sha256 of its bytes to ``<path>.sha256``;
     returns the digest. A reader checks the two with :func:`digest_mismatch`."""
-    from prunebench.storage.files import replace_atomically
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
@@ -225,3 +224,8 @@ def digest_mismatch(path: str | Path, data: bytes) -> str | None:
     if hashlib.sha256(data).hexdigest() != expected:
         return f"does not match the digest stored when it was written ({stored.name}): it was changed"
     return None
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then move it into place (mode per the umask)."""
+    replace_atomically(Path(path), lambda f: torch.save(obj, f))

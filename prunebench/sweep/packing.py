@@ -2,7 +2,7 @@
 
 One small model leaves most of a large GPU idle, so a sweep can run ``runs_per_gpu`` runs on
 each GPU at once (on a CPU-only machine: that many runs sharing its cores, each with its
-share of the threads). Each run still goes through :func:`prunebench.sweep.run.run_one` in its
+share of the threads). Each run still goes through :func:`prunebench.sweep.execute.run_one` in its
 worker, so it holds its own ``<run_id>.lock`` and writes its own atomic record: the lock,
 resume and crash guarantees of a sequential sweep hold unchanged. A worker exits when the
 sweep process that started it dies (even on ``kill -9``), so killing a sweep never leaves
@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from prunebench.pipeline.runner import RunConfig, Sharing
+from prunebench.config.run import RunConfig, Sharing
 
 #: seconds between a worker's checks that the sweep process is still alive
 PARENT_POLL_S = 0.5
@@ -106,19 +106,19 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _ready() -> int:
-    import prunebench.sweep.run  # noqa: F401 - the import a run needs first (torch and all)
+    import prunebench.sweep.execute  # noqa: F401 - the import a run needs first (torch and all)
 
     return os.getpid()
 
 
 def _run(cfg: RunConfig, blocking: bool, verbose: bool):  # -> Outcome (in the worker)
-    from prunebench.sweep.run import run_one
+    from prunebench.sweep.execute import run_one
 
     return run_one(cfg, blocking=blocking, verbose=verbose)
 
 
 def _baseline(cfg: RunConfig) -> str:
-    from prunebench.sweep.run import prepare_baseline
+    from prunebench.sweep.execute import prepare_baseline
 
     return prepare_baseline(cfg)
 
@@ -185,7 +185,8 @@ class PackedEngine:
         return out
 
     def runs(self, cfgs: Sequence[RunConfig], blocking: bool):
-        from prunebench.sweep.run import Outcome, cfg_run_id
+        from prunebench.config.run import cfg_run_id
+        from prunebench.sweep.execute import Outcome
 
         def lost(cfg: RunConfig, exc: BaseException) -> Outcome:
             return Outcome(cfg_run_id(cfg), "failed", error=f"{type(exc).__name__}: {exc} (no record written)")

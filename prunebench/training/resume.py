@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from prunebench.pipeline.surgery import atomic_torch_save
+from prunebench.storage.checkpoints import atomic_torch_save
 
 #: seconds between checkpoints inside an epoch (every epoch's end saves one too)
 INTERVAL = 120.0

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from prunebench.datasets.streaming import ImageFiles, StreamedSplits
 from prunebench.protocols import TrainingHooks
 from prunebench.training import distributed
-from prunebench.training.engine import CUDA_TICK, Recipe, TrainOptions, check_tick, optimizer, train_step
 from prunebench.training.precision import resolve_precision
+from prunebench.training.steps import CUDA_TICK, Recipe, TrainOptions, check_tick, optimizer, train_step
 
 EVAL_BATCH = 256
 TRAIN, TEST = 0, 1  # the splits of ImageFiles' keys

@@ -16,11 +16,11 @@ from _support import TINY, invoke, records, run_args
 
 import prunebench.pipeline.runner as runner_mod
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig, run_id
 from prunebench.errors import ConfigError, RunTimedOut
-from prunebench.pipeline.runner import RunConfig, execute
+from prunebench.pipeline.runner import execute
 from prunebench.progress import Reporter
-from prunebench.results.records import run_id
-from prunebench.sweep.run import parse_sweep
+from prunebench.sweep.spec import parse_sweep
 
 
 def test_a_hung_criterion_ends_at_the_time_limit_as_a_failed_run(tmp_path, monkeypatch):

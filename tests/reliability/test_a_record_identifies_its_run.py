@@ -15,9 +15,8 @@ import torch
 from _support import PROFILE, copy_results, invoke, records
 
 from prunebench.config.budgets import get_budget
-from prunebench.pipeline.runner import RunConfig
+from prunebench.config.run import RunConfig, run_id
 from prunebench.pipeline.surgery import load_compressed
-from prunebench.results.records import run_id
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +95,7 @@ def test_a_record_describes_its_scope_precision_and_pretrained_baseline():
     """What `records migrate` reads back from a record is the run that wrote it."""
     import dataclasses
 
-    from prunebench.pipeline.runner import PRETRAINED
+    from prunebench.config.run import PRETRAINED
     from prunebench.results.migrate import config_from_record
 
     cfg = RunConfig(criterion="l1", arch="resnet56", dataset="cifar10-jpeg", budget=get_budget("cpu-pretrained"),
@@ -116,8 +115,9 @@ def test_the_same_settings_typed_on_the_command_line_or_in_a_sweep_file_are_one_
     and the run id are the same whether they came as strings or as TOML numbers."""
     from types import SimpleNamespace
 
-    from prunebench.pipeline.runner import base_record, baseline_key
-    from prunebench.sweep.run import load_sweep
+    from prunebench.pipeline.baseline import baseline_key
+    from prunebench.pipeline.record import base_record
+    from prunebench.sweep.spec import load_sweep
 
     (tmp_path / "s.toml").write_text(
         'criteria = [{ name = "coring", params = { rank = 2 } }]\narchitectures = ["resnet20"]\nbudget = "smoke"\n'

@@ -12,9 +12,9 @@ import time
 from _support import TINY, records
 
 from prunebench.config.budgets import get_budget
-from prunebench.pipeline.runner import RunConfig, execute
+from prunebench.config.run import RunConfig, run_id
+from prunebench.pipeline.runner import execute
 from prunebench.progress import Reporter
-from prunebench.results.records import run_id
 from prunebench.storage.locks import FileLock
 
 

@@ -18,9 +18,11 @@ from _support import TINY, invoke, records, run_args
 
 from prunebench import registry
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig
 from prunebench.datasets import cache_dir
 from prunebench.errors import CheckpointError
-from prunebench.pipeline.runner import RunConfig, get_baseline, load_data
+from prunebench.pipeline.baseline import get_baseline
+from prunebench.pipeline.data import load_data
 from prunebench.progress import Reporter
 from prunebench.storage import checkpoints
 

@@ -25,10 +25,12 @@ from _support import TINY, invoke, one_line_error, prunebench, records, run_args
 
 from prunebench import registry
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig
 from prunebench.datasets import cache_dir
 from prunebench.datasets import cifar as cifar_mod
 from prunebench.errors import PrunebenchError
-from prunebench.pipeline.runner import RunConfig, baseline_key, load_data
+from prunebench.pipeline.baseline import baseline_key
+from prunebench.pipeline.data import load_data
 from prunebench.pipeline.surgery import load_compressed, save_compressed
 
 # --- CIFAR python-version files ------------------------------------------------------------
@@ -248,7 +250,7 @@ def test_a_corrupt_cached_baseline_is_named_set_aside_and_retrained(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "other architecture", "a list"])
 def test_every_kind_of_damaged_cached_baseline_is_detected_and_set_aside(tmp_path, damage):
-    from prunebench.pipeline.runner import _load_cached_baseline
+    from prunebench.pipeline.baseline import _load_cached_baseline
     from prunebench.progress import Reporter
 
     path = tmp_path / "baseline.pt"

@@ -18,9 +18,8 @@ from _support import invoke
 
 from prunebench import registry
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig, run_id
 from prunebench.errors import PluginError
-from prunebench.pipeline.runner import RunConfig
-from prunebench.results.records import run_id
 
 
 def list_rows(output: str) -> dict[tuple[str, str], str]:

@@ -78,8 +78,10 @@ def test_ctrl_c_on_a_forced_rerun_keeps_the_complete_record(complete_run, profil
     import torch
 
     from prunebench.config.budgets import get_budget
+    from prunebench.config.run import RunConfig
     from prunebench.datasets import cache_dir
-    from prunebench.pipeline.runner import RunConfig, baseline_key, load_data
+    from prunebench.pipeline.baseline import baseline_key
+    from prunebench.pipeline.data import load_data
     from prunebench.storage.locks import FileLock
 
     results = copy_results(complete_run, tmp_path / "r")
@@ -208,8 +210,7 @@ def test_a_killed_run_leaves_no_partial_record(tmp_path, monkeypatch):
 
 def _run_id_of_run_args() -> str:
     from prunebench.config.budgets import get_budget
-    from prunebench.pipeline.runner import RunConfig
-    from prunebench.results.records import run_id
+    from prunebench.config.run import RunConfig, run_id
 
     return run_id(RunConfig(criterion="l1", arch="resnet20", budget=get_budget("smoke", TINY)).identity())
 
@@ -286,8 +287,10 @@ def test_sigterm_records_the_attempt(tmp_path):
     import torch
 
     from prunebench.config.budgets import get_budget
+    from prunebench.config.run import RunConfig
     from prunebench.datasets import cache_dir
-    from prunebench.pipeline.runner import RunConfig, baseline_key, load_data
+    from prunebench.pipeline.baseline import baseline_key
+    from prunebench.pipeline.data import load_data
     from prunebench.storage.locks import FileLock
 
     results = tmp_path / "r"

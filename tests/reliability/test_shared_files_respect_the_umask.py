@@ -15,8 +15,8 @@ import torch
 from _support import records
 
 from prunebench.datasets import cache_dir
-from prunebench.pipeline.surgery import atomic_torch_save
 from prunebench.results.records import write_atomic
+from prunebench.storage.checkpoints import atomic_torch_save
 
 
 def mode(path) -> int:

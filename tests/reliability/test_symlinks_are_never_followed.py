@@ -17,9 +17,8 @@ import pytest
 from _support import TINY, invoke, records, run_args
 
 from prunebench.config.budgets import get_budget
+from prunebench.config.run import RunConfig, run_id
 from prunebench.errors import ConfigError
-from prunebench.pipeline.runner import RunConfig
-from prunebench.results.records import run_id
 
 PRECIOUS = b"a file of the user's that prunebench must never touch\n"
 
@@ -32,7 +31,8 @@ def baseline_lock() -> Path:
     import torch
 
     from prunebench.datasets import cache_dir
-    from prunebench.pipeline.runner import baseline_key, load_data
+    from prunebench.pipeline.baseline import baseline_key
+    from prunebench.pipeline.data import load_data
 
     cfg = RunConfig(criterion="l1", arch="resnet20", budget=get_budget("smoke", TINY))
     splits, _ = load_data(cfg, torch.device("cpu"))

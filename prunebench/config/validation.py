@@ -13,13 +13,12 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prunebench import registry
+from prunebench.config.options import check_dataset_options
+from prunebench.config.run import RunConfig
 from prunebench.errors import ConfigError, suggest
-
-if TYPE_CHECKING:  # pragma: no cover
-    from prunebench.pipeline.runner import RunConfig
 
 ALLOCATIONS = ("uniform", "global", "profile")
 #: the largest seed: torch seeds are 64-bit, and a run derives seeds of its stages by adding offsets
@@ -95,47 +94,6 @@ def load_profile(spec: str | Path, source: str = "--layer-ratios", base: Path = 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{source} file {path} is not valid JSON ({exc})") from None
     return check_profile(doc, f"{source} file {path}")
-
-
-def check_dataset_options(dataset: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Known option names (with suggestions) and values of the right type and range; returns
-    them typed. The one place where options are typed, for the command line and sweep files alike."""
-    from prunebench.datasets import coerce_option
-
-    ds = registry.datasets.get(dataset)
-    accepted = getattr(ds.load, "options", None)
-    if accepted is None:  # a plug-in loader that does not declare its options
-        return dict(options)
-    out = {}
-    for key, value in options.items():
-        if key not in accepted:
-            raise ConfigError(f"dataset {dataset!r} has no option {key!r}.{suggest(key, accepted)} "
-                              f"Accepted options: {', '.join(accepted) or 'none'}.")
-        out[key] = coerce_option(ds.load, dataset, key, value)
-    return out
-
-
-def typed_dataset_options(dataset: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` typed as the dataset declares them; as given when they cannot be (the
-    run's validation then says why)."""
-    try:
-        return check_dataset_options(dataset, options)
-    except Exception:  # noqa: BLE001 - reported by check_run, with its own message
-        return dict(options)
-
-
-def typed_criterion_params(criterion: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The given hyper-parameters typed as the criterion declares them (no defaults added); as
-    given when they cannot be (the run's validation then says why)."""
-    try:
-        import dataclasses
-
-        from prunebench.protocols import _coerce
-
-        fields = {f.name: f for f in dataclasses.fields(registry.criteria.get(criterion).Params)}
-        return {k: _coerce(v, fields[k]) if k in fields else v for k, v in params.items()}
-    except Exception:  # noqa: BLE001 - reported by check_run, with its own message
-        return dict(params)
 
 
 def _prunable_layers(arch_name: str) -> list[str]:
@@ -222,8 +180,6 @@ def check_run(cfg: RunConfig) -> None:
                           f"epochs, but the budget's ledger holds {cfg.budget.finetune_epochs:g} (finetune_epochs)")
     check_device(cfg.device)
     if getattr(cfg, "dense", None) is not None:
-        from prunebench.pipeline.dense import check_dense
-
         check_dense(cfg)
     if cfg.pretrained:
         from prunebench import zoo
@@ -235,3 +191,23 @@ def check_run(cfg: RunConfig) -> None:
     elif cfg.baseline is None and cfg.budget.baseline_epochs <= 0:
         raise ConfigError(f"budget {cfg.budget.name!r} trains no baseline (baseline_epochs=0): use --baseline "
                           "pretrained or --baseline FILE, or set baseline_epochs")
+
+
+def check_dense(cfg: RunConfig) -> None:
+    """The smaller architecture exists, differs from the run's, and (for a pretrained
+    baseline) has a checkpoint in the model zoo for the dataset. Raises ConfigError."""
+    names = registry.architectures.names()
+    if not isinstance(cfg.dense, str) or cfg.dense not in names:
+        raise ConfigError(f"unknown dense-control architecture {cfg.dense!r}.{suggest(str(cfg.dense), names)} "
+                          "See `prunebench list architectures`")
+    if cfg.dense == cfg.arch:
+        raise ConfigError(f"the dense control of {cfg.arch} must be another, smaller architecture, got {cfg.dense!r}")
+    if cfg.scratch:
+        raise ConfigError("a run is either a scratch control or a dense control, not both")
+    if cfg.baseline is not None and not cfg.pretrained:
+        raise ConfigError("a dense control starts from the zoo's checkpoints (--baseline pretrained) or from "
+                          "baselines trained under the budget; --baseline FILE holds the larger network only")
+    if cfg.pretrained:
+        from prunebench import zoo
+
+        zoo.lookup(cfg.dense, cfg.dataset)  # an unknown combination lists the entries
