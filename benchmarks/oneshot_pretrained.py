@@ -125,7 +125,8 @@ def main() -> None:
     import prunebench
     from prunebench import registry
     from prunebench.datasets import data_root
-    from prunebench.pipeline.compress import Meter, compress
+    from prunebench.pipeline.compress import compress
+    from prunebench.pipeline.meter import Meter
     from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 
     if not args.checkpoint.is_file():

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from prunebench.errors import TargetMissedError
-from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.compress import compress
+from prunebench.pipeline.meter import Meter
 from prunebench.pipeline.surgery import load_compressed, replay, set_module
 from prunebench.protocols import (
     Calibration,

@@ -8,7 +8,9 @@ from torch import nn
 
 from prunebench import registry
 from prunebench.errors import ConfigError, PluginError, TargetMissedError
-from prunebench.pipeline.compress import Meter, compress, plan_scores, unit_profile, unit_scores
+from prunebench.pipeline.allocation import plan_scores, unit_profile, unit_scores
+from prunebench.pipeline.compress import compress
+from prunebench.pipeline.meter import Meter
 from prunebench.pipeline.surgery import prune_kept, pruning_units
 from prunebench.protocols import (
     AllocateCriterion,

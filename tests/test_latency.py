@@ -15,7 +15,11 @@ from torch import nn
 
 from prunebench import registry
 from prunebench.latency import protocol as lat
-from prunebench.pipeline.compress import Meter, compress
+from prunebench.latency import quiet as lat_quiet
+from prunebench.latency import subjects as lat_subjects
+from prunebench.latency import timing as lat_timing
+from prunebench.pipeline.compress import compress
+from prunebench.pipeline.meter import Meter
 from prunebench.pipeline.record import widths
 from prunebench.pipeline.surgery import save_compressed
 from prunebench.protocols import CompressionContext, EpochLedger, Target
@@ -38,7 +42,7 @@ class FakeClock:
         self.t += seconds
 
 
-def fake_machine(loads=(0.0,), cpus: int = 4, probes=None) -> lat.Machine:
+def fake_machine(loads=(0.0,), cpus: int = 4, probes=None) -> lat_quiet.Machine:
     """A machine whose load average reads ``loads`` in turn (the last one repeats) and whose
     probe kernel takes exactly 1 ms (or ``probes`` in turn)."""
     loads, probes = list(loads), list(probes or [[0.001] * 15])
@@ -49,7 +53,7 @@ def fake_machine(loads=(0.0,), cpus: int = 4, probes=None) -> lat.Machine:
     def probe() -> list[float]:
         return probes.pop(0) if len(probes) > 1 else probes[0]
 
-    return lat.Machine(load=load, cpus=lambda: cpus, probe=probe)
+    return lat_quiet.Machine(load=load, cpus=lambda: cpus, probe=probe)
 
 
 # --- timing and the interval ---------------------------------------------------------------
@@ -66,7 +70,7 @@ def test_baseline_and_compressed_are_timed_alternately_after_a_warm_up():
         calls.append("compressed")
         clock.advance(0.001)
 
-    a, b = lat.interleaved(baseline, compressed, repeats=30, warmup=3, clock=clock)
+    a, b = lat_timing.interleaved(baseline, compressed, repeats=30, warmup=3, clock=clock)
     assert calls == ["baseline", "compressed"] * 33  # warm-up alternated too
     assert a == pytest.approx([0.004] * 30) and b == pytest.approx([0.001] * 30)
 
@@ -75,14 +79,14 @@ def test_the_speed_up_is_the_ratio_of_medians_with_a_seeded_95_percent_interval(
     g = torch.Generator().manual_seed(0)
     base = (2.0 + 0.2 * torch.rand(40, generator=g)).tolist()
     comp = (1.0 + 0.1 * torch.rand(40, generator=g)).tolist()
-    s = lat.speedup_interval(base, comp)
+    s = lat_timing.speedup_interval(base, comp)
     assert s["median"] == round(_median(base) / _median(comp), 4)
     lo, hi = s["ci95"]
     assert lo < s["median"] < hi and 1.6 < lo and hi < 2.4
-    assert lat.speedup_interval(base, comp) == s  # deterministic
-    assert lat.speedup_interval(base, comp, seed=1)["ci95"] != s["ci95"]  # the seed is what fixes it
+    assert lat_timing.speedup_interval(base, comp) == s  # deterministic
+    assert lat_timing.speedup_interval(base, comp, seed=1)["ci95"] != s["ci95"]  # the seed is what fixes it
     with pytest.raises(ValueError):
-        lat.speedup_interval(base, comp[:-1])  # repeats are paired
+        lat_timing.speedup_interval(base, comp[:-1])  # repeats are paired
 
 
 def _median(values):
@@ -96,7 +100,7 @@ def test_the_bootstrap_resamples_pairs_so_load_common_to_both_cancels():
     drift = [1.0 + (i % 7) * 0.5 for i in range(30)]
     base = [2.0 * d for d in drift]
     comp = [1.0 * d for d in drift]
-    s = lat.speedup_interval(base, comp)
+    s = lat_timing.speedup_interval(base, comp)
     assert s["median"] == 2.0 and s["ci95"] == [2.0, 2.0]
 
 
@@ -105,21 +109,21 @@ def test_the_bootstrap_resamples_pairs_so_load_common_to_both_cancels():
 
 def test_a_loaded_machine_is_not_quiet():
     probe = [0.001] * 15
-    assert lat.Quiet(load=0.4, cpus=2, threads=1, probe_before=probe).problems() == []
-    loaded = lat.Quiet(load=2.1, cpus=2, threads=1, probe_before=probe).problems()
+    assert lat_quiet.Quiet(load=0.4, cpus=2, threads=1, probe_before=probe).problems() == []
+    loaded = lat_quiet.Quiet(load=2.1, cpus=2, threads=1, probe_before=probe).problems()
     assert len(loaded) == 1 and "load average 2.10 before timing on 2 CPUs" in loaded[0]
     # our own threads are allowed for
-    assert lat.Quiet(load=2.1, cpus=16, threads=2, probe_before=probe).problems() == []
-    during = lat.Quiet(load=0.2, cpus=2, threads=1, probe_before=probe, probe_after=probe, load_after=3.0)
+    assert lat_quiet.Quiet(load=2.1, cpus=16, threads=2, probe_before=probe).problems() == []
+    during = lat_quiet.Quiet(load=0.2, cpus=2, threads=1, probe_before=probe, probe_after=probe, load_after=3.0)
     assert ["during" in p for p in during.problems()] == [True]
 
 
 def test_a_probe_kernel_that_spreads_or_drifts_means_a_noisy_machine():
     steady = [0.001] * 15
     spread = [0.001, 0.0015] * 7 + [0.001]
-    assert lat.Quiet(0.0, 4, 1, steady, steady, 0.0).problems() == []
-    assert "probe-kernel spread" in lat.Quiet(0.0, 4, 1, spread).problems()[0]
-    drift = lat.Quiet(0.0, 4, 1, steady, [0.0012] * 15, 0.0)
+    assert lat_quiet.Quiet(0.0, 4, 1, steady, steady, 0.0).problems() == []
+    assert "probe-kernel spread" in lat_quiet.Quiet(0.0, 4, 1, spread).problems()[0]
+    drift = lat_quiet.Quiet(0.0, 4, 1, steady, [0.0012] * 15, 0.0)
     assert drift.spread == pytest.approx(0.2) and drift.problems()
 
 
@@ -175,14 +179,14 @@ def test_the_defaults_are_batch_1_on_one_thread_and_batch_64_on_every_cpu():
 
 def test_a_loaded_machine_is_refused_before_any_model_is_built(results, monkeypatch):
     monkeypatch.setattr(lat, "load_subject", lambda *a: pytest.fail("built a model on a loaded machine"))
-    with pytest.raises(lat.NoisyMachineError, match=r"not quiet.*load average 5.00 .* --allow-noisy"):
+    with pytest.raises(lat_quiet.NoisyMachineError, match=r"not quiet.*load average 5.00 .* --allow-noisy"):
         lat.run_latency(results, options(machine=fake_machine(loads=[5.0], cpus=2)))
     assert not (results / "latency").exists()
 
 
 def test_load_that_rises_during_timing_is_refused_and_nothing_is_written(results):
     machine = fake_machine(loads=[0.1, 0.1, 4.0], cpus=2)  # start, before timing, after timing
-    with pytest.raises(lat.NoisyMachineError, match="during timing"):
+    with pytest.raises(lat_quiet.NoisyMachineError, match="during timing"):
         lat.run_latency(results, options(machine=machine))
     assert not list(results.glob("latency/*.json"))
 
@@ -270,7 +274,7 @@ def test_the_architecture_digest_follows_the_shapes_not_the_weights():
     b = registry.architectures.get("resnet20").build(num_classes=10, in_channels=1)
     with torch.no_grad():
         next(b.parameters()).add_(1.0)
-    digest = lat.architecture_digest
+    digest = lat_subjects.architecture_digest
     assert digest(a, "resnet20", {"num_classes": 10}, [1, 1, 8, 8]) == digest(b, "resnet20", {"num_classes": 10},
                                                                               [64, 1, 8, 8])
     b.fc = nn.Linear(64, 10, bias=False)

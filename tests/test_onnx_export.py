@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.compress import compress
+from prunebench.pipeline.meter import Meter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 
 pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'prunebench[onnx]')")
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'prunebench[onnx]')")
 
+from prunebench.latency import export as lat_export  # noqa: E402
 from prunebench.latency import protocol as lat  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,20 +81,20 @@ def test_every_criterion_s_compressed_model_exports_with_pytorch_s_logits(criter
         assert any(type(m).__name__ == "Factorized" for m in model.modules())
     if scope == "all":
         assert model.conv1.out_channels < 16 or model.layer3[0].conv2.out_channels < 64  # residual channels went
-    graph, diff = lat.exported(model, SHAPE)
-    assert diff <= lat.EXPORT_TOLERANCE
+    graph, diff = lat_export.exported(model, SHAPE)
+    assert diff <= lat_export.EXPORT_TOLERANCE
     # the graph takes any batch (batch 64 is measured too)
-    session = lat.ort_session(graph, 1)
+    session = lat_export.ort_session(graph, 1)
     x = torch.randn(5, *SHAPE[1:])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
-        assert out.shape == (5, 10) and abs(out - model(x).numpy()).max() <= lat.EXPORT_TOLERANCE
+        assert out.shape == (5, 10) and abs(out - model(x).numpy()).max() <= lat_export.EXPORT_TOLERANCE
 
 
 def test_factorised_modules_of_mobilenetv2_export():
     model = compressed("ht2", arch_name="mobilenetv2")  # SVD of 1x1 convs beside depthwise convs
     assert any(type(m).__name__ == "Factorized" for m in model.modules())
-    assert lat.exported(model, SHAPE)[1] <= lat.EXPORT_TOLERANCE
+    assert lat_export.exported(model, SHAPE)[1] <= lat_export.EXPORT_TOLERANCE
 
 
 class BesselGate(nn.Module):
@@ -116,29 +118,29 @@ def _with(module: nn.Module) -> nn.Module:
 
 
 def test_a_module_that_does_not_export_is_one_line_naming_its_type():
-    with pytest.raises(lat.ExportError) as info:
-        lat.exported(_with(BesselGate()), SHAPE)
+    with pytest.raises(lat_export.ExportError) as info:
+        lat_export.exported(_with(BesselGate()), SHAPE)
     message = str(info.value)
     assert "ONNX export failed in module BesselGate" in message and "\n" not in message
 
 
 def test_a_module_whose_graph_computes_something_else_is_named():
-    with pytest.raises(lat.ExportError, match="differs from PyTorch .* in module HostRoundTrip"):
-        lat.exported(_with(HostRoundTrip()), SHAPE)
+    with pytest.raises(lat_export.ExportError, match="differs from PyTorch .* in module HostRoundTrip"):
+        lat_export.exported(_with(HostRoundTrip()), SHAPE)
 
 
 @pytest.mark.parametrize("criterion, scope", [("ht2", None), ("trp", None), ("l1", "all")])
 def test_openvino_computes_pytorch_s_logits_from_the_checked_graph(criterion, scope):
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'prunebench[openvino]')")
     model = compressed(criterion, scope)
-    graph, _ = lat.exported(model, SHAPE)
-    assert lat.openvino_checked(model, graph, SHAPE) <= lat.EXPORT_TOLERANCE
+    graph, _ = lat_export.exported(model, SHAPE)
+    assert lat_export.openvino_checked(model, graph, SHAPE) <= lat_export.EXPORT_TOLERANCE
 
 
 def test_a_results_directory_is_measured_on_the_onnx_runtimes_with_the_checks_recorded(tmp_path):
     from test_latency import FakeClock, add_run, fake_machine
 
-    runtimes = [r for r in ("onnxruntime", "openvino") if lat.installed(r)]
+    runtimes = [r for r in ("onnxruntime", "openvino") if lat_export.installed(r)]
     results = tmp_path / "results"
     results.mkdir()
     add_run(results, "digits-resnet20-ht2-a", criterion="ht2", kind="transform")
@@ -147,7 +149,7 @@ def test_a_results_directory_is_measured_on_the_onnx_runtimes_with_the_checks_re
     outcomes = lat.run_latency(results, options)
     assert [o.status for o in outcomes] == ["measured"] * len(runtimes)
     for o in outcomes:
-        assert o.record["onnx_check"]["max_abs_logit_diff"] <= lat.EXPORT_TOLERANCE
+        assert o.record["onnx_check"]["max_abs_logit_diff"] <= lat_export.EXPORT_TOLERANCE
         assert o.record["runtime"] == o.setting.runtime and o.record["run_ids"] == ["digits-resnet20-ht2-a"]
         if o.setting.runtime == "openvino":
-            assert o.record["openvino_check"]["max_abs_logit_diff"] <= lat.EXPORT_TOLERANCE
+            assert o.record["openvino_check"]["max_abs_logit_diff"] <= lat_export.EXPORT_TOLERANCE

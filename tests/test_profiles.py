@@ -79,7 +79,8 @@ def test_a_named_profile_drives_a_run_in_both_scopes():
     """Inner scope ignores the residual entries, scope all applies them (stage 3 stays whole)."""
     import copy
 
-    from prunebench.pipeline.compress import Meter, compress
+    from prunebench.pipeline.compress import compress
+    from prunebench.pipeline.meter import Meter
     from prunebench.protocols import CompressionContext, EpochLedger, Target
 
     arch = registry.architectures.get("resnet56")

@@ -441,7 +441,8 @@ def test_one_shot_qsfm_on_the_converged_resnet56(real_data_root):
 
     from prunebench import registry
     from prunebench.datasets import data_root
-    from prunebench.pipeline.compress import Meter, compress
+    from prunebench.pipeline.compress import compress
+    from prunebench.pipeline.meter import Meter
     from prunebench.protocols import CompressionContext, EpochLedger, Target
 
     ckpt = real_data_root / "pretrained" / "resnet56-4bfd9763.th"

@@ -302,7 +302,7 @@ HOOKS = "Hooks: after_backward, after_step, extra_loss, on_train_end"
     (NotHooks(), "criterion 'x': training_hooks() must return a TrainingHooks, got <"),
 ], ids=["after_stpe", "extra_los", "on_train_ends", "not-hooks"])
 def test_unknown_training_hook_names_are_rejected(hooks, message):
-    from prunebench.pipeline.compress import check_hooks
+    from prunebench.pipeline.guard import check_hooks
 
     with pytest.raises(PluginError) as exc:
         check_hooks("x", hooks)
@@ -311,6 +311,6 @@ def test_unknown_training_hook_names_are_rejected(hooks, message):
 
 @pytest.mark.parametrize("hooks", [None, TrainingHooks(), WithHelpers()])
 def test_valid_training_hooks_pass(hooks):
-    from prunebench.pipeline.compress import check_hooks
+    from prunebench.pipeline.guard import check_hooks
 
     check_hooks("x", hooks)

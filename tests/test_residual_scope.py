@@ -10,8 +10,9 @@ from torch import nn
 
 from prunebench import registry
 from prunebench.architectures.cifar_resnet import BasicBlock, PadShortcut
-from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.compress import compress
 from prunebench.pipeline.costmodel import ChannelCost
+from prunebench.pipeline.meter import Meter
 from prunebench.pipeline.metrics import count_macs, count_params
 from prunebench.pipeline.surgery import load_compressed, prune_kept, pruning_units, replay, save_compressed
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target

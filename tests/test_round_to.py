@@ -16,7 +16,9 @@ from torch import nn
 from prunebench import registry
 from prunebench.config.budgets import get_budget
 from prunebench.config.run import RunConfig, run_id
-from prunebench.pipeline.compress import Meter, compress, removable_counts
+from prunebench.pipeline.allocation import removable_counts
+from prunebench.pipeline.compress import compress
+from prunebench.pipeline.meter import Meter
 from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 from prunebench.sweep.spec import load_sweep
 

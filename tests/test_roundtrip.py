@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from prunebench import registry
-from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.compress import compress
+from prunebench.pipeline.meter import Meter
 from prunebench.pipeline.surgery import load_compressed, save_compressed
 from prunebench.protocols import CompressionContext, EpochLedger, Target
 

@@ -353,7 +353,7 @@ def test_knob_and_defaults() -> None:
 
 def test_training_projects_at_the_energy_that_meets_the_target():
     from prunebench import registry
-    from prunebench.pipeline.compress import Meter
+    from prunebench.pipeline.meter import Meter
     from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
 
     arch = registry.architectures.get("resnet20")
@@ -403,7 +403,8 @@ def test_a_target_that_needs_a_higher_energy_than_the_paper_s_stays_reachable() 
     """With a projection on every step, the ranks shrink step after step; under a target they
     must stop at the ranks whose factorisation meets it, or no energy of the final
     factorisation gives so little compression."""
-    from prunebench.pipeline.compress import Meter, compress
+    from prunebench.pipeline.compress import compress
+    from prunebench.pipeline.meter import Meter
 
     torch.manual_seed(0)
     model = _decaying_spectra(build_resnet(20, num_classes=10, in_channels=3)).eval()
@@ -613,7 +614,7 @@ def test_metadata_log_and_messages_are_exact() -> None:
 
 def test_matching_the_target_is_logged() -> None:
     from prunebench import registry
-    from prunebench.pipeline.compress import Meter
+    from prunebench.pipeline.meter import Meter
     from prunebench.protocols import Calibration
 
     model = registry.architectures.get("resnet20").build(num_classes=10, in_channels=1).eval()

@@ -19,7 +19,7 @@ from typing import Any
 
 from prunebench.errors import ConfigError
 from prunebench.leaderboard.pages import CSV_COLUMNS, MARKER
-from prunebench.results.records import survey
+from prunebench.results.survey import survey
 from prunebench.storage.files import replace_atomically
 
 
@@ -27,7 +27,7 @@ def read_records(directory: Path) -> tuple[list[tuple[str, dict[str, Any]]], lis
     """``(records, problems)``: every usable prunebench record as ``(file name, record)``, once
     per run, and ``(file name, reason)`` for each other ``*.json`` file: no usable record, a
     complete record with implausible values, or a copy of a run already counted (sorted by
-    name; see :func:`prunebench.results.records.survey`)."""
+    name; see :func:`prunebench.results.survey.survey`)."""
     records, problems = survey(directory, non_finite_final=True)
     return [(p.name, r) for p, r in records], [(p.path.name, p.reason) for p in problems]
 

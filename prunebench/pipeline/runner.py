@@ -28,9 +28,10 @@ from prunebench.config.validation import check_data, check_run
 from prunebench.errors import ConfigError, DivergedError, RecordError
 from prunebench.pipeline import divergence
 from prunebench.pipeline.baseline import get_baseline, known_baseline_accuracy
-from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.compress import compress
 from prunebench.pipeline.data import data_block, evaluate, load_data, resolve_device
 from prunebench.pipeline.limits import sigterm_stops, time_limit
+from prunebench.pipeline.meter import Meter
 from prunebench.pipeline.metrics import (
     count_macs,
     count_params,

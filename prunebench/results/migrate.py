@@ -31,13 +31,8 @@ from prunebench.config.budgets import Budget, get_budget
 from prunebench.config.run import run_id
 from prunebench.errors import PrunebenchError
 from prunebench.protocols import Target
-from prunebench.results.records import (
-    RecordProblem,
-    UnusableFile,
-    read_record,
-    read_regular_file,
-    write_atomic,
-)
+from prunebench.results.parsing import UnusableFile, read_regular_file
+from prunebench.results.records import RecordProblem, read_record, write_atomic
 from prunebench.storage import checkpoints
 from prunebench.storage.checkpoints import atomic_torch_save
 from prunebench.storage.files import replace_atomically

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from prunebench.errors import ConfigError, RecordError
-from prunebench.results.records import UnusableFile, dumps, read_record, read_regular_file, write_atomic
+from prunebench.results.parsing import UnusableFile, read_regular_file
+from prunebench.results.records import dumps, read_record, write_atomic
 from prunebench.storage.files import signals_deferred, staged, temp_path
 
 

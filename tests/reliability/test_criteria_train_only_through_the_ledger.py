@@ -16,7 +16,8 @@ from _support import invoke, records, run_args
 
 from prunebench import registry
 from prunebench.errors import PluginError, TargetMissedError
-from prunebench.pipeline.compress import Meter, compress
+from prunebench.pipeline.compress import compress
+from prunebench.pipeline.meter import Meter
 from prunebench.protocols import AllocateCriterion, Calibration, CompressionContext, EpochLedger, Target
 from prunebench.testing import TINY_PROTECTED, TINY_PRUNABLE, TinyNet
 

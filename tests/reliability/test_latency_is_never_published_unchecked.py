@@ -16,9 +16,10 @@ from torch import nn
 
 from prunebench import cli
 from prunebench.latency import protocol as lat
+from prunebench.latency import quiet as lat_quiet
 
 
-def machine(load: float, cpus: int = 2, probe_after: list[float] | None = None) -> lat.Machine:
+def machine(load: float, cpus: int = 2, probe_after: list[float] | None = None) -> lat_quiet.Machine:
     """Load ``load``; the probe kernel takes 1 ms, until the check after the first timing
     (the third probe: at the start, before timing, after timing), which reads ``probe_after``."""
     calls = [0]
@@ -27,7 +28,7 @@ def machine(load: float, cpus: int = 2, probe_after: list[float] | None = None) 
         calls[0] += 1
         return probe_after if probe_after is not None and calls[0] >= 3 else [0.001] * 15
 
-    return lat.Machine(load=lambda: load, cpus=lambda: cpus, probe=probe)
+    return lat_quiet.Machine(load=lambda: load, cpus=lambda: cpus, probe=probe)
 
 
 def tick_clock():

@@ -1,0 +1,100 @@
+"""The models a latency run measures: each compressed model of a results directory, rebuilt from
+its model file or from its record's widths, beside its unpruned baseline."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunebench.errors import PrunebenchError
+
+
+@dataclass
+class Subject:
+    """A compressed model of a results directory, its baseline architecture, and where it came from."""
+
+    run_id: str
+    model: nn.Module
+    baseline: nn.Module
+    input_shape: list[int]
+    arch: str
+    arch_kwargs: dict[str, Any]
+    source: str  # "model file" | "record widths"
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        self.digest = architecture_digest(self.model, self.arch, self.arch_kwargs, self.input_shape)
+
+
+def architecture_digest(model: nn.Module, arch: str, arch_kwargs: Mapping[str, Any], input_shape: Sequence[int]) -> str:
+    """sha256 of what the latency depends on: the modules (types, hyper-parameters, parameter
+    and buffer shapes), the architecture it came from with its arguments, and the input shape
+    (batch left out). Two runs that arrive at the same widths share it."""
+    structure = {
+        "arch": arch, "arch_kwargs": dict(sorted(arch_kwargs.items())), "input_shape": list(input_shape[1:]),
+        "modules": repr(model),
+        "shapes": [[k, list(v.shape)] for k, v in model.state_dict().items()],
+    }
+    return hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()
+
+
+class RebuildError(PrunebenchError):
+    """A compressed model can be neither loaded nor rebuilt from its record."""
+
+
+def load_subject(results: Path, record: Mapping[str, Any]) -> Subject:
+    """The compressed model of ``record`` and its baseline architecture."""
+    from prunebench import registry
+    from prunebench.errors import CheckpointError
+    from prunebench.pipeline.surgery import load_compressed
+
+    rid = record["run_id"]
+    data = record.get("data") or {}
+    shape = [1, *data.get("input_shape", [])]
+    kwargs = {"num_classes": int(data.get("num_classes", 10)), "in_channels": int(shape[1]) if len(shape) > 1 else 3}
+    arch = record["arch"]
+    baseline = registry.architectures.get(arch).build(**kwargs)
+    path = Path(results) / str(record.get("model_file") or f"models/{rid}.pt")
+    if path.is_file():
+        try:
+            model, info = load_compressed(path)
+        except CheckpointError as exc:
+            raise RebuildError(str(exc)) from None
+        return Subject(rid, model, baseline, shape, info["arch"], kwargs, "model file")
+    if len(shape) < 2:
+        raise RebuildError(f"{rid}: no model file ({path}) and no input shape in the record")
+    if record.get("dense"):  # the smaller-dense control: the smaller architecture as built
+        model = registry.architectures.get(record["dense"]).build(**kwargs)
+        return Subject(rid, model, baseline, shape, record["dense"], kwargs, "record widths")
+    if record.get("criterion_kind") == "transform":
+        raise RebuildError(f"{rid}: its model file {path} is gone, and a factorised model ({record['criterion']}) "
+                           "cannot be rebuilt from its record; restore the file")
+    model = copy.deepcopy(baseline)
+    widths = record.get("widths") or {}
+    modules = dict(model.named_modules())
+    kept = {name: list(range(int(w))) for name, w in widths.items()
+            if name in modules and int(w) < getattr(modules[name], "out_channels", int(w))}
+    if kept:
+        from prunebench.pipeline.surgery import prune_kept
+
+        prune_kept(model, torch.zeros(shape), kept)
+    return Subject(rid, model, baseline, shape, arch, kwargs, "record widths")
+
+
+def measurable(results: Path) -> Iterable[dict[str, Any]]:
+    """Complete, compressed runs of ``results`` (records only read)."""
+    from prunebench.results.records import RecordProblem
+    from prunebench.results.survey import scan_records
+
+    for rec in scan_records(results):
+        if isinstance(rec, RecordProblem) or rec.get("status") != "complete":
+            continue
+        yield rec
