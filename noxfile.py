@@ -59,6 +59,9 @@ MUTANT_TESTS = {
     "criteria/l1.py": ["tests/test_compress.py"],
     "criteria/random.py": ["tests/test_compress.py"],
     "prunebench/pipeline/compress.py": ["tests/test_compress.py"],
+    "prunebench/pipeline/allocation.py": ["tests/test_compress.py"],
+    "prunebench/pipeline/meter.py": ["tests/test_compress.py"],
+    "prunebench/pipeline/guard.py": ["tests/test_compress.py"],
     "prunebench/pipeline/costmodel.py": ["tests/test_costmodel.py"],
     # surgery's units and channel removal are run by compress and the cost model; its replay and
     # compressed-model files by the round trips
