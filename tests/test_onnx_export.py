@@ -81,8 +81,8 @@ def test_every_criterion_s_compressed_model_exports_with_pytorch_s_logits(criter
         assert any(type(m).__name__ == "Factorized" for m in model.modules())
     if scope == "all":
         assert model.conv1.out_channels < 16 or model.layer3[0].conv2.out_channels < 64  # residual channels went
-    graph, diff = lat_export.exported(model, SHAPE)
-    assert diff <= lat_export.EXPORT_TOLERANCE
+    graph, check = lat_export.exported(model, SHAPE)
+    assert check["passed"] and check["max_abs_logit_diff"] <= lat_export.EXPORT_TOLERANCE
     # the graph takes any batch (batch 64 is measured too)
     session = lat_export.ort_session(graph, 1)
     x = torch.randn(5, *SHAPE[1:])
@@ -94,7 +94,7 @@ def test_every_criterion_s_compressed_model_exports_with_pytorch_s_logits(criter
 def test_factorised_modules_of_mobilenetv2_export():
     model = compressed("ht2", arch_name="mobilenetv2")  # SVD of 1x1 convs beside depthwise convs
     assert any(type(m).__name__ == "Factorized" for m in model.modules())
-    assert lat_export.exported(model, SHAPE)[1] <= lat_export.EXPORT_TOLERANCE
+    assert lat_export.exported(model, SHAPE)[1]["max_abs_logit_diff"] <= lat_export.EXPORT_TOLERANCE
 
 
 class BesselGate(nn.Module):
@@ -134,7 +134,7 @@ def test_openvino_computes_pytorch_s_logits_from_the_checked_graph(criterion, sc
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'prunebench[openvino]')")
     model = compressed(criterion, scope)
     graph, _ = lat_export.exported(model, SHAPE)
-    assert lat_export.openvino_checked(model, graph, SHAPE) <= lat_export.EXPORT_TOLERANCE
+    assert lat_export.openvino_checked(model, graph, SHAPE)["max_abs_logit_diff"] <= lat_export.EXPORT_TOLERANCE
 
 
 def test_a_results_directory_is_measured_on_the_onnx_runtimes_with_the_checks_recorded(tmp_path):
@@ -153,3 +153,44 @@ def test_a_results_directory_is_measured_on_the_onnx_runtimes_with_the_checks_re
         assert o.record["runtime"] == o.setting.runtime and o.record["run_ids"] == ["digits-resnet20-ht2-a"]
         if o.setting.runtime == "openvino":
             assert o.record["openvino_check"]["max_abs_logit_diff"] <= lat_export.EXPORT_TOLERANCE
+
+
+def _huge_logits() -> tuple[nn.Module, torch.Tensor]:
+    """Logits near 1e5: fp32 rounding alone moves them by about 1e-3, far beyond 1e-4."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(1e5)
+    return model.eval(), lat_export.check_inputs(SHAPE)
+
+
+def test_beyond_the_absolute_tolerance_a_runtime_as_exact_as_pytorch_fp32_passes():
+    model, x = _huge_logits()
+    with torch.no_grad():
+        fp32 = model(x).double().numpy()
+        exact = copy.deepcopy(model).double()(x.double()).numpy()
+    assert abs(fp32 - exact).max() > 10 * lat_export.EXPORT_TOLERANCE  # rounding, not a wrong graph
+    rounded_otherwise = exact + 1.5 * (fp32 - exact)  # another summation order: 1.5 times PyTorch's error
+    check = lat_export.check_logits(model, rounded_otherwise, x)
+    assert check["max_abs_logit_diff"] > lat_export.EXPORT_TOLERANCE
+    ref = check["float64_reference"]
+    assert check["passed"] and ref["runtime_max_abs_diff"] == pytest.approx(1.5 * ref["pytorch_fp32_max_abs_diff"])
+
+
+def test_a_runtime_off_by_more_than_rounding_fails_with_both_errors_named():
+    model, x = _huge_logits()
+    with torch.no_grad():
+        wrong = model(x).double().numpy() + 1.0  # a bias of 1: no rounding does that
+    check = lat_export.check_logits(model, wrong, x)
+    assert not check["passed"]
+    assert check["float64_reference"]["runtime_max_abs_diff"] > 4 * check["float64_reference"]["pytorch_fp32_max_abs_diff"]
+    message = lat_export._failure(check)
+    assert "> 0.0001" in message and "float64 evaluation" in message
+
+
+def test_within_the_absolute_tolerance_no_float64_evaluation_is_made():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).eval()
+    x = lat_export.check_inputs(SHAPE)
+    with torch.no_grad():
+        check = lat_export.check_logits(model, model(x).numpy(), x)
+    assert check == {"max_abs_logit_diff": 0.0, "tolerance": lat_export.EXPORT_TOLERANCE, "passed": True}

@@ -4,12 +4,14 @@ logits (ONNX Runtime, OpenVINO), and the module that breaks it named when it fai
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,12 @@ ONNX_RUNTIMES = {"onnxruntime": "onnx", "openvino": "openvino"}
 
 #: ONNX export check: max |Δ logits| against PyTorch, fp32, on CHECK_IMAGES seeded N(0, 1) inputs
 EXPORT_TOLERANCE = 1e-4
+
+#: ... or, where fp32 rounding alone exceeds that (large logits, deep networks), no less exact than
+#: PyTorch's own fp32: the runtime's max |Δ logits| against a float64 evaluation of the same model at
+#: most this many times PyTorch fp32's (measured on ResNet-56 models: 0.8-2.0 times). A wrong graph
+#: (another operator, a folded input) is off by orders of magnitude more than rounding.
+FP32_ROUNDING_FACTOR = 4.0
 
 
 CHECK_IMAGES = 8
@@ -108,16 +116,44 @@ def ort_session(graph: bytes, threads: int):
     return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def max_logit_difference(model: nn.Module, graph: bytes, inputs: torch.Tensor) -> float:
+def ort_logits(graph: bytes, inputs: torch.Tensor) -> np.ndarray | None:
+    """ONNX Runtime's logits for ``inputs``; None when the graph ignores its input (folded into a constant)."""
     session = ort_session(graph, 1)
+    if len(session.get_inputs()) != 1:
+        return None
+    return session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+
+
+def check_logits(model: nn.Module, got: np.ndarray | None, inputs: torch.Tensor) -> dict[str, Any]:
+    """Does a runtime's ``got`` compute ``model``? ``max_abs_logit_diff`` against PyTorch fp32 and
+    whether it passes: within :data:`EXPORT_TOLERANCE`, or (measured only beyond it) no less exact
+    than PyTorch fp32 against a float64 evaluation (:data:`FP32_ROUNDING_FACTOR`)."""
     with torch.no_grad():
         expected = model.eval()(inputs).float().numpy()
-    if len(session.get_inputs()) != 1:  # the input was folded into a constant: the graph ignores it
-        return float("inf")
-    got = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
-    if got.shape != expected.shape:
-        return float("inf")
-    return float(np.max(np.abs(got - expected)))
+    if got is None or got.shape != expected.shape:
+        return {"max_abs_logit_diff": float("inf"), "tolerance": EXPORT_TOLERANCE, "passed": False}
+    diff = float(np.max(np.abs(got - expected)))
+    out: dict[str, Any] = {"max_abs_logit_diff": diff, "tolerance": EXPORT_TOLERANCE, "passed": diff <= EXPORT_TOLERANCE}
+    if not out["passed"] and np.isfinite(diff):
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double().eval()(inputs.double()).numpy()
+        runtime, pytorch = float(np.max(np.abs(got - exact))), float(np.max(np.abs(expected - exact)))
+        out["float64_reference"] = {"runtime_max_abs_diff": runtime, "pytorch_fp32_max_abs_diff": pytorch,
+                                    "factor": FP32_ROUNDING_FACTOR}
+        out["passed"] = runtime <= FP32_ROUNDING_FACTOR * pytorch
+    return out
+
+
+def _failure(check: Mapping[str, Any]) -> str:
+    diff = check["max_abs_logit_diff"]
+    if not np.isfinite(diff):
+        return "it ignores its input or gives logits of another shape"
+    ref = check.get("float64_reference")
+    how = f"max |Δ logits| {diff:.3g} > {EXPORT_TOLERANCE:g}"
+    if ref is not None:
+        how += (f", and {ref['runtime_max_abs_diff']:.3g} from a float64 evaluation, more than "
+                f"{FP32_ROUNDING_FACTOR:g} × PyTorch fp32's {ref['pytorch_fp32_max_abs_diff']:.3g}")
+    return how
 
 
 def check_inputs(input_shape: Sequence[int], n: int = CHECK_IMAGES) -> torch.Tensor:
@@ -125,44 +161,34 @@ def check_inputs(input_shape: Sequence[int], n: int = CHECK_IMAGES) -> torch.Ten
     return torch.randn(n, *input_shape[1:], generator=torch.Generator().manual_seed(1234))
 
 
-def exported(model: nn.Module, input_shape: Sequence[int]) -> tuple[bytes, float]:
-    """Export ``model`` and check it: (graph, max |Δ logits|). Raises :class:`ExportError`
-    naming the module type that fails the export or the check."""
+def exported(model: nn.Module, input_shape: Sequence[int]) -> tuple[bytes, dict[str, Any]]:
+    """Export ``model`` and check it with ONNX Runtime: (graph, :func:`check_logits`'s result).
+    Raises :class:`ExportError` naming the module type that fails the export or the check."""
     example = torch.zeros(1, *input_shape[1:])
     inputs = check_inputs(input_shape)
     try:
         graph = export_onnx(model, example)
-        diff = max_logit_difference(model, graph, inputs)
+        check = check_logits(model, ort_logits(graph, inputs), inputs)
     except Exception as exc:  # noqa: BLE001 - any failure of the exporter is reported the same way
         raise ExportError(f"ONNX export failed in module {culprit(model, example)} "
                           f"({type(exc).__name__}: {_first_line(exc)})") from None
-    if not diff <= EXPORT_TOLERANCE:
-        how = (f"max |Δ logits| {diff:.3g} > {EXPORT_TOLERANCE:g}" if np.isfinite(diff)
-               else "it ignores its input or gives logits of another shape")
-        raise ExportError(f"ONNX graph differs from PyTorch ({how}) in module {culprit(model, inputs)}")
-    return graph, diff
+    if not check["passed"]:
+        raise ExportError(f"ONNX graph differs from PyTorch ({_failure(check)}) in module {culprit(model, inputs)}")
+    return graph, check
 
 
-def openvino_checked(model: nn.Module, graph: bytes, input_shape: Sequence[int]) -> float:
-    """OpenVINO's max |Δ logits| against PyTorch; :class:`ExportError` beyond the tolerance."""
+def openvino_checked(model: nn.Module, graph: bytes, input_shape: Sequence[int]) -> dict[str, Any]:
+    """OpenVINO's logits checked as ONNX Runtime's are (:func:`check_logits`); :class:`ExportError` when they fail."""
     inputs = check_inputs(input_shape)
     try:
-        diff = openvino_difference(model, graph, inputs)
+        compiled = openvino_compiled(graph, inputs.shape, 1)
+        got = compiled.create_infer_request().infer({0: inputs.numpy()})[compiled.output(0)]
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"OpenVINO cannot compile the ONNX graph ({type(exc).__name__}: {_first_line(exc)})") from None
-    if not diff <= EXPORT_TOLERANCE:
-        raise ExportError(f"OpenVINO computes other logits than PyTorch (max |Δ logits| {diff:.3g} > "
-                          f"{EXPORT_TOLERANCE:g})")
-    return diff
-
-
-def openvino_difference(model: nn.Module, graph: bytes, inputs: torch.Tensor) -> float:
-    """max |Δ logits| between OpenVINO's compiled graph and PyTorch."""
-    compiled = openvino_compiled(graph, inputs.shape, 1)
-    got = compiled.create_infer_request().infer({0: inputs.numpy()})[compiled.output(0)]
-    with torch.no_grad():
-        expected = model.eval()(inputs).float().numpy()
-    return float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+    check = check_logits(model, np.asarray(got), inputs)
+    if not check["passed"]:
+        raise ExportError(f"OpenVINO computes other logits than PyTorch ({_failure(check)})")
+    return check
 
 
 def _first_line(exc: BaseException) -> str:

@@ -40,7 +40,6 @@ import torch
 from prunebench.errors import PrunebenchError
 from prunebench.latency.export import (
     CHECK_IMAGES,
-    EXPORT_TOLERANCE,
     ONNX_RUNTIMES,
     RUNTIMES,
     ExportError,
@@ -145,13 +144,13 @@ def measure(subject: Subject, setting: Setting, options: Options, graphs: dict[s
         make = ort_runner if setting.runtime == "onnxruntime" else openvino_runner
         base = make(graphs["baseline"][0], x, setting.threads)
         comp = make(graphs["compressed"][0], x, setting.threads)
-        extra["onnx_check"] = {"max_abs_logit_diff": graphs["compressed"][1],
-                               "baseline_max_abs_logit_diff": graphs["baseline"][1],
-                               "tolerance": EXPORT_TOLERANCE, "inputs": CHECK_IMAGES,
-                               "checked_with": "onnxruntime"}
+        extra["onnx_check"] = {**graphs["compressed"][1],
+                               "baseline_max_abs_logit_diff": graphs["baseline"][1]["max_abs_logit_diff"],
+                               "inputs": CHECK_IMAGES, "checked_with": "onnxruntime"}
+        if "float64_reference" in graphs["baseline"][1]:
+            extra["onnx_check"]["baseline_float64_reference"] = graphs["baseline"][1]["float64_reference"]
         if setting.runtime == "openvino":
-            extra["openvino_check"] = {"max_abs_logit_diff": graphs["openvino"][1], "tolerance": EXPORT_TOLERANCE,
-                                       "inputs": CHECK_IMAGES}
+            extra["openvino_check"] = {**graphs["openvino"][1], "inputs": CHECK_IMAGES}
     with _pinned(setting.threads):
         quiet = check_quiet(options.machine, setting.threads)
         if quiet.problems() and not options.allow_noisy:
