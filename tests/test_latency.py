@@ -46,6 +46,7 @@ def fake_machine(loads=(0.0,), cpus: int = 4, probes=None) -> lat_quiet.Machine:
     """A machine whose load average reads ``loads`` in turn (the last one repeats) and whose
     probe kernel takes exactly 1 ms (or ``probes`` in turn)."""
     loads, probes = list(loads), list(probes or [[0.001] * 15])
+    pauses: list[float] = []
 
     def load() -> float:
         return loads.pop(0) if len(loads) > 1 else loads[0]
@@ -53,7 +54,7 @@ def fake_machine(loads=(0.0,), cpus: int = 4, probes=None) -> lat_quiet.Machine:
     def probe() -> list[float]:
         return probes.pop(0) if len(probes) > 1 else probes[0]
 
-    return lat_quiet.Machine(load=load, cpus=lambda: cpus, probe=probe)
+    return lat_quiet.Machine(load=load, cpus=lambda: cpus, probe=probe, pause=pauses.append)
 
 
 # --- timing and the interval ---------------------------------------------------------------
@@ -184,20 +185,40 @@ def test_a_loaded_machine_is_refused_before_any_model_is_built(results, monkeypa
     assert not (results / "latency").exists()
 
 
-def test_load_that_rises_during_timing_is_refused_and_nothing_is_written(results):
-    machine = fake_machine(loads=[0.1, 0.1, 4.0], cpus=2)  # start, before timing, after timing
+def test_load_that_rises_during_every_timing_is_refused_and_nothing_is_written(results):
+    # start, then (before timing, after timing) for each of the attempts
+    machine = fake_machine(loads=[0.1] + [0.1, 4.0] * lat_quiet.QUIET_ATTEMPTS, cpus=2)
     with pytest.raises(lat_quiet.NoisyMachineError, match="during timing"):
         lat.run_latency(results, options(machine=machine))
     assert not list(results.glob("latency/*.json"))
 
 
 def test_allow_noisy_records_the_result_marked_unreliable_with_the_measured_spread(results):
-    noisy = fake_machine(probes=[[0.001] * 15, [0.001] * 15, [0.0013] * 15])
+    noisy = fake_machine(probes=[[0.001] * 15] + [[0.001] * 15, [0.0013] * 15] * lat_quiet.QUIET_ATTEMPTS)
     [outcome] = lat.run_latency(results, options(machine=noisy, allow_noisy=True))
     record = json.loads(outcome.path.read_text())
     assert record["unreliable"] is True
     assert record["quiet"]["probe_spread"] == pytest.approx(0.3)
     assert "probe-kernel spread 30.0%" in record["quiet"]["problems"][0]
+
+
+def test_a_blip_after_a_timing_discards_it_and_a_quiet_second_timing_is_recorded_reliable(results):
+    clock = FakeClock(tick=0.0005)
+    # start, before, after (30 % drift: discarded), before, after: quiet
+    blip = fake_machine(probes=[[0.001] * 15, [0.001] * 15, [0.0013] * 15, [0.001] * 15, [0.001] * 15])
+    [outcome] = lat.run_latency(results, options(machine=blip, clock=clock))
+    record = json.loads(outcome.path.read_text())
+    assert record["unreliable"] is False and record["quiet"]["attempts"] == 2
+    assert record["quiet"]["problems"] == [] and len(record["baseline_ms"]["repeats_ms"]) == 30
+
+
+def test_a_noisy_check_before_timing_is_repeated_after_a_pause_and_never_times_meanwhile(results):
+    clock = FakeClock(tick=0.0005)
+    busy_then_quiet = fake_machine(loads=[0.1, 5.0, 5.0, 0.1], cpus=2)  # start, before (x2 noisy), before: quiet
+    [outcome] = lat.run_latency(results, options(machine=busy_then_quiet, clock=clock))
+    record = json.loads(outcome.path.read_text())
+    assert record["quiet"]["attempts"] == 3 and record["unreliable"] is False
+    assert busy_then_quiet.pause.__self__ == [lat_quiet.QUIET_PAUSE_S] * 2
 
 
 def test_a_quiet_machine_writes_one_record_per_setting_beside_the_untouched_accuracy_records(results):

@@ -113,6 +113,9 @@ def ort_session(graph: bytes, threads: int):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # no busy-waiting between calls: two sessions timed interleaved would otherwise keep each
+    # other's idle workers spinning on the cores the running one needs (and the probe kernel's)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
 
 

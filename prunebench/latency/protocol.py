@@ -49,8 +49,11 @@ from prunebench.latency.export import (
     runtime_version,
 )
 from prunebench.latency.quiet import (
+    QUIET_ATTEMPTS,
+    QUIET_PAUSE_S,
     Machine,
     NoisyMachineError,
+    Quiet,
     available_cpus,
     check_quiet,
     default_clock,
@@ -60,6 +63,7 @@ from prunebench.latency.quiet import (
 )
 from prunebench.latency.subjects import RebuildError, Subject, load_subject, measurable
 from prunebench.latency.timing import (
+    Runner,
     _pinned,
     interleaved,
     openvino_runner,
@@ -151,20 +155,38 @@ def measure(subject: Subject, setting: Setting, options: Options, graphs: dict[s
             extra["onnx_check"]["baseline_float64_reference"] = graphs["baseline"][1]["float64_reference"]
         if setting.runtime == "openvino":
             extra["openvino_check"] = {**graphs["openvino"][1], "inputs": CHECK_IMAGES}
-    with _pinned(setting.threads):
-        quiet = check_quiet(options.machine, setting.threads)
-        if quiet.problems() and not options.allow_noisy:
-            raise NoisyMachineError(refusal(quiet))
-        tb, tc = interleaved(base.call, comp.call, options.repeats, options.warmup, options.clock)
-        finish_quiet(quiet, options.machine)
-    if quiet.problems() and not options.allow_noisy:
-        raise NoisyMachineError(refusal(quiet))
+    tb, tc, quiet, attempts = _timed_when_quiet(base, comp, setting, options)
     return {
         "baseline_ms": _summary(tb), "compressed_ms": _summary(tc),
         "speedup": speedup_interval(tb, tc),
-        "quiet": quiet.describe(), "unreliable": bool(quiet.problems()),
+        "quiet": {**quiet.describe(), "attempts": attempts}, "unreliable": bool(quiet.problems()),
         **extra,
     }
+
+
+def _timed_when_quiet(base: Runner, comp: Runner, setting: Setting, options: Options
+                      ) -> tuple[list[float], list[float], Quiet, int]:
+    """The interleaved timing, made when the machine is quiet before it and kept when it was still
+    quiet after it: up to QUIET_ATTEMPTS checks and timings, a pause between. On a machine that
+    stays noisy, :class:`NoisyMachineError`, or with ``allow_noisy`` the last timing (marked)."""
+    machine = options.machine
+    with _pinned(setting.threads):
+        for attempt in range(1, QUIET_ATTEMPTS + 1):
+            last = attempt == QUIET_ATTEMPTS
+            quiet = check_quiet(machine, setting.threads)
+            if quiet.problems() and not last:
+                machine.pause(QUIET_PAUSE_S)
+                continue
+            if quiet.problems() and not options.allow_noisy:
+                raise NoisyMachineError(refusal(quiet))
+            tb, tc = interleaved(base.call, comp.call, options.repeats, options.warmup, options.clock)
+            finish_quiet(quiet, machine)
+            if not quiet.problems() or last:
+                break
+            machine.pause(QUIET_PAUSE_S)  # a timing with a noisy check after it is measured again
+    if quiet.problems() and not options.allow_noisy:
+        raise NoisyMachineError(refusal(quiet))
+    return tb, tc, quiet, attempt
 
 
 def _summary(seconds: Sequence[float]) -> dict[str, Any]:

@@ -20,15 +20,17 @@ from prunebench.latency import quiet as lat_quiet
 
 
 def machine(load: float, cpus: int = 2, probe_after: list[float] | None = None) -> lat_quiet.Machine:
-    """Load ``load``; the probe kernel takes 1 ms, until the check after the first timing
-    (the third probe: at the start, before timing, after timing), which reads ``probe_after``."""
+    """Load ``load``; the probe kernel takes 1 ms, except in every check after a timing (probes
+    3, 5, 7, ...: the first is at the start, then one before and one after each timing), which
+    reads ``probe_after``: a machine that stays noisy however often the timing is repeated."""
     calls = [0]
 
     def probe() -> list[float]:
         calls[0] += 1
-        return probe_after if probe_after is not None and calls[0] >= 3 else [0.001] * 15
+        after = calls[0] >= 3 and calls[0] % 2 == 1
+        return probe_after if probe_after is not None and after else [0.001] * 15
 
-    return lat_quiet.Machine(load=lambda: load, cpus=lambda: cpus, probe=probe)
+    return lat_quiet.Machine(load=lambda: load, cpus=lambda: cpus, probe=probe, pause=lambda seconds: None)
 
 
 def tick_clock():
