@@ -25,9 +25,9 @@ PROBE_SPREAD_LIMIT = 0.10
 #: a noisy check is not final at once: a blip (a timer interrupt, a neighbour's burst on a shared
 #: host) passes. A noisy check before timing is repeated after a pause, and a timing whose check
 #: after it is noisy is discarded and measured again, up to this many times in all
-QUIET_ATTEMPTS = 3
+QUIET_ATTEMPTS = 5
 #: seconds between attempts
-QUIET_PAUSE_S = 2.0
+QUIET_PAUSE_S = 3.0
 
 
 class NoisyMachineError(PrunebenchError):
