@@ -120,10 +120,12 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def layer_of(module: str) -> int | None:
+    """The layer of the longest prefix naming ``module``; the root package names only itself."""
     best = None
     for i, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+            below = module.startswith(prefix + ".") and prefix != "prunebench"
+            if (module == prefix or below) and (best is None or len(prefix) > best[1]):
                 best = (i, len(prefix))
     return None if best is None else best[0]
 
