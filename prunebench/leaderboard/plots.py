@@ -75,18 +75,22 @@ def latency_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels: 
                 latency: dict[str, dict[str, Any]], runtime: str = "onnxruntime") -> bytes | None:
     """PNG of final top-1 against the measured latency (``runtime``, batch 1, one thread) of
     each run's compressed model, one marker per configuration label (mean over its seeds), the
-    baseline architecture's latency as a vertical line; None without such latency records."""
-    pts = []
-    base_ms = []
+    baseline architecture's latency as a vertical line; None without such latency records.
+
+    Each record's baseline was timed interleaved with its compressed model, so the compressed
+    latency is put on one clock: the mean baseline latency of the records divided by the
+    record's speed-up (medians). A host whose speed drifts between measurements (a shared
+    machine) then moves no point; the speed-ups, not the absolute times, are what was compared."""
+    found = []
     for _, r in df.iterrows():
         rec = latency.get(r["run_id"], {}).get(runtime)
-        if rec is None:
-            continue
-        pts.append((labels.get(r["config"], r["criterion"]), r["target"], float(rec["compressed_ms"]["median"]),
-                    float(r["final"])))
-        base_ms.append(float(rec["baseline_ms"]["median"]))
-    if not pts:
+        if rec is not None:
+            found.append((r, rec))
+    if not found:
         return None
+    base = sum(float(rec["baseline_ms"]["median"]) for _, rec in found) / len(found)
+    pts = [(labels.get(r["config"], r["criterion"]), r["target"], base / float(rec["speedup"]["median"]),
+            float(r["final"])) for r, rec in found]
     try:
         import matplotlib
         import matplotlib.style
@@ -105,8 +109,7 @@ def latency_png(dataset: str, arch: str, budget: str, df: pd.DataFrame, labels: 
             agg = g.groupby("target").agg(x=("ms", "mean"), y=("final", "mean")).reset_index().sort_values("x")
             ax.plot(agg["x"], agg["y"], marker=markers[i % len(markers)], linestyle="-",
                     color=palette[(2 * i) % 20 + (2 * i) // 20 % 2], label=_literal(name))
-        ax.axvline(sum(base_ms) / len(base_ms), color="grey", linestyle="--", linewidth=1,
-                   label=f"baseline {arch} latency")
+        ax.axvline(base, color="grey", linestyle="--", linewidth=1, label=f"baseline {arch} latency")
         ax.axhline(df["baseline"].mean(), color="grey", linestyle=":", linewidth=1, label="baseline top-1")
-        return _png(fig, ax, f"measured latency, {runtime}, batch 1, one thread (ms)",
+        return _png(fig, ax, f"measured latency, {runtime}, batch 1, one thread (ms)\n(the baselines' mean latency ÷ the speed-up)",
                     f"{dataset} · {arch} · budget {budget}")
