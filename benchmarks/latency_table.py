@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--budget", default="cpu-pretrained")
     args = ap.parse_args()
     records, _problems = survey(args.records)
-    runs = [r for r in records if r.get("status") == "complete" and r["arch"] == args.arch
+    runs = [r for _path, r in records if r.get("status") == "complete" and r["arch"] == args.arch
             and r["budget"]["name"] == args.budget and r["criterion"] != "dense"]
     latency: dict[str, list[dict]] = defaultdict(list)
     for path in sorted((args.records / "latency").glob("*.json")):
