@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunebench.protocols import TrainingHooks
-from prunebench.training.precision import resolve_precision
-from prunebench.training.steps import CUDA_TICK, Recipe, TrainOptions, check_tick, optimizer, train_step
+from prunebench.training.steps import Recipe, TrainOptions, check_tick, optimizer, plan, prepare, train_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunebench.training.resume import StageCheckpoint
@@ -134,20 +133,14 @@ def train(
     dev = data.device
     n = int(data.train_x.shape[0])
     bs = recipe.batch_size
-    steps_per_epoch = max(1, n // bs)
-    total = int(round(recipe.epochs * steps_per_epoch))
+    p = plan(recipe, n, dev, opts)
+    steps_per_epoch, total, precision, channels_last, tick, cuda = \
+        p.steps_per_epoch, p.total, p.precision, p.channels_last, p.tick, p.cuda
     model.train()
     if total == 0:
         hooks.on_train_end(model)
         return {"steps": 0, "loss": float("nan")}
-    cuda = dev.type == "cuda"
-    precision = resolve_precision(opts.precision, dev)
-    channels_last = opts.channels_last if opts.channels_last is not None else (precision == "bf16" or cuda)
-    tick = opts.tick or (CUDA_TICK if cuda else 1)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes within a run: pick the fastest kernels once
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    prepare(model, p)
     opt = optimizer(model, recipe, fused=cuda)
     forward = torch.compile(model, mode=opts.compile_mode) if opts.compile else model
     # CPU: one CPU generator for permutations and augmentation (the seeded, reproducible path);

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from prunebench.errors import DivergedError
 from prunebench.protocols import TrainingHooks
-from prunebench.training.precision import check_precision
+from prunebench.training.precision import check_precision, resolve_precision
 
 #: steps between host reads of the accumulated loss on CUDA (each read waits for the device)
 CUDA_TICK = 50
@@ -119,3 +119,34 @@ def train_step(model: nn.Module, forward: Callable[[Tensor], Tensor], opt: torch
     opt.step()
     hooks.after_step(model, step)
     return out, loss, lr
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a loop trains ``recipe`` over ``n`` images on ``device``: the step counts, the
+    precision, the memory format and the progress tick (both loops make the same choices)."""
+
+    steps_per_epoch: int
+    total: int
+    precision: str
+    channels_last: bool
+    tick: int
+    cuda: bool
+
+
+def plan(recipe: Recipe, n: int, device: torch.device, options: TrainOptions) -> Plan:
+    steps_per_epoch = max(1, n // recipe.batch_size)
+    cuda = device.type == "cuda"
+    precision = resolve_precision(options.precision, device)
+    channels_last = options.channels_last if options.channels_last is not None else (precision == "bf16" or cuda)
+    return Plan(steps_per_epoch, int(round(recipe.epochs * steps_per_epoch)), precision, channels_last,
+                options.tick or (CUDA_TICK if cuda else 1), cuda)
+
+
+def prepare(model: nn.Module, plan: Plan) -> None:
+    """The model and backend set for the loop: cuDNN's autotuner (fixed shapes within a run:
+    pick the fastest kernels once) and channels_last weights where the plan uses them."""
+    if plan.cuda:
+        torch.backends.cudnn.benchmark = True
+    if plan.channels_last:
+        model.to(memory_format=torch.channels_last)

@@ -29,8 +29,7 @@ from torch import Tensor, nn
 from prunebench.datasets.streaming import ImageFiles, StreamedSplits
 from prunebench.protocols import TrainingHooks
 from prunebench.training import distributed
-from prunebench.training.precision import resolve_precision
-from prunebench.training.steps import CUDA_TICK, Recipe, TrainOptions, check_tick, optimizer, train_step
+from prunebench.training.steps import Recipe, TrainOptions, check_tick, optimizer, plan, prepare, train_step
 
 EVAL_BATCH = 256
 TRAIN, TEST = 0, 1  # the splits of ImageFiles' keys
@@ -173,20 +172,14 @@ def train_streamed(
     world = distributed.world()
     dev = data.device
     n, bs = data.n_train, recipe.batch_size
-    steps_per_epoch = max(1, n // bs)
-    total = int(round(recipe.epochs * steps_per_epoch))
+    p = plan(recipe, n, dev, opts)
+    steps_per_epoch, total, precision, channels_last, tick, cuda = \
+        p.steps_per_epoch, p.total, p.precision, p.channels_last, p.tick, p.cuda
     model.train()
     if total == 0:
         hooks.on_train_end(model)
         return {"steps": 0, "loss": float("nan")}
-    cuda = dev.type == "cuda"
-    precision = resolve_precision(opts.precision, dev)
-    channels_last = opts.channels_last if opts.channels_last is not None else (precision == "bf16" or cuda)
-    tick = opts.tick or (CUDA_TICK if cuda else 1)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    prepare(model, p)
     opt = optimizer(model, recipe, fused=cuda)
     parallel = distributed.wrap(model)
     forward = torch.compile(parallel, mode=opts.compile_mode) if opts.compile else parallel
