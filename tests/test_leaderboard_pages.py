@@ -168,3 +168,21 @@ def test_empty_records_make_an_index_only(tmp_path):
     assert set(files) == {"README.md", "results.csv"} and "No complete result records yet." in files["README.md"]
     write(files, tmp_path / "lb")
     assert check_stale(tmp_path / "r", tmp_path / "lb") == []
+
+
+def test_a_packaged_profile_is_named_on_the_page_and_rows_without_one_do_not_say_so(tmp_path):
+    from _records import put, rec, table_rows
+
+    from prunebench.config.profiles import name_of, named_profile
+    from prunebench.leaderboard import build
+
+    ratios = {k: float(v) for k, v in named_profile("hrank-resnet56-2")["ratios"].items()}
+    assert name_of(ratios) == "hrank-resnet56-2"
+    assert name_of({**ratios, next(iter(ratios)): 0.33}) is None and name_of(None) is None
+    put(tmp_path, "plain", rec(final=60.0))
+    put(tmp_path, "named", rec(final=70.0, allocation="profile", layer_ratios=ratios))
+    put(tmp_path, "own", rec(final=65.0, allocation="profile", layer_ratios={**ratios, next(iter(ratios)): 0.33}))
+    labels = [r[1] for r in table_rows(build(tmp_path)["digits-resnet20.md"])]
+    assert labels[0].endswith("profile hrank-resnet56-2")
+    assert "profile \\#" in labels[1] and "hrank" not in labels[1]  # the user's own profile: a digest (escaped #)
+    assert "profile" not in labels[2] and "none" not in labels[2]

@@ -17,7 +17,7 @@ from typing import Any
 
 from prunebench.errors import ConfigError, suggest
 
-__all__ = ["named_profile", "named_profiles"]
+__all__ = ["name_of", "named_profile", "named_profiles"]
 
 
 def named_profiles() -> list[str]:
@@ -33,3 +33,15 @@ def named_profile(name: str) -> dict[str, Any]:
         raise ConfigError(f"no named layer-ratio profile {name!r}.{suggest(name, names)} Named profiles: {', '.join(names)}")
     doc = json.loads((resources.files("prunebench") / "layer_ratios" / f"{name}.json").read_text())
     return doc
+
+
+def name_of(ratios: Any) -> str | None:
+    """The name of the packaged profile whose ratios are exactly ``ratios`` (as a run records
+    them), else None: how a record written without the name still shows it."""
+    if not isinstance(ratios, dict) or not ratios:
+        return None
+    for name in named_profiles():
+        doc = named_profile(name)
+        if {str(k): float(v) for k, v in doc["ratios"].items()} == ratios:
+            return name
+    return None

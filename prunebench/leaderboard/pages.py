@@ -76,7 +76,8 @@ def _labels(table: pd.DataFrame) -> tuple[dict[str, str], dict[str, str]]:
     shared = {k: next(iter(options.values()))[k] for k in keys if k not in varying}
     labels = {}
     for c, crit in zip(configs["config"], configs["criterion"], strict=True):
-        extra = [f"{k} {options[c].get(k, '—')}" for k in varying]
+        # a row without a profile does not say so: the rows with one name it
+        extra = [f"{k} {options[c].get(k, '—')}" for k in varying if (k, options[c].get(k)) != ("profile", "none")]
         labels[c] = crit + (f" · {' · '.join(extra)}" if extra else "")
     # configurations that still read alike differ in something only their identity holds
     seen: dict[str, list[str]] = {}

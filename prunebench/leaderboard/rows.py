@@ -116,7 +116,13 @@ def profile_of(rec: Mapping[str, Any]) -> str | None:
     if name:
         return str(name)
     if ratios:
-        return f"#{_digest(ratios)}"
+        from prunebench.config.profiles import name_of
+
+        try:
+            packaged = name_of(ratios)
+        except Exception:  # noqa: BLE001 - a record's odd values only cost the name
+            packaged = None
+        return packaged or f"#{_digest(ratios)}"
     return None
 
 
