@@ -18,7 +18,8 @@ from pathlib import Path
 
 from prunebench.results.survey import survey
 
-SETTINGS = (("torch", 1, 1), ("onnxruntime", 1, 1), ("torch", 64, None), ("onnxruntime", 64, None))
+SETTINGS = (("torch", 1, 1), ("onnxruntime", 1, 1), ("openvino", 1, 1), ("torch", 64, None), ("onnxruntime", 64, None),
+            ("openvino", 64, None))
 
 
 def row_label(rec: dict) -> str:
