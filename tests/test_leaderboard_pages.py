@@ -186,3 +186,19 @@ def test_a_packaged_profile_is_named_on_the_page_and_rows_without_one_do_not_say
     assert labels[0].endswith("profile hrank-resnet56-2")
     assert "profile \\#" in labels[1] and "hrank" not in labels[1]  # the user's own profile: a digest (escaped #)
     assert "profile" not in labels[2] and "none" not in labels[2]
+
+
+def test_rounded_widths_are_their_own_labelled_rows_compared_with_random_rounded_alike(tmp_path):
+    from _records import put, rec, table_rows
+
+    from prunebench.leaderboard import build
+
+    for seed in (0, 1):
+        put(tmp_path, f"l1-{seed}", rec(seed=seed, final=70.0 + seed))
+        put(tmp_path, f"l1r-{seed}", rec(seed=seed, final=60.0 + seed, round_to=8))
+        put(tmp_path, f"rnd-{seed}", rec("random", seed=seed, final=40.0 + seed))
+        put(tmp_path, f"rndr-{seed}", rec("random", seed=seed, final=65.0 + seed, round_to=8))
+    rows = {r[1]: r for r in table_rows(build(tmp_path)["digits-resnet20.md"])}
+    assert set(rows) == {"l1", "l1 · round to 8", "random", "random · round to 8"}
+    assert rows["l1"][7].startswith("yes")  # 70.5 against the plain random's 40.5
+    assert rows["l1 · round to 8"][7].startswith("no")  # 60.5 against the rounded random's 65.5

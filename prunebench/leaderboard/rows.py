@@ -134,6 +134,7 @@ def options_of(rec: Mapping[str, Any]) -> dict[str, str]:
         "shot epochs": f"{float(rec.get('shot_epochs', 0.0)):g}",
         "max layer ratio": f"{float(rec.get('max_layer_ratio', 0.9)):g}",
         "profile": profile_of(rec) or "none",
+        "round to": str(rec.get("round_to") or "none"),
         "baseline": baseline_source(rec),
         "precision": str(rec.get("precision") or "not recorded"),
         "dataset options": json.dumps(rec.get("dataset_options") or {}, sort_keys=True),
