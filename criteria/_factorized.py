@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from prunebench.errors import ConfigError
+from prunebench.pipeline.metrics import forward_once
 
 __all__ = [
     "axis_conv",
@@ -311,15 +312,7 @@ def input_sizes(
                 sizes[_name] = tuple(args[0].shape[1:])
 
         handles.append(mod.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_once(model, example_inputs, handles)
     return sizes
 
 

@@ -15,6 +15,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from prunebench.pipeline.metrics import forward_once
+
 __all__ = ["Consumer", "CostModel", "Links", "unit_links"]
 
 
@@ -121,15 +123,7 @@ class CostModel:
                     spatial[name] = o.numel() // ch
 
                 handles.append(m.register_forward_hook(hook))
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(example[:1])
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was)
+        forward_once(model, example, handles)
         self.mods: dict[str, tuple] = {}
         for name, m in model.named_modules():
             if isinstance(m, nn.Conv2d) and name in spatial:

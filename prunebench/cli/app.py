@@ -45,6 +45,7 @@ KINDS = ("criteria", "architectures", "datasets", "budgets", "pretrained")
 
 
 PRECISION_HELP = "training precision: auto (bf16 where the device computes it natively) | bf16 | fp32"
+THREADS_HELP = "CPU threads per process (default: measured at the start of each training stage; or PRUNEBENCH_THREADS)"
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from prunebench.cli.app import PRECISION_HELP, _pairs, _set_threads, app, err, out
+from prunebench.cli.app import PRECISION_HELP, THREADS_HELP, _pairs, _set_threads, app, err, out
 from prunebench.config.budgets import DEFAULT_BUDGET
 from prunebench.errors import ConfigError
 
@@ -69,9 +69,7 @@ def run(
         help="processes for this one run (data-parallel; streamed datasets such as imagenet): one per GPU")] = 1,
     workers: Annotated[int | None, typer.Option(
         help="DataLoader workers per process for streamed datasets (default: the CPUs per process, at most 8)")] = None,
-    threads: Annotated[str | None, typer.Option(
-        help="CPU threads per process (default: measured at the start of each training stage; "
-             "or PRUNEBENCH_THREADS)")] = None,
+    threads: Annotated[str | None, typer.Option(help=THREADS_HELP)] = None,
     timeout: Annotated[float | None, typer.Option(
         help="stop the run after SECONDS and record it as failed (default: no limit)")] = None,
 ) -> None:
@@ -161,9 +159,7 @@ def sweep(
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP + "; overrides the file's")] = None,
     data_dir: Annotated[Path | None, typer.Option(envvar="PRUNEBENCH_DATA", help="dataset root")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every run's stages")] = False,
-    threads: Annotated[str | None, typer.Option(
-        help="CPU threads per process (default: measured at the start of each training stage; "
-             "or PRUNEBENCH_THREADS)")] = None,
+    threads: Annotated[str | None, typer.Option(help=THREADS_HELP)] = None,
     timeout: Annotated[float | None, typer.Option(
         help="stop each run after SECONDS and record it as failed; overrides the file's timeout")] = None,
 ) -> None:

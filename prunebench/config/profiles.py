@@ -11,6 +11,7 @@ See docs/protocol.md.
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib import resources
 from typing import Any
@@ -40,8 +41,11 @@ def name_of(ratios: Any) -> str | None:
     them), else None: how a record written without the name still shows it."""
     if not isinstance(ratios, dict) or not ratios:
         return None
-    for name in named_profiles():
-        doc = named_profile(name)
-        if {str(k): float(v) for k, v in doc["ratios"].items()} == ratios:
-            return name
-    return None
+    return next((name for name, packaged in _packaged_ratios() if packaged == ratios), None)
+
+
+@functools.cache
+def _packaged_ratios() -> tuple[tuple[str, dict[str, float]], ...]:
+    """(name, ratios) of every packaged profile, read once per process."""
+    return tuple((name, {str(k): float(v) for k, v in named_profile(name)["ratios"].items()})
+                 for name in named_profiles())

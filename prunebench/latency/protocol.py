@@ -134,7 +134,7 @@ def resolve_settings(options: Options, cpus: int) -> list[Setting]:
     return [Setting(rt, batch, threads or cpus) for rt in options.runtimes for batch, threads in options.settings]
 
 
-def measure(subject: Subject, setting: Setting, options: Options, graphs: dict[str, tuple[bytes, float]] | None = None,
+def measure(subject: Subject, setting: Setting, options: Options, graphs: dict[str, tuple[bytes, dict[str, Any]]] | None = None,
             ) -> dict[str, Any]:
     """Time baseline and compressed model interleaved under ``setting``; the record's numbers.
     Raises :class:`NoisyMachineError` on a noisy machine unless ``options.allow_noisy``."""
@@ -226,7 +226,7 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
     hardware = hardware_key()
     folder = latency_dir(results)
     outcomes: list[Outcome] = []
-    baseline_graphs: dict[str, tuple[bytes, float]] = {}  # one export per baseline architecture
+    baseline_graphs: dict[str, tuple[bytes, dict[str, Any]]] = {}  # one export per baseline architecture
     for rec in measurable(results):
         rid = rec["run_id"]
         try:
@@ -235,7 +235,7 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
             outcomes.append(Outcome(rid, settings[0], "failed", line=f"{rid}: {exc}"))
             log(f"error: {rid}: {exc}")
             continue
-        graphs: dict[str, tuple[bytes, float]] | None = None
+        graphs: dict[str, tuple[bytes, dict[str, Any]]] | None = None
         for setting in settings:
             path = folder / record_name(subject.digest, setting, hardware)
             existing = read_record_file(path)

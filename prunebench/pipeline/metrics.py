@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,13 @@ def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[int,
             found[name] = (w + n_out * per_out, b + (n_out if mod.bias is not None else 0))
 
         handles.append(m.register_forward_hook(hook))
+    forward_once(model, example_inputs, handles)
+    return found
+
+
+def forward_once(model: nn.Module, example_inputs: Tensor, handles: list[Any]) -> None:
+    """One image through ``model`` in eval mode without gradients, for the hooks behind
+    ``handles`` to see; then the hooks are removed and the model's mode restored."""
     was_training = model.training
     model.eval()
     try:
@@ -45,7 +53,6 @@ def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[int,
         for h in handles:
             h.remove()
         model.train(was_training)
-    return found
 
 
 def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
