@@ -179,6 +179,7 @@ class HT2(TransformCriterion):
         "Tucker-2 decomposition', Applied Soft Computing 132, 2023"
     )
     knob: ClassVar[Knob] = Knob("energy", low=0.05, high=1.0, increases_compression=False)
+    weights_decide_shapes: ClassVar[bool] = True  # ranks from the weights' spectra at the knob
 
     @dataclass(frozen=True)
     class Params:

@@ -257,6 +257,10 @@ class Knob:
 class TransformCriterion(Criterion):
     kind = Kind.TRANSFORM
     knob: ClassVar[Knob]
+    #: True when :meth:`transform` at a knob value depends on nothing but the weights it is given
+    #: and the criterion's parameters (no seed, no data, no training): two runs from the same
+    #: baseline weights at the same knob then have the same architecture.
+    weights_decide_shapes: ClassVar[bool] = False
 
     def training_hooks(self, model: nn.Module, ctx: CompressionContext) -> TrainingHooks | None:
         """Hooks for training *before* the transform, or None (the default)."""

@@ -21,7 +21,7 @@ from prunebench.latency import timing as lat_timing
 from prunebench.pipeline.compress import compress
 from prunebench.pipeline.meter import Meter
 from prunebench.pipeline.record import widths
-from prunebench.pipeline.surgery import save_compressed
+from prunebench.pipeline.surgery import load_compressed, save_compressed
 from prunebench.protocols import CompressionContext, EpochLedger, Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -268,14 +268,89 @@ def test_a_model_whose_file_is_gone_is_rebuilt_from_its_record_to_the_same_archi
 
 
 def test_a_factorised_model_whose_file_is_gone_is_a_one_line_error_and_the_others_are_measured(results):
-    add_run(results, "digits-resnet20-ht2-a", criterion="ht2", kind="transform")
-    (results / "models" / "digits-resnet20-ht2-a.pt").unlink()
+    add_run(results, "digits-resnet20-trp-a", criterion="trp", kind="transform")
+    (results / "models" / "digits-resnet20-trp-a.pt").unlink()
     lines: list[str] = []
     outcomes = lat.run_latency(results, options(), log=lines.append)
-    assert {o.run_id: o.status for o in outcomes} == {"digits-resnet20-ht2-a": "failed",
+    assert {o.run_id: o.status for o in outcomes} == {"digits-resnet20-trp-a": "failed",
                                                       "digits-resnet20-l1-a": "measured"}
     [error] = [line for line in lines if line.startswith("error:")]
-    assert "cannot be rebuilt from its record" in error and "\n" not in error
+    assert "its record holds no replace steps" in error and "restore the file" in error and "\n" not in error
+
+
+def test_a_factorised_model_whose_file_is_gone_is_rebuilt_from_the_replace_steps_of_its_record(results):
+    record = add_run(results, "digits-resnet20-trp-a", criterion="trp", kind="transform")
+    from_file = lat.load_subject(results, record)
+    _, info = load_compressed(results / "models" / "digits-resnet20-trp-a.pt")
+    (results / "models" / "digits-resnet20-trp-a.pt").unlink()
+    steps = [s for s in info["plan"] if s["op"] == "replace"]
+    assert steps
+    rebuilt = lat.load_subject(results, {**record, "replacements": steps})
+    assert rebuilt.source == "record plan" and rebuilt.digest == from_file.digest
+    assert repr(rebuilt.model) == repr(from_file.model)
+
+
+def test_a_factorised_run_records_its_replace_steps_and_latency_rebuilds_it_without_its_file(tmp_path):
+    from test_round_to import TINY_SETS
+    from test_sweep import invoke
+
+    results = tmp_path / "r"
+    res = invoke("run", "-c", "ht2", "-a", "resnet20", "-d", "digits", "--budget", "smoke", *TINY_SETS,
+                 "--results-dir", results, "-q")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    [path] = results.glob("*.json")
+    record = json.loads(path.read_text())
+    _, info = load_compressed(results / record["model_file"])
+    assert record["replacements"] == [s for s in info["plan"] if s["op"] == "replace"] != []
+    from_file = lat.load_subject(results, record)
+    (results / record["model_file"]).unlink()
+    rebuilt = lat.load_subject(results, record)
+    assert (rebuilt.source, rebuilt.digest) == ("record plan", from_file.digest)
+
+
+def _twin_runs(results: Path, **second) -> tuple[dict, dict]:
+    """Two ht2 runs of one baseline at one knob (seeds 0 and 1); the second without its model file."""
+    base = {"criterion_params": {"energy": 0.8}, "knob": {"energy": 0.9},
+            "baseline_info": {"adaptation": {"key": "resnet20-digits-adapted-0123"}}}
+    a = add_run(results, "digits-resnet20-ht2-s0", criterion="ht2", kind="transform")
+    b = add_run(results, "digits-resnet20-ht2-s1", criterion="ht2", kind="transform", seed=1)
+    a.update(base, identity={"criterion": "ht2", "seed": 0})
+    b.update(base, identity={"criterion": "ht2", "seed": 1})
+    b.update(second)
+    put(results, a["run_id"], a)
+    put(results, b["run_id"], b)
+    (results / "models" / "digits-resnet20-ht2-s1.pt").unlink()
+    return a, b
+
+
+def test_a_factorised_run_without_file_or_steps_takes_the_architecture_of_its_twin(results):
+    a, b = _twin_runs(results)
+    subject = lat.load_subject(results, b, [a, b])
+    assert subject.source == "architecture of digits-resnet20-ht2-s0"
+    assert subject.digest == lat.load_subject(results, a).digest
+    lat.run_latency(results, options())
+    names = sorted(r for p in (results / "latency").glob("*.json") for r in json.loads(p.read_text())["run_ids"])
+    assert names == ["digits-resnet20-ht2-s0", "digits-resnet20-ht2-s1", "digits-resnet20-l1-a"]
+
+
+@pytest.mark.parametrize("differs", [
+    {"knob": {"energy": 0.85}},                                              # another knob value
+    {"baseline_info": {"adaptation": {"key": "resnet20-digits-adapted-4567"}}},  # other baseline weights
+    {"macs": {"before": 100, "after": 51}},                                  # counted otherwise
+    {"identity": {"criterion": "ht2", "seed": 1, "budget": "long"}},         # another run but the seed
+])
+def test_no_twin_unless_baseline_knob_identity_and_counts_all_agree(results, differs):
+    a, b = _twin_runs(results, **differs)
+    with pytest.raises(lat_subjects.RebuildError, match="no run with a model file shares its architecture"):
+        lat.load_subject(results, b, [a, b])
+
+
+def test_a_criterion_whose_shapes_depend_on_training_has_no_twin(results):
+    a, b = _twin_runs(results)
+    a, b = {**a, "criterion": "trp"}, {**b, "criterion": "trp"}  # trp: ranks of trained weights
+    assert registry.criteria.get("ht2").weights_decide_shapes and not registry.criteria.get("trp").weights_decide_shapes
+    with pytest.raises(lat_subjects.RebuildError):
+        lat.load_subject(results, b, [a, b])
 
 
 @pytest.mark.parametrize("over, message", [

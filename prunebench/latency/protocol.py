@@ -227,10 +227,11 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
     folder = latency_dir(results)
     outcomes: list[Outcome] = []
     baseline_graphs: dict[str, tuple[bytes, dict[str, Any]]] = {}  # one export per baseline architecture
-    for rec in measurable(results):
+    records = list(measurable(results))
+    for rec in records:
         rid = rec["run_id"]
         try:
-            subject = load_subject(results, rec)
+            subject = load_subject(results, rec, records)
         except (RebuildError, PrunebenchError) as exc:
             outcomes.append(Outcome(rid, settings[0], "failed", line=f"{rid}: {exc}"))
             log(f"error: {rid}: {exc}")

@@ -50,8 +50,10 @@ class RebuildError(PrunebenchError):
     """A compressed model can be neither loaded nor rebuilt from its record."""
 
 
-def load_subject(results: Path, record: Mapping[str, Any]) -> Subject:
-    """The compressed model of ``record`` and its baseline architecture."""
+def load_subject(results: Path, record: Mapping[str, Any], others: Sequence[Mapping[str, Any]] = ()) -> Subject:
+    """The compressed model of ``record`` and its baseline architecture: from its model file,
+    else rebuilt from the record (widths, a factorised model's replace steps), else -- for a
+    criterion whose shapes only the weights decide -- from a run of ``others`` that shares them."""
     from prunebench import registry
     from prunebench.errors import CheckpointError
     from prunebench.pipeline.surgery import load_compressed
@@ -75,8 +77,7 @@ def load_subject(results: Path, record: Mapping[str, Any]) -> Subject:
         model = registry.architectures.get(record["dense"]).build(**kwargs)
         return Subject(rid, model, baseline, shape, record["dense"], kwargs, "record widths")
     if record.get("criterion_kind") == "transform":
-        raise RebuildError(f"{rid}: its model file {path} is gone, and a factorised model ({record['criterion']}) "
-                           "cannot be rebuilt from its record; restore the file")
+        return _factorised(results, record, baseline, shape, kwargs, path, others)
     model = copy.deepcopy(baseline)
     widths = record.get("widths") or {}
     modules = dict(model.named_modules())
@@ -87,6 +88,59 @@ def load_subject(results: Path, record: Mapping[str, Any]) -> Subject:
 
         prune_kept(model, torch.zeros(shape), kept)
     return Subject(rid, model, baseline, shape, arch, kwargs, "record widths")
+
+
+def _factorised(results: Path, record: Mapping[str, Any], baseline: nn.Module, shape: list[int],
+                kwargs: dict[str, Any], path: Path, others: Sequence[Mapping[str, Any]]) -> Subject:
+    """A factorised model without its file: replayed from the record's replace steps, or the
+    architecture of a twin run (:func:`twin`)."""
+    from prunebench.pipeline.surgery import load_compressed, replay
+
+    rid = record["run_id"]
+    steps = record.get("replacements")
+    if steps:
+        model = replay(copy.deepcopy(baseline), torch.zeros(shape), steps)
+        return Subject(rid, model, baseline, shape, record["arch"], kwargs, "record plan")
+    other = twin(record, others, results)
+    if other is None:
+        raise RebuildError(f"{rid}: its model file {path} is gone, its record holds no replace steps, and no run "
+                           f"with a model file shares its architecture ({record['criterion']}); restore the file")
+    model, info = load_compressed(Path(results) / str(other.get("model_file") or f"models/{other['run_id']}.pt"))
+    return Subject(rid, model, baseline, shape, info["arch"], kwargs, f"architecture of {other['run_id']}")
+
+
+def twin(record: Mapping[str, Any], others: Sequence[Mapping[str, Any]], results: Path) -> Mapping[str, Any] | None:
+    """A run of ``others`` whose model file exists and whose architecture is ``record``'s for
+    certain: its criterion declares that the weights alone decide the shapes
+    (``weights_decide_shapes``), and both runs transformed the same baseline weights with the same
+    parameters at the same knob (same identity but the seed, same adapted checkpoint or baseline
+    weights digest, same knob) and counted the same MACs and parameters."""
+    from prunebench import registry
+
+    try:
+        criterion = registry.criteria.get(str(record.get("criterion")))
+    except PrunebenchError:
+        return None
+    if not getattr(criterion, "weights_decide_shapes", False):
+        return None
+
+    def weights(rec: Mapping[str, Any]) -> Any:  # the adapted checkpoint's cache key names its weights
+        info = rec.get("baseline_info") or {}
+        return (info.get("adaptation") or {}).get("key") or info.get("weights_sha256")
+
+    def key(rec: Mapping[str, Any]) -> Any:
+        identity = {k: v for k, v in (rec.get("identity") or {}).items() if k != "seed"}
+        return json.dumps([identity, weights(rec), rec.get("knob"), rec.get("macs"), rec.get("params")], sort_keys=True)
+
+    if not weights(record) or record.get("knob") is None:
+        return None
+    wanted = key(record)
+    for other in others:
+        if other.get("run_id") == record.get("run_id") or key(other) != wanted:
+            continue
+        if (Path(results) / str(other.get("model_file") or f"models/{other['run_id']}.pt")).is_file():
+            return other
+    return None
 
 
 def measurable(results: Path) -> Iterable[dict[str, Any]]:

@@ -282,6 +282,10 @@ def _execute(cfg, criterion, arch, device, record, rep: Reporter, rid: str) -> d
     rep.close_stage("model file")
     record["widths"] = widths(model, prunable)
     record["plan_steps"] = len(result.plan)
+    # a factorised model's shapes (its replace steps) rebuild it without its model file
+    replacements = [step for step in result.plan if step.get("op") == "replace"]
+    if replacements:
+        record["replacements"] = replacements
     record["peak_memory_mb"] = peak_memory_mb(device)
     check_accuracies(record)
     record["model_file"] = f"models/{rid}.pt"  # relative to the record's folder
