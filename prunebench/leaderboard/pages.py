@@ -212,7 +212,10 @@ def _notes(table: pd.DataFrame, rows: list[dict[str, Any]], measured: bool = Fal
         notes.append("Speed-ups are measured by `prunebench latency` (docs/latency.md): the compressed model against "
                      "the baseline architecture, interleaved, batch 1 on one thread, median over the repeats with its "
                      "95 % bootstrap interval; ▼ marks a row slower than the baseline (interval below 1×), † a "
-                     "measurement the quiet-machine check marked unreliable.")
+                     "measurement the quiet-machine check marked unreliable. An interval describes one timing: "
+                     "the same model timed again later on a shared host can move by more than it (docs/latency.md, "
+                     "\"Reading the numbers\"), so non-overlapping intervals separate two rows only when they are "
+                     "further apart than that drift.")
     elif any(r["shared"] for r in rows):
         notes.append("\\* latency measured while other runs shared the device: the speed-up is indicative only.")
     has_scratch = (table["name"] == "scratch").any()
