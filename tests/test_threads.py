@@ -129,3 +129,76 @@ def test_cores_that_others_run_on_are_not_candidates(monkeypatch):
 def test_others_running_reads_the_kernel_s_count():
     n = threads.others_running()
     assert isinstance(n, int) and n >= 0
+
+
+
+def _count_sensitive(clock: FakeClock, same_up_to: int):
+    """An evaluation whose logits move at thread counts above ``same_up_to`` (a kernel that
+    splits a sum across threads there), on a clock that more threads make faster."""
+    x = torch.arange(8.0)[:, None]
+
+    def run():
+        clock.step()
+        n = torch.get_num_threads()
+        return x + (0.0 if n <= same_up_to else 1e-7 * n)
+
+    return run, x.clone()
+
+
+def _eval_set_up(monkeypatch, cpus=3):
+    monkeypatch.setattr(threads, "cpus", lambda: cpus)
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    torch.set_num_threads(1)
+    return FakeClock({1: 0.9, 2: 0.5, 3: 0.3})
+
+
+def test_an_evaluation_takes_the_fastest_count_that_computes_the_same_logits(monkeypatch):
+    clock = _eval_set_up(monkeypatch)
+    run, reference = _count_sensitive(clock, same_up_to=2)  # 3 threads would be faster but move the logits
+    assert threads.evaluation_count(run, reference, images=10_000, clock=clock) == 2
+    assert torch.get_num_threads() == 2
+    assert threads.history == [{"stage": "evaluation", "threads": 2, "how": "measured (same logits as at 1)",
+                                "img_per_s": 16.0}]
+
+
+def test_an_evaluation_whose_logits_differ_at_every_count_keeps_the_current_one(monkeypatch):
+    clock = _eval_set_up(monkeypatch)
+    run, reference = _count_sensitive(clock, same_up_to=2)
+    assert threads.evaluation_count(run, reference + 1.0, images=10_000, clock=clock) is None
+    assert torch.get_num_threads() == 1
+    assert threads.history[0]["how"].startswith("kept (no other evaluation gives the same logits")
+
+
+@pytest.mark.parametrize("why", ["fixed", "small", "one cpu"])
+def test_fixed_counts_small_evaluations_and_one_cpu_try_the_current_count_only(monkeypatch, why):
+    clock = _eval_set_up(monkeypatch, cpus=1 if why == "one cpu" else 3)
+    if why == "fixed":
+        monkeypatch.setenv(threads.ENV, "1")
+    run, reference = _count_sensitive(clock, same_up_to=3)
+    images = threads.MIN_EVAL_IMAGES - 1 if why == "small" else 10_000
+    assert threads.evaluation_count(run, reference, images=images, clock=clock) == 1
+    assert clock.now == 0.9 and threads.history == []  # one evaluation of the first batches, at 1 thread
+
+
+def test_evaluate_gives_the_plain_loop_s_accuracy_and_leaves_the_thread_count_as_it_was(monkeypatch):
+    """A CIFAR-sized evaluation through ``evaluate`` (which checks and may choose batches of 128
+    and another count) counts exactly what the plain 512-image loop at one thread counts."""
+    from prunebench import registry
+    from prunebench.pipeline.data import evaluate
+    from prunebench.pipeline.metrics import accuracy
+    from prunebench.training.engine import DeviceData
+
+    monkeypatch.setattr(threads, "cpus", lambda: 2)
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    torch.manual_seed(0)
+    model = registry.architectures.get("resnet20").build(num_classes=10, in_channels=1).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (threads.MIN_EVAL_IMAGES, 1, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (threads.MIN_EVAL_IMAGES,), generator=g)
+    data = DeviceData(train_x=x, train_y=y, test_x=x, test_y=y, mean=torch.zeros(1, 1, 1, 1),
+                      std=torch.ones(1, 1, 1, 1), hflip=False)
+    torch.set_num_threads(1)
+    plain = accuracy(model, data.normalise(x), y, batch_size=512)[1]
+    assert evaluate(model, data, 10) == {"top1": round(plain, 4)}
+    assert torch.get_num_threads() == 1 and not model.training
+    assert [h["stage"] for h in threads.history] == ["evaluation"]

@@ -13,15 +13,19 @@ from prunebench import registry
 from prunebench.datasets.base import DataSplits
 from prunebench.datasets.streaming import StreamedSplits
 from prunebench.errors import ConfigError
-from prunebench.pipeline.metrics import (
-    accuracy,
-)
+from prunebench.pipeline.metrics import accuracy, topk_hits
 from prunebench.storage import checkpoints
+from prunebench.training import threads
 from prunebench.training.engine import DeviceData
 
 if TYPE_CHECKING:  # pragma: no cover
     from prunebench.config.run import RunConfig
     from prunebench.training.streaming import StreamData
+
+
+#: images per evaluation forward: :data:`CPU_BATCH` on a CPU where it computes the logits that
+#: batches of :data:`BATCH` compute (checked on every evaluation's first batch), else BATCH
+BATCH, CPU_BATCH = 512, 128
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,10 +100,36 @@ def preprocessing(cfg: RunConfig, splits: DataSplits | StreamedSplits) -> tuple[
 def evaluate(model: nn.Module, data: DeviceData | StreamData, num_classes: int) -> dict[str, float]:
     ks = (1, 5) if num_classes >= 100 else (1,)
     if isinstance(data, DeviceData):
-        acc = accuracy(model, data.normalise(data.test_x), data.test_y, topk=ks)
+        images, labels = data.normalise(data.test_x), data.test_y
+        if images.device.type != "cpu" or images.shape[0] <= BATCH:
+            acc = accuracy(model, images, labels, batch_size=BATCH, topk=ks)
+        else:
+            acc = _evaluate_on_cpu(model, images, labels, ks)
     else:
         acc = data.evaluate(model, ks)
     return {f"top{k}": round(v, 4) for k, v in acc.items()}
+
+
+@torch.no_grad()
+def _evaluate_on_cpu(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
+                     ) -> dict[int, float]:
+    """:func:`accuracy` in batches of :data:`CPU_BATCH` at the fastest thread count, wherever they
+    give the first batch of :data:`BATCH` the same logits to the bit (``threads.evaluation_count``);
+    else as before. The threads are the caller's again afterwards."""
+    was_training = model.training
+    model.eval()
+    head = images[:BATCH]
+    reference = model(head)
+    current = torch.get_num_threads()
+    count = threads.evaluation_count(
+        lambda: torch.cat([model(head[i : i + CPU_BATCH]) for i in range(0, BATCH, CPU_BATCH)]),
+        reference, images.shape[0])
+    try:
+        return accuracy(model, images, labels, batch_size=CPU_BATCH if count else BATCH, topk=ks, start=BATCH,
+                        counted=topk_hits(reference, labels[:BATCH], ks))
+    finally:
+        torch.set_num_threads(current)
+        model.train(was_training)
 
 
 def data_block(splits: DataSplits | StreamedSplits, data: DeviceData | StreamData) -> dict[str, Any]:

@@ -64,23 +64,27 @@ def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def topk_hits(logits: Tensor, labels: Tensor, topk: tuple[int, ...] = (1,)) -> dict[int, int]:
+    """How many rows of ``logits`` have their label among their k largest, for each k."""
+    kmax = min(max(topk), logits.shape[1])
+    hit = logits.float().topk(kmax, dim=1).indices.eq(labels[:, None])
+    return {k: int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in topk}
+
+
 @torch.no_grad()
 def accuracy(
-    model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512, topk: tuple[int, ...] = (1,)
+    model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512, topk: tuple[int, ...] = (1,),
+    start: int = 0, counted: dict[int, int] | None = None,
 ) -> dict[int, float]:
-    """Top-k accuracy in percent over already-normalised ``images``."""
+    """Top-k accuracy in percent over already-normalised ``images``; with ``counted``, the hits
+    of ``images[:start]``, counted already."""
     was_training = model.training
     model.eval()
-    correct = {k: 0 for k in topk}
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size]
-        y = labels[start : start + batch_size]
-        logits = model(x).float()
-        kmax = min(max(topk), logits.shape[1])
-        pred = logits.topk(kmax, dim=1).indices
-        hit = pred.eq(y[:, None])
+    correct = dict(counted) if counted is not None else {k: 0 for k in topk}
+    for first in range(start, images.shape[0], batch_size):
+        hits = topk_hits(model(images[first : first + batch_size]), labels[first : first + batch_size], topk)
         for k in topk:
-            correct[k] += int(hit[:, : min(k, kmax)].any(dim=1).sum())
+            correct[k] += hits[k]
     model.train(was_training)
     n = max(images.shape[0], 1)
     return {k: 100.0 * c / n for k, c in correct.items()}

@@ -8,6 +8,11 @@ the CPUs this process may use, less the cores that other processes are running o
 moment) and keeps the fastest; the measurement itself also sees busy cores. During the stage, a fall of the step rate below half of the
 measured one (another run started, say) measures again.
 
+An evaluation of the test split (:func:`evaluation_count`) measures its own count the same
+way, among the counts that compute the very logits the current count computes (checked on its
+first batches): inference splits no sum across threads on the CPUs measured, so a training
+stage's count need not slow the evaluations that follow it, and the numbers do not move.
+
 ``--threads N`` or ``PRUNEBENCH_THREADS=N`` fixes the count (no measurement); so does a
 sweep's per-process split. What each stage used is kept in :data:`history` for the record
 (not part of the run id).
@@ -35,6 +40,8 @@ MIN_STEPS = 100
 PROBE_STEPS = 2
 #: steps between checks of the step rate during a stage
 CHECK_EVERY = 25
+#: evaluations of fewer images keep the current thread count
+MIN_EVAL_IMAGES = 2048
 #: what each training stage of this process used: {"stage", "threads", "img_per_s", "how"}
 history: list[dict[str, Any]] = []
 
@@ -182,3 +189,29 @@ class StageThreads:
         if rate < 0.5 * self.rate:
             self._choose(f"measured again at step {step} (rate fell to {rate * self.batch:.0f} img/s)")
         self._mark = (self.clock(), step)
+
+
+
+def evaluation_count(run: Callable[[], Tensor], reference: Tensor, images: int,
+                     clock: Callable[[], float] = time.perf_counter) -> int | None:
+    """The thread count at which ``run()`` (an evaluation's first batches) returns ``reference``
+    (the same batches as evaluated so far) bit for bit fastest, set; None, with the current count
+    kept, when no count does. Only the current count is tried with a fixed count, one CPU, or
+    fewer than :data:`MIN_EVAL_IMAGES` images."""
+    current = torch.get_num_threads()
+    measure = fixed() is None and cpus() > 1 and images >= MIN_EVAL_IMAGES
+    best: tuple[int, float] | None = None
+    for n in thread_counts() if measure else [current]:
+        torch.set_num_threads(n)
+        t0 = clock()
+        same = torch.equal(run(), reference)
+        seconds = clock() - t0
+        if same and (best is None or seconds < best[1]):
+            best = (n, seconds)
+    torch.set_num_threads(best[0] if best else current)
+    if measure:
+        history.append({"stage": "evaluation", "threads": best[0] if best else current,
+                        "how": f"measured (same logits as at {current})" if best else
+                               f"kept (no other evaluation gives the same logits as at {current})",
+                        **({"img_per_s": round(reference.shape[0] / max(best[1], 1e-9), 1)} if best else {})})
+    return best[0] if best else None
