@@ -31,6 +31,12 @@ otherwise (32 / 64; AMD Zen 4, AVX2 CPUs) — an estimate: pass the peak when yo
     python benchmarks/train_throughput.py                         # CPU or GPU, whatever is here
     python benchmarks/train_throughput.py --processes 4 --images 25600 --batch-size 256
     python benchmarks/train_throughput.py --concurrent 2 --repeats 1   # two at once, three thread settings
+    python benchmarks/train_throughput.py --variants engine,plain --beside 1   # with another run beside it
+
+``--beside K`` keeps K engine processes (prunebench's default threads) training in the
+background while the variants are timed: "with a second run beside it". The timed loops then
+all use the thread count that prunebench's start-up measurement picks beside them (the plain
+loop too, so that it is not the one to collapse).
 """
 
 from __future__ import annotations
@@ -285,7 +291,8 @@ def packed(args: argparse.Namespace, processes: int, mode: str | None = "split")
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One packed process: warm up, say ready, wait for the others, train, write the result."""
+    """One packed process: warm up, say ready, wait for the others, train, write the result
+    (with ``--forever``: train until the file ``stop`` appears, write nothing)."""
     from prunebench.training import threads
 
     threads.apply_fixed()  # PRUNEBENCH_THREADS, or measured as a prunebench command does by default
@@ -296,6 +303,10 @@ def worker(args: argparse.Namespace) -> None:
     sync(dev)
     tmp = Path(args.worker)
     (tmp / f"ready.{args.worker_index}").touch()
+    if args.forever:
+        while not (tmp / "stop").exists():
+            loop(1)
+        return
     while not (tmp / "go").exists():
         time.sleep(0.01)
     start = time.time()
@@ -322,6 +333,40 @@ def concurrent(args: argparse.Namespace) -> None:
           f"batch {args.batch_size}, {os.cpu_count()} CPUs ({cpu_name()}); wall time includes start-up and warm-up")
     print(tabulate(rows, headers=["threads", "repeat", "wall s", "aggregate img/s", "each img/s"],
                    tablefmt="github", disable_numparse=True))
+
+
+class Beside:
+    """``k`` engine processes training in the background until the block ends."""
+
+    def __init__(self, args: argparse.Namespace, k: int) -> None:
+        self.args, self.k, self.procs = args, k, []
+
+    def __enter__(self) -> Beside:
+        if self.k < 1:
+            return self
+        self.tmp = tempfile.TemporaryDirectory()
+        a = self.args
+        cmd = [sys.executable, __file__, "--worker", self.tmp.name, "--forever", "--arch", a.arch,
+               "--batch-size", str(a.batch_size), "--images", str(a.images), "--device", a.device]
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "PRUNEBENCH_THREADS")}
+        self.procs = [subprocess.Popen([*cmd, "--worker-index", str(i)], env=env) for i in range(self.k)]
+        while len(list(Path(self.tmp.name).glob("ready.*"))) < self.k:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a background run failed before it was ready")
+            time.sleep(0.05)
+        print(f"{self.k} engine process(es) training beside the timed loops", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.k < 1:
+            return
+        (Path(self.tmp.name) / "stop").touch()
+        for p in self.procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.tmp.cleanup()
 
 
 # --------------------------------------------------------------------------------- main
@@ -352,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--forever", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--beside", type=int, default=0,
+                   help="keep K engine processes training in the background while timing")
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -359,11 +407,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.concurrent:
         concurrent(args)
         return
-    t_start = time.monotonic()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted({v.strip() for v in args.variants.split(",") if v.strip()} - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    with Beside(args, args.beside):
+        if args.beside:
+            from prunebench.training import threads
+
+            threads.apply_fixed()  # the count prunebench's start-up measurement picks beside them
+        timings(args)
+
+
+def timings(args: argparse.Namespace) -> None:
+    """The interleaved table of the variants (and packed and compiled rows)."""
+    t_start = time.monotonic()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     dev = _device(args.device)
     x, y, mean, std, source = load_images(args.images)
     data = device_data(x, y, mean, std, dev)
@@ -462,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     compile_note = "\n".join(_compile_payoff(row, beside[0] if beside else None, args.batch_size)
                              for row, _ in compiled)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    if args.beside:
+        name += f", {args.beside} engine process(es) training beside"
     print()
     print(f"device {dev.type} ({name}) · torch {torch.__version__} · {args.arch} ({macs / 1e6:.1f}M MACs/image) · "
           f"batch {args.batch_size} · {args.images} images ({source}) · {steps} steps per timing × "
