@@ -72,7 +72,7 @@ def load_subject(results: Path, record: Mapping[str, Any], others: Sequence[Mapp
             raise RebuildError(str(exc)) from None
         return Subject(rid, model, baseline, shape, info["arch"], kwargs, "model file")
     if len(shape) < 2:
-        raise RebuildError(f"{rid}: no model file ({path}) and no input shape in the record")
+        raise RebuildError(f"no model file ({path}) and no input shape in the record")
     if record.get("dense"):  # the smaller-dense control: the smaller architecture as built
         model = registry.architectures.get(record["dense"]).build(**kwargs)
         return Subject(rid, model, baseline, shape, record["dense"], kwargs, "record widths")
@@ -103,7 +103,7 @@ def _factorised(results: Path, record: Mapping[str, Any], baseline: nn.Module, s
         return Subject(rid, model, baseline, shape, record["arch"], kwargs, "record plan")
     other = twin(record, others, results)
     if other is None:
-        raise RebuildError(f"{rid}: its model file {path} is gone, its record holds no replace steps, and no run "
+        raise RebuildError(f"its model file {path} is gone, its record holds no replace steps, and no run "
                            f"with a model file shares its architecture ({record['criterion']}); restore the file")
     model, info = load_compressed(Path(results) / str(other.get("model_file") or f"models/{other['run_id']}.pt"))
     return Subject(rid, model, baseline, shape, info["arch"], kwargs, f"architecture of {other['run_id']}")
