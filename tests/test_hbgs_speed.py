@@ -130,3 +130,29 @@ def test_hbgts_forwards_once_per_scored_candidate_and_never_again_to_apply_it(mo
     # the first forward of the working copy, then one per candidate scored
     assert len(forwards) == chunks * (1 + evaluations)
     assert sum(record for _, _, record in forwards) == chunks
+
+
+def test_larger_forward_chunks_give_every_candidate_the_same_error(monkeypatch):
+    """HBGTS forwards several CHUNK-row pieces at once and sums its error per piece: every
+    scored error is the same number as with one forward per piece, and so is every move."""
+    search_mod = hbgs_pkg.search
+    errors: list[tuple[str, int, float]] = []
+    output_error = Search.output_error
+
+    def logged(self, n, b):
+        e = output_error(self, n, b)
+        errors.append((n, b, e, len(self.runner.chunks)))
+        return e
+
+    monkeypatch.setattr(Search, "output_error", logged)
+    monkeypatch.setattr(search_mod, "CHUNK", 2)
+    runs = {}
+    for forward in (2, 4):
+        monkeypatch.setattr(search_mod, "FORWARD_CHUNK", forward)
+        errors.clear()
+        moves, kept, _, _ = search_resnet20(hbgs_pkg, "hbgts", ratio=0.3, lazy=True)
+        runs[forward] = (moves, kept, [e[:3] for e in errors], {e[3] for e in errors})
+    assert runs[2][3] == {4} and runs[4][3] == {2}  # 8 images: four forwards per candidate, then two
+    assert len(runs[4][2]) > 20
+    assert runs[4][2] == runs[2][2]  # the same errors, bit for bit
+    assert runs[4][:2] == runs[2][:2]

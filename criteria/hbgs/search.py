@@ -41,8 +41,14 @@ from .runner import SuffixRunner, logits_of
 
 __all__ = ["Search"]
 
-#: calibration images per forward chunk of the search (bounds the memory of captured outputs)
+#: calibration images per chunk of the search: the unit of HBGS's captured outputs and Gram
+#: sums and of HBGTS's error sums (bounds the memory of captured outputs)
 CHUNK = 32
+#: HBGTS forwards up to this many images at once (a multiple of CHUNK, within one calibration
+#: batch) and sums its error per CHUNK rows in the same order, so the errors are the same
+#: numbers as with CHUNK-image forwards (every layer computes each image on its own); fewer,
+#: larger forwards spend less time per image outside the convolutions
+FORWARD_CHUNK = 128
 #: HBGS keeps the unpruned network's conv outputs in memory up to this size (bytes); above
 #: it, they are recomputed by a suffix forward of the unpruned network after every move
 REFERENCE_CACHE_BYTES = 3 << 29
@@ -110,9 +116,9 @@ class Search:
         }
         self.cost = CostModel(model, ctx.example_inputs, self.links, ctx.target.metric)
         self.original = copy.deepcopy(model).eval()  # the reference: never pruned, never trained
-        self.chunks = [
-            x[i : i + CHUNK] for x, _ in ctx.calibration.batches() for i in range(0, x.shape[0], CHUNK)
-        ]
+        batches = [x for x, _ in ctx.calibration.batches()]
+        self.chunks = [x[i : i + CHUNK] for x in batches for i in range(0, x.shape[0], CHUNK)]
+        self.forward_chunks = [x[i : i + FORWARD_CHUNK] for x in batches for i in range(0, x.shape[0], FORWARD_CHUNK)]
         self.exact_calls = 0
         self.offset = 0.0
         self.units: dict[str, UnitState] = {}
@@ -175,7 +181,8 @@ class Search:
         for n in self.units:
             self.work.show(n, 0)
         starts = self.work.starts()
-        self.runner = SuffixRunner(self.work.model, self.chunks, starts)
+        chunks = self.chunks if self.objective == "layer" else self.forward_chunks
+        self.runner = SuffixRunner(self.work.model, chunks, starts)
         self.start = self.runner.start
         self.pending = None
         if self.objective == "layer":
@@ -289,16 +296,17 @@ class Search:
         whose edits all follow the last BatchNorm does not change its output). ``keep``, one
         dict per chunk, receives the values the run would record (see :meth:`apply`).
         """
+        chunks = range(len(self.runner.chunks))
         if self.capture is None:
             return [
                 logits_of(self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci]))
-                for ci in range(len(self.chunks))
+                for ci in chunks
             ]
         got: list[Tensor | None] = []
         h = self.work.model.get_submodule(self.capture).register_forward_hook(
             lambda mod, inp, out: got.__setitem__(-1, out.detach().clone().float()))
         try:
-            for ci in range(len(self.chunks)):
+            for ci in chunks:
                 got.append(None)
                 self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci])
         finally:
@@ -329,17 +337,19 @@ class Search:
 
     def _err(self, out: list[Tensor]) -> float:
         """``‖Z − Z₀‖² / ‖Z₀‖²``: the square of the authors' relative norm. It ranks candidates the
-        same way, and the lazy greedy's increments are those of the squared error."""
+        same way, and the lazy greedy's increments are those of the squared error. ``out`` holds
+        one output per forward chunk; the squares are summed per ``CHUNK`` rows, in order."""
         if self.z0_norm <= 0:
             return 0.0
-        sq = float(sum(((z - z0) ** 2).sum() for z, z0 in zip(out, self.z0, strict=True)))
+        rows = (o[i : i + CHUNK] for o in out for i in range(0, o.shape[0], CHUNK))
+        sq = float(sum(((z - z0) ** 2).sum() for z, z0 in zip(rows, self.z0, strict=True)))
         return sq / self.z0_norm
 
     def output_error(self, n: str, b: int) -> float:
         """The error with ``b`` more drops of ``n``. The values its suffix forward computed are
         kept while it is the best candidate of the step (:meth:`_keep_best`): applying that move
         then needs no second forward."""
-        keep: list[dict] = [{} for _ in self.chunks]
+        keep: list[dict] = [{} for _ in self.runner.chunks]
         self.work.show(n, b)
         try:
             out = self._outputs(self.start[n], record=False, keep=keep)
