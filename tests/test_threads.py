@@ -135,14 +135,14 @@ def test_others_running_reads_the_kernel_s_count():
 def _count_sensitive(clock: FakeClock, same_up_to: int):
     """An evaluation whose logits move at thread counts above ``same_up_to`` (a kernel that
     splits a sum across threads there), on a clock that more threads make faster."""
-    x = torch.arange(8.0)[:, None]
+    head = torch.arange(8.0)[:, None]
 
-    def run():
+    def forward(x):
         clock.step()
         n = torch.get_num_threads()
         return x + (0.0 if n <= same_up_to else 1e-7 * n)
 
-    return run, x.clone()
+    return forward, head
 
 
 def _eval_set_up(monkeypatch, cpus=3):
@@ -154,17 +154,18 @@ def _eval_set_up(monkeypatch, cpus=3):
 
 def test_an_evaluation_takes_the_fastest_count_that_computes_the_same_logits(monkeypatch):
     clock = _eval_set_up(monkeypatch)
-    run, reference = _count_sensitive(clock, same_up_to=2)  # 3 threads would be faster but move the logits
-    assert threads.evaluation_count(run, reference, images=10_000, clock=clock) == 2
+    forward, head = _count_sensitive(clock, same_up_to=2)  # 3 threads would be faster but move the logits
+    assert threads.evaluation_count(forward, head, head.clone(), 2, images=10_000, clock=clock) == 2
     assert torch.get_num_threads() == 2
+    # 4 batches of 2 at each count; the first warms up, the other 3 (6 images) take 3 x 0.5 s at 2 threads
     assert threads.history == [{"stage": "evaluation", "threads": 2, "how": "measured (same logits as at 1)",
-                                "img_per_s": 16.0}]
+                                "img_per_s": 4.0}]
 
 
 def test_an_evaluation_whose_logits_differ_at_every_count_keeps_the_current_one(monkeypatch):
     clock = _eval_set_up(monkeypatch)
-    run, reference = _count_sensitive(clock, same_up_to=2)
-    assert threads.evaluation_count(run, reference + 1.0, images=10_000, clock=clock) is None
+    forward, head = _count_sensitive(clock, same_up_to=2)
+    assert threads.evaluation_count(forward, head, head + 1.0, 2, images=10_000, clock=clock) is None
     assert torch.get_num_threads() == 1
     assert threads.history[0]["how"].startswith("kept (no other evaluation gives the same logits")
 
@@ -174,10 +175,10 @@ def test_fixed_counts_small_evaluations_and_one_cpu_try_the_current_count_only(m
     clock = _eval_set_up(monkeypatch, cpus=1 if why == "one cpu" else 3)
     if why == "fixed":
         monkeypatch.setenv(threads.ENV, "1")
-    run, reference = _count_sensitive(clock, same_up_to=3)
+    forward, head = _count_sensitive(clock, same_up_to=3)
     images = threads.MIN_EVAL_IMAGES - 1 if why == "small" else 10_000
-    assert threads.evaluation_count(run, reference, images=images, clock=clock) == 1
-    assert clock.now == 0.9 and threads.history == []  # one evaluation of the first batches, at 1 thread
+    assert threads.evaluation_count(forward, head, head.clone(), 2, images=images, clock=clock) == 1
+    assert clock.now == pytest.approx(3.6) and threads.history == []  # the first images once, at 1 thread
 
 
 def test_evaluate_gives_the_plain_loop_s_accuracy_and_leaves_the_thread_count_as_it_was(monkeypatch):

@@ -121,9 +121,7 @@ def _evaluate_on_cpu(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     head = images[:BATCH]
     reference = model(head)
     current = torch.get_num_threads()
-    count = threads.evaluation_count(
-        lambda: torch.cat([model(head[i : i + CPU_BATCH]) for i in range(0, BATCH, CPU_BATCH)]),
-        reference, images.shape[0])
+    count = threads.evaluation_count(model, head, reference, CPU_BATCH, images.shape[0])
     try:
         return accuracy(model, images, labels, batch_size=CPU_BATCH if count else BATCH, topk=ks, start=BATCH,
                         counted=topk_hits(reference, labels[:BATCH], ks))

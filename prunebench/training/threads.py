@@ -192,26 +192,29 @@ class StageThreads:
 
 
 
-def evaluation_count(run: Callable[[], Tensor], reference: Tensor, images: int,
+def evaluation_count(forward: Callable[[Tensor], Tensor], head: Tensor, reference: Tensor, batch: int, images: int,
                      clock: Callable[[], float] = time.perf_counter) -> int | None:
-    """The thread count at which ``run()`` (an evaluation's first batches) returns ``reference``
-    (the same batches as evaluated so far) bit for bit fastest, set; None, with the current count
-    kept, when no count does. Only the current count is tried with a fixed count, one CPU, or
-    fewer than :data:`MIN_EVAL_IMAGES` images."""
+    """The thread count at which ``forward`` over ``head`` (an evaluation's first images, in
+    batches of ``batch``) returns ``reference`` (``head`` as evaluated so far) bit for bit
+    fastest, set; None, with the current count kept, when no count does. At each count the
+    first batch warms the threads up and the others are timed. Only the current count is
+    tried with a fixed count, one CPU, or fewer than :data:`MIN_EVAL_IMAGES` images."""
     current = torch.get_num_threads()
     measure = fixed() is None and cpus() > 1 and images >= MIN_EVAL_IMAGES
     best: tuple[int, float] | None = None
     for n in thread_counts() if measure else [current]:
         torch.set_num_threads(n)
+        outs = [forward(head[:batch])]
         t0 = clock()
-        same = torch.equal(run(), reference)
+        outs += [forward(head[i : i + batch]) for i in range(batch, head.shape[0], batch)]
         seconds = clock() - t0
-        if same and (best is None or seconds < best[1]):
+        if torch.equal(torch.cat(outs), reference) and (best is None or seconds < best[1]):
             best = (n, seconds)
     torch.set_num_threads(best[0] if best else current)
     if measure:
+        timed = head.shape[0] - min(batch, head.shape[0])
         history.append({"stage": "evaluation", "threads": best[0] if best else current,
                         "how": f"measured (same logits as at {current})" if best else
                                f"kept (no other evaluation gives the same logits as at {current})",
-                        **({"img_per_s": round(reference.shape[0] / max(best[1], 1e-9), 1)} if best else {})})
+                        **({"img_per_s": round(timed / max(best[1], 1e-9), 1)} if best else {})})
     return best[0] if best else None
