@@ -102,8 +102,8 @@ def test_a_model_that_fails_the_onnx_export_is_one_line_naming_its_module_and_ke
     before = files(results)
     real = lat.load_subject
 
-    def with_an_unexportable_module(folder, record):
-        subject = real(folder, record)
+    def with_an_unexportable_module(folder, record, others=()):
+        subject = real(folder, record, others)
         block = subject.model.layer2[1]
         block.bn1 = nn.Sequential(block.bn1, BesselGate())
         return subject
