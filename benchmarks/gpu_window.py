@@ -11,7 +11,10 @@ Phases, each printing as it goes and bounded by one hard deadline:
    runs keep their records, the others leave none). After each seed the records
    (``records.tar.gz``) and a summary table (``summary.md``) are rewritten, so the output is
    useful whenever the window closes;
-4. the leaderboard pages of those records (``leaderboard.tar.gz``).
+4. on a CUDA device, with at least ``LATENCY_MIN_S`` left, ``prunebench latency`` on the records
+   with the ``torch-cuda`` runtime (PyTorch eager on the GPU, batch 1 and 64; its records in
+   ``records.tar.gz`` under ``records/latency/``);
+5. the leaderboard pages of those records (``leaderboard.tar.gz``).
 
 The output folder gets at most 7 files: window.log (written by gpu_window.sh), env.txt,
 throughput.md, summary.md, records.tar.gz, leaderboard.tar.gz and sweep.toml (the config run).
@@ -47,6 +50,8 @@ HERE = Path(__file__).resolve().parent
 RESERVE_S = 20.0
 #: a seed is not started with less time left than this (its runs could not finish)
 MIN_SEED_S = 45.0
+#: the GPU latency is not started with less time left than this
+LATENCY_MIN_S = 30.0
 
 
 def say(message: str) -> None:
@@ -234,7 +239,29 @@ def pack(results: Path, out: Path) -> None:
     with tarfile.open(tmp, "w:gz") as tar:
         for p in sorted(results.glob("*.json")):
             tar.add(p, arcname=f"records/{p.name}")
+        for p in sorted(results.glob("latency/*.json")):
+            tar.add(p, arcname=f"records/latency/{p.name}")
     os.replace(tmp, out / "records.tar.gz")
+
+
+def gpu_latency(results: Path, stop: float, runtime: str = "torch-cuda") -> None:
+    """``prunebench latency`` with the torch-cuda runtime (or ``runtime``: a rehearsal on a CPU
+    with ``torch``) on the window's records, until ``stop``. The machine has just finished the
+    sweep; its CPU load is what the quiet check sees, so a result is kept marked ``unreliable``
+    rather than refused."""
+    import torch
+
+    if runtime == "torch-cuda" and not torch.cuda.is_available():
+        say("no CUDA device: no GPU latency")
+        return
+    if stop - time.time() < LATENCY_MIN_S:
+        say(f"no GPU latency: {stop - time.time():.0f}s left")
+        return
+    say(f"latency ({runtime}): batch 1 and 64")
+    cmd = [sys.executable, "-m", "prunebench", "latency", str(results), "--runtime", runtime,
+           "--batch", "1", "--threads", "1", "--batch", "64", "--threads", "0", "--allow-noisy"]
+    status = run_until(cmd, stop)
+    say(f"GPU latency: {'stopped at the deadline' if status is None else f'exit status {status}'}")
 
 
 def leaderboard(results: Path, out: Path) -> None:
@@ -259,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=None, help="where records go (default: a temporary folder)")
     p.add_argument("--throughput-args", default="--images 12800 --batch-size 256 --repeats 2 --processes 11")
     p.add_argument("--throughput-seconds", type=float, default=90.0)
+    p.add_argument("--latency-runtime", default="torch-cuda", help="runtime of the latency phase (torch: a CPU rehearsal)")
     p.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     results = args.results or Path(tempfile.gettempdir()) / "prunebench-window" / "results"
@@ -312,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
         if status is None:
             break
+    gpu_latency(results, stop, args.latency_runtime)
     pack(results, out)
     if time.time() < deadline - 5:
         try:

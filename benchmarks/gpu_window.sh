@@ -12,7 +12,8 @@
 # (default python3), OFFLINE_DIR (default .offline: wheels/ and data/ from the prepare script),
 # WINDOW_SECONDS (default 560: everything is written by then), WINDOW_CONFIG (default
 # benchmarks/gpu_window.toml), RUNS_PER_GPU (overrides the config's), THROUGHPUT_ARGS and
-# THROUGHPUT_SECONDS (the throughput table's arguments and time; 0 skips it).
+# THROUGHPUT_SECONDS (the throughput table's arguments and time; 0 skips it), LATENCY_RUNTIME
+# (default torch-cuda: PyTorch eager on the GPU; torch rehearses the latency phase on a CPU).
 set -uo pipefail
 START=$(date +%s)
 OUT_DIR=${1:-${OUT:-gpu-window-out}}
@@ -57,6 +58,7 @@ ARGS=(--out "$OUT_DIR" --deadline $((START + WINDOW_SECONDS)) --config "$WINDOW_
 [ -n "${THROUGHPUT_ARGS:-}" ] && ARGS+=(--throughput-args "$THROUGHPUT_ARGS")
 [ -n "${THROUGHPUT_SECONDS:-}" ] && ARGS+=(--throughput-seconds "$THROUGHPUT_SECONDS")
 [ -n "${WINDOW_RESULTS:-}" ] && ARGS+=(--results "$WINDOW_RESULTS")
+[ -n "${LATENCY_RUNTIME:-}" ] && ARGS+=(--latency-runtime "$LATENCY_RUNTIME")
 "$PYTHON" benchmarks/gpu_window.py "${ARGS[@]}"
 STATUS=$?
 echo "[window] end $(date -u +%FT%TZ) after $(( $(date +%s) - START ))s, status $STATUS"

@@ -46,7 +46,8 @@ def test_the_window_script_end_to_end_at_smoke_size(tmp_path):
            "PRUNEBENCH_DATA": str(tmp_path / "no-data"),  # the throughput table falls back to synthetic images
            "WINDOW_CONFIG": str(config), "WINDOW_SECONDS": "500", "WINDOW_RESULTS": str(tmp_path / "results"),
            "THROUGHPUT_ARGS": "--arch resnet20 --images 64 --batch-size 32 --repeats 1 --variants engine,plain",
-           "THROUGHPUT_SECONDS": "200", "OMP_NUM_THREADS": "1"}
+           "THROUGHPUT_SECONDS": "200", "OMP_NUM_THREADS": "1",
+           "LATENCY_RUNTIME": "torch"}  # the GPU latency phase, rehearsed with PyTorch on the CPU
     env.pop("OUT", None)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_window.sh"), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -62,7 +63,11 @@ def test_the_window_script_end_to_end_at_smoke_size(tmp_path):
     assert "| engine (default) |" in table and "| plain DataLoader loop (0 workers) |" in table
     assert "synthetic uint8" in table and "compute-bound limit" in table
     with tarfile.open(out / "records.tar.gz") as tar:
-        recs = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.isfile()]
+        everything = [(m.name, json.load(tar.extractfile(m))) for m in tar.getmembers() if m.isfile()]
+    recs = [r for name, r in everything if not name.startswith("records/latency/")]
+    timings = [r for name, r in everything if name.startswith("records/latency/")]
+    assert timings and {(t["runtime"], t["batch"]) for t in timings} == {("torch", 1), ("torch", 64)}
+    assert sorted({rid for t in timings for rid in t["run_ids"]}) == sorted(r["run_id"] for r in recs)
     assert sorted((r["criterion"], r["seed"]) for r in recs) == [("l1", 0), ("l1", 1), ("random", 0), ("random", 1)]
     assert all(r["status"] == "complete" for r in recs)
     with tarfile.open(out / "leaderboard.tar.gz") as tar:

@@ -376,3 +376,29 @@ def test_the_architecture_digest_follows_the_shapes_not_the_weights():
     b.fc = nn.Linear(64, 10, bias=False)
     assert digest(a, "resnet20", {"num_classes": 10}, [1, 1, 8, 8]) != digest(b, "resnet20", {"num_classes": 10},
                                                                               [1, 1, 8, 8])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA device")
+def test_the_cuda_runtime_without_a_cuda_device_is_a_one_line_error_before_any_timing(results):
+    from prunebench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="runtime 'torch-cuda' needs a CUDA device") as info:
+        lat.run_latency(results, options(runtimes=["torch", "torch-cuda"]))
+    assert "\n" not in str(info.value) and not (results / "latency").exists()
+
+
+def test_cpu_records_keep_their_hardware_key_and_a_cuda_record_names_its_gpu(monkeypatch):
+    cpu = lat.hardware_key("torch")
+    assert "gpu" not in cpu and lat.hardware_key() == cpu
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert lat.hardware_key("torch-cuda") == {**cpu, "gpu": "Some GPU"}
+    setting = lat.Setting("torch-cuda", 1, 1)
+    assert lat.record_name("ab" * 32, setting, cpu) != lat.record_name("ab" * 32, setting, lat.hardware_key("torch-cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_runtime_times_both_models_on_the_gpu(results):
+    [outcome] = lat.run_latency(results, options(runtimes=["torch-cuda"], clock=None))
+    record = outcome.record
+    assert outcome.status == "measured" and record["runtime"] == "torch-cuda"
+    assert record["hardware"]["gpu"] == torch.cuda.get_device_name() and record["speedup"]["median"] > 0

@@ -61,7 +61,7 @@ def leaderboard(
 def latency(
     results_dir: Annotated[Path, typer.Argument(help="results directory of complete runs")],
     runtime: Annotated[list[str] | None, typer.Option(
-        help="torch | onnxruntime | openvino (repeat for several; default: each one installed)")] = None,
+        help="torch | onnxruntime | openvino | torch-cuda (repeat for several; default: each one usable here)")] = None,
     batch: Annotated[list[int] | None, typer.Option(help="batch sizes, paired with --threads (default 1 and 64)")] = None,
     threads: Annotated[list[int] | None, typer.Option(
         help="threads per batch size, in the same order (default 1 and 0; 0: every CPU this process may use)")] = None,
@@ -77,8 +77,8 @@ def latency(
     from prunebench.latency import protocol as lat
 
     runtimes = runtime or [r for r in lat.RUNTIMES if lat.installed(r)]
-    if not runtime and len(runtimes) < len(lat.RUNTIMES):
-        missing = [f"{r} (pip install 'prunebench[{lat.ONNX_RUNTIMES[r]}]')" for r in lat.RUNTIMES if r not in runtimes]
+    missing = [f"{r} (pip install 'prunebench[{lat.ONNX_RUNTIMES[r]}]')" for r in lat.ONNX_RUNTIMES if r not in runtimes]
+    if not runtime and missing:
         err.print(f"not installed, not measured: {', '.join(missing)}", highlight=False, markup=False,
                   soft_wrap=True)
     batches = batch or [1, 64]

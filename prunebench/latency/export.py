@@ -19,7 +19,10 @@ from torch import nn
 
 from prunebench.errors import PrunebenchError
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "torch-cuda")
+
+#: runtimes timed on the CUDA device (PyTorch eager fp32 there), measured where one is available
+CUDA_RUNTIMES = ("torch-cuda",)
 
 
 #: runtimes that run the exported ONNX graph, and the extra that installs each
@@ -48,6 +51,8 @@ def installed(runtime: str) -> bool:
     ``onnxruntime`` (the export check) and their own package: the ``onnx`` / ``openvino`` extras."""
     if runtime == "torch":
         return True
+    if runtime in CUDA_RUNTIMES:
+        return torch.cuda.is_available()
     import importlib.util
 
     needed = ["onnx", "onnxruntime"] + (["openvino"] if runtime == "openvino" else [])
@@ -61,6 +66,8 @@ def has_onnxruntime() -> bool:
 def runtime_version(runtime: str) -> str:
     if runtime == "torch":
         return torch.__version__
+    if runtime in CUDA_RUNTIMES:
+        return f"{torch.__version__} (CUDA {torch.version.cuda})"
     if runtime == "openvino":
         import openvino
 

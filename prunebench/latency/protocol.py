@@ -7,7 +7,8 @@ against its baseline (the unpruned architecture):
   model file, or, when the file is gone, from the record's widths on a freshly built
   architecture (latency depends on the architecture, not on the weights);
 * per runtime (``torch``: PyTorch eager fp32; ``onnxruntime``: ONNX Runtime on the CPU, after
-  an export checked against PyTorch to ``max |Δ logits| <= 1e-4``) and per (batch, threads)
+  an export checked against PyTorch to ``max |Δ logits| <= 1e-4``; ``openvino`` likewise;
+  ``torch-cuda``: PyTorch eager fp32 on the CUDA device, each call synchronised) and per (batch, threads)
   setting, baseline and compressed model are timed **interleaved** (baseline, compressed,
   baseline, ...) after a warm-up, ``repeats >= 30`` times each, with pinned threads;
 * the result is the median latency of each and a 95 % interval of the speed-up, by a seeded
@@ -40,6 +41,7 @@ import torch
 from prunebench.errors import PrunebenchError
 from prunebench.latency.export import (
     CHECK_IMAGES,
+    CUDA_RUNTIMES,
     ONNX_RUNTIMES,
     RUNTIMES,
     ExportError,
@@ -65,6 +67,7 @@ from prunebench.latency.subjects import RebuildError, Subject, load_subject, mea
 from prunebench.latency.timing import (
     Runner,
     _pinned,
+    cuda_runner,
     interleaved,
     openvino_runner,
     ort_runner,
@@ -86,13 +89,17 @@ class Setting:
     threads: int  # resolved (never 0)
 
 
-def hardware_key() -> dict[str, Any]:
+def hardware_key(runtime: str = "torch") -> dict[str, Any]:
+    """What the timing ran on: the CPU, and for a CUDA runtime the GPU too."""
     import platform
 
     from prunebench.results.records import cpu_name
 
-    return {"cpu": cpu_name(), "cpus": available_cpus(), "machine": platform.machine(), "os": os.uname().sysname
-            if hasattr(os, "uname") else platform.system()}
+    key = {"cpu": cpu_name(), "cpus": available_cpus(), "machine": platform.machine(), "os": os.uname().sysname
+           if hasattr(os, "uname") else platform.system()}
+    if runtime in CUDA_RUNTIMES:
+        key["gpu"] = torch.cuda.get_device_name()
+    return key
 
 
 def record_name(digest: str, setting: Setting, hardware: Mapping[str, Any]) -> str:
@@ -140,9 +147,10 @@ def measure(subject: Subject, setting: Setting, options: Options, graphs: dict[s
     Raises :class:`NoisyMachineError` on a noisy machine unless ``options.allow_noisy``."""
     x = torch.randn(setting.batch, *subject.input_shape[1:], generator=torch.Generator().manual_seed(0))
     extra: dict[str, Any] = {}
-    if setting.runtime == "torch":
-        base = torch_runner(subject.baseline, x, setting.threads)
-        comp = torch_runner(subject.model, x, setting.threads)
+    if setting.runtime in ("torch", *CUDA_RUNTIMES):
+        make = torch_runner if setting.runtime == "torch" else cuda_runner
+        base = make(subject.baseline, x, setting.threads)
+        comp = make(subject.model, x, setting.threads)
     else:
         assert graphs is not None
         make = ort_runner if setting.runtime == "onnxruntime" else openvino_runner
@@ -211,6 +219,8 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
     if unknown:
         raise ConfigError(f"unknown runtime {unknown[0]!r}. Available: {', '.join(RUNTIMES)}")
     for runtime in options.runtimes:
+        if runtime in CUDA_RUNTIMES and not installed(runtime):
+            raise ConfigError(f"runtime {runtime!r} needs a CUDA device, and torch sees none here")
         if not installed(runtime):
             extra = ONNX_RUNTIMES[runtime]
             raise ConfigError(f"runtime {runtime!r} needs the {extra} extra: pip install 'prunebench[{extra}]'")
@@ -223,7 +233,7 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
     first = check_quiet(options.machine, max(s.threads for s in settings) if settings else 1)
     if first.problems() and not options.allow_noisy:
         raise NoisyMachineError(refusal(first))
-    hardware = hardware_key()
+    hardware = {rt: hardware_key(rt) for rt in options.runtimes}
     folder = latency_dir(results)
     outcomes: list[Outcome] = []
     baseline_graphs: dict[str, tuple[bytes, dict[str, Any]]] = {}  # one export per baseline architecture
@@ -238,7 +248,7 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
             continue
         graphs: dict[str, tuple[bytes, dict[str, Any]]] | None = None
         for setting in settings:
-            path = folder / record_name(subject.digest, setting, hardware)
+            path = folder / record_name(subject.digest, setting, hardware[setting.runtime])
             existing = read_record_file(path)
             if existing is not None and not options.force:
                 if rid not in existing.get("run_ids", []):
@@ -268,7 +278,7 @@ def run_latency(results: Path, options: Options, log: Callable[[str], None] = la
                 "arch": subject.arch, "baseline_arch": rec["arch"], "arch_kwargs": subject.arch_kwargs,
                 "input_shape": subject.input_shape[1:], "model_source": subject.source,
                 "runtime": setting.runtime, "runtime_version": runtime_version(setting.runtime),
-                "batch": setting.batch, "threads": setting.threads, "hardware": hardware,
+                "batch": setting.batch, "threads": setting.threads, "hardware": hardware[setting.runtime],
                 "warmup": options.warmup, "repeats": options.repeats, "order": "interleaved: baseline, compressed",
                 "precision": "fp32", "measured": now(), "versions": versions(), **numbers,
             }

@@ -73,6 +73,19 @@ def torch_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
     return Runner(call, threads)
 
 
+def cuda_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
+    """PyTorch eager fp32 on the CUDA device; a call ends when the device has finished it."""
+    model = model.eval().to("cuda")
+    x = x.to("cuda")
+
+    def call() -> None:
+        with torch.inference_mode():
+            model(x)
+        torch.cuda.synchronize()
+
+    return Runner(call, threads)
+
+
 def ort_runner(graph: bytes, x: torch.Tensor, threads: int) -> Runner:
     session = ort_session(graph, threads)
     feeds = {session.get_inputs()[0].name: x.numpy()}
