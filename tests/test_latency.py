@@ -288,6 +288,9 @@ def test_a_factorised_model_whose_file_is_gone_is_rebuilt_from_the_replace_steps
     rebuilt = lat.load_subject(results, {**record, "replacements": steps})
     assert rebuilt.source == "record plan" and rebuilt.digest == from_file.digest
     assert repr(rebuilt.model) == repr(from_file.model)
+    broken = [{**steps[0], "module": "no.such.module"}]
+    with pytest.raises(lat_subjects.RebuildError, match="its replace steps do not apply to resnet20"):
+        lat.load_subject(results, {**record, "replacements": broken})
 
 
 def test_a_factorised_run_records_its_replace_steps_and_latency_rebuilds_it_without_its_file(tmp_path):

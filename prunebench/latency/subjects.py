@@ -99,7 +99,10 @@ def _factorised(results: Path, record: Mapping[str, Any], baseline: nn.Module, s
     rid = record["run_id"]
     steps = record.get("replacements")
     if steps:
-        model = replay(copy.deepcopy(baseline), torch.zeros(shape), steps)
+        try:
+            model = replay(copy.deepcopy(baseline), torch.zeros(shape), steps)
+        except (PrunebenchError, KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise RebuildError(f"its replace steps do not apply to {record['arch']} ({type(exc).__name__}: {exc})") from None
         return Subject(rid, model, baseline, shape, record["arch"], kwargs, "record plan")
     other = twin(record, others, results)
     if other is None:
