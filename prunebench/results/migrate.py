@@ -70,7 +70,12 @@ def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
 
     try:
         scratch = rec["criterion"] == "scratch"
-        criterion = rec.get("architecture_from", "random") if scratch else rec["criterion"]
+        dense = rec.get("dense")  # a smaller-dense control: no criterion, no target, no pruning options
+        criterion = rec.get("architecture_from", "random") if scratch else "random" if dense else rec["criterion"]
+        pruning = {} if dense else {
+            "target": Target(**rec["target"]), "allocation": rec.get("allocation", "uniform"),
+            "max_layer_ratio": rec.get("max_layer_ratio", 0.9), "layer_ratios": rec.get("layer_ratios"),
+            "shots": rec.get("shots", 1), "shot_epochs": rec.get("shot_epochs", 0.0)}
         fields = dict(rec["budget"])
         base = get_budget(fields.pop("name"))
         known = {f.name for f in dataclasses.fields(Budget)}
@@ -81,10 +86,8 @@ def config_from_record(rec: Mapping[str, Any]):  # -> RunConfig
             raise CannotMigrate("a profile run whose record does not store its layer ratios")
         return RunConfig(
             criterion=criterion, arch=rec["arch"], budget=budget, dataset=rec["dataset"],
-            target=Target(**rec["target"]), seed=rec["seed"], criterion_params=dict(rec["criterion_params"]),
-            dataset_options=dict(rec.get("dataset_options") or {}), allocation=rec.get("allocation", "uniform"),
-            max_layer_ratio=rec.get("max_layer_ratio", 0.9), layer_ratios=rec.get("layer_ratios"),
-            shots=rec.get("shots", 1), shot_epochs=rec.get("shot_epochs", 0.0),
+            seed=rec["seed"], criterion_params=dict(rec["criterion_params"]),
+            dataset_options=dict(rec.get("dataset_options") or {}), **pruning, dense=dense,
             baseline=PRETRAINED if source == "pretrained"
             else Path(source) if source not in (None, "cache", "trained") else None, scratch=scratch,
             precision=rec.get("precision", "fp32"),  # records made before precision was a choice trained in fp32
