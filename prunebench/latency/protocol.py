@@ -67,7 +67,6 @@ from prunebench.latency.subjects import RebuildError, Subject, load_subject, mea
 from prunebench.latency.timing import (
     Runner,
     _pinned,
-    cuda_runner,
     interleaved,
     openvino_runner,
     ort_runner,
@@ -148,9 +147,9 @@ def measure(subject: Subject, setting: Setting, options: Options, graphs: dict[s
     x = torch.randn(setting.batch, *subject.input_shape[1:], generator=torch.Generator().manual_seed(0))
     extra: dict[str, Any] = {}
     if setting.runtime in ("torch", *CUDA_RUNTIMES):
-        make = torch_runner if setting.runtime == "torch" else cuda_runner
-        base = make(subject.baseline, x, setting.threads)
-        comp = make(subject.model, x, setting.threads)
+        device = "cuda" if setting.runtime in CUDA_RUNTIMES else "cpu"
+        base = torch_runner(subject.baseline, x, setting.threads, device)
+        comp = torch_runner(subject.model, x, setting.threads, device)
     else:
         assert graphs is not None
         make = ort_runner if setting.runtime == "onnxruntime" else openvino_runner

@@ -46,6 +46,11 @@ def architecture_digest(model: nn.Module, arch: str, arch_kwargs: Mapping[str, A
     return hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()
 
 
+def model_path(results: Path, record: Mapping[str, Any]) -> Path:
+    """Where ``record``'s model file is (or was): its ``model_file``, relative to ``results``."""
+    return Path(results) / str(record.get("model_file") or f"models/{record['run_id']}.pt")
+
+
 class RebuildError(PrunebenchError):
     """A compressed model can be neither loaded nor rebuilt from its record."""
 
@@ -64,7 +69,7 @@ def load_subject(results: Path, record: Mapping[str, Any], others: Sequence[Mapp
     kwargs = {"num_classes": int(data.get("num_classes", 10)), "in_channels": int(shape[1]) if len(shape) > 1 else 3}
     arch = record["arch"]
     baseline = registry.architectures.get(arch).build(**kwargs)
-    path = Path(results) / str(record.get("model_file") or f"models/{rid}.pt")
+    path = model_path(results, record)
     if path.is_file():
         try:
             model, info = load_compressed(path)
@@ -108,7 +113,7 @@ def _factorised(results: Path, record: Mapping[str, Any], baseline: nn.Module, s
     if other is None:
         raise RebuildError(f"its model file {path} is gone, its record holds no replace steps, and no run "
                            f"with a model file shares its architecture ({record['criterion']}); restore the file")
-    model, info = load_compressed(Path(results) / str(other.get("model_file") or f"models/{other['run_id']}.pt"))
+    model, info = load_compressed(model_path(results, other))
     return Subject(rid, model, baseline, shape, info["arch"], kwargs, f"architecture of {other['run_id']}")
 
 
@@ -141,7 +146,7 @@ def twin(record: Mapping[str, Any], others: Sequence[Mapping[str, Any]], results
     for other in others:
         if other.get("run_id") == record.get("run_id") or key(other) != wanted:
             continue
-        if (Path(results) / str(other.get("model_file") or f"models/{other['run_id']}.pt")).is_file():
+        if model_path(results, other).is_file():
             return other
     return None
 

@@ -63,25 +63,17 @@ class Runner:
     threads: int
 
 
-def torch_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
-    model = model.eval()
+def torch_runner(model: nn.Module, x: torch.Tensor, threads: int, device: str = "cpu") -> Runner:
+    """PyTorch eager on ``device``; on a CUDA device a call ends when the device has finished it."""
+    model = model.eval().to(device)
+    x = x.to(device)
+    cuda = torch.device(device).type == "cuda"
 
     def call() -> None:
         with torch.inference_mode():
             model(x)
-
-    return Runner(call, threads)
-
-
-def cuda_runner(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
-    """PyTorch eager fp32 on the CUDA device; a call ends when the device has finished it."""
-    model = model.eval().to("cuda")
-    x = x.to("cuda")
-
-    def call() -> None:
-        with torch.inference_mode():
-            model(x)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
 
     return Runner(call, threads)
 
