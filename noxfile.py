@@ -41,19 +41,23 @@ def leaderboard(session: nox.Session) -> None:
     session.run("prunebench", "leaderboard", "--records", "leaderboard/records", "--out", "leaderboard", *session.posargs)
 
 
+#: the HBGS / HBGTS tests, one file per module of criteria/hbgs (the speed test left out)
+HBGS_TESTS = [f"tests/test_hbgs{part}.py" for part in
+              ("", "_paper", "_layer", "_compensation", "_variants", "_links", "_runner", "_search")]
+
 #: Every module under mutation and the tests that exercise it (only those run per mutant).
 MUTANT_TESTS = {
     "criteria/ht2.py": ["tests/test_ht2.py"],
     "criteria/trp.py": ["tests/test_trp.py"],
     "criteria/coring.py": ["tests/test_coring.py"],
     "criteria/qsfm.py": ["tests/test_qsfm.py"],
-    "criteria/_selection.py": ["tests/test_selection.py", "tests/test_hbgs.py"],
-    "criteria/hbgs/layer.py": ["tests/test_hbgs.py", "tests/test_selection.py"],
-    "criteria/hbgs/compensation.py": ["tests/test_hbgs.py"],
-    "criteria/hbgs/links.py": ["tests/test_hbgs.py"],
-    "criteria/hbgs/search.py": ["tests/test_hbgs.py"],
-    "criteria/hbgs/runner.py": ["tests/test_hbgs.py"],
-    "criteria/hbgs/__init__.py": ["tests/test_hbgs.py"],
+    "criteria/_selection.py": ["tests/test_selection.py", *HBGS_TESTS],
+    "criteria/hbgs/layer.py": [*HBGS_TESTS, "tests/test_selection.py"],
+    "criteria/hbgs/compensation.py": HBGS_TESTS,
+    "criteria/hbgs/links.py": HBGS_TESTS,
+    "criteria/hbgs/search.py": HBGS_TESTS,
+    "criteria/hbgs/runner.py": HBGS_TESTS,
+    "criteria/hbgs/__init__.py": HBGS_TESTS,
     "criteria/_factorized.py": ["tests/test_ht2.py", "tests/test_trp.py"],
     "criteria/_greedy.py": ["tests/test_coring.py", "tests/test_qsfm.py"],
     "criteria/l1.py": ["tests/test_compress.py"],
