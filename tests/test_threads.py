@@ -128,7 +128,37 @@ def test_cores_that_others_run_on_are_not_candidates(monkeypatch):
 
 def test_others_running_reads_the_kernel_s_count():
     n = threads.others_running()
-    assert isinstance(n, int) and n >= 0
+    assert isinstance(n, int) and n >= 0 and threads.runnable() >= 1
+
+
+def test_others_running_leaves_out_this_process_s_threads_and_short_lived_ones(monkeypatch):
+    counts = iter([5, 2, 4, 3, 6])
+    monkeypatch.setattr(threads, "runnable", lambda: next(counts))
+    monkeypatch.setattr(threads, "own_running", lambda: 2)  # say, the caller and a spinning OpenMP thread
+    assert threads.others_running(samples=5, interval=0) == 0  # the least of 3, 0, 2, 1, 4
+    monkeypatch.setattr(threads, "runnable", lambda: None)
+    assert threads.others_running(interval=0) == 0
+
+
+def test_own_running_counts_a_thread_of_this_process_that_computes():
+    import threading
+
+    stop = threading.Event()
+
+    def compute():  # matmuls release the GIL: this thread is running, not waiting
+        a = torch.randn(256, 256)
+        while not stop.is_set():
+            a @ a
+
+    torch.set_num_threads(1)
+    worker = threading.Thread(target=compute)
+    worker.start()
+    try:
+        seen = max(threads.own_running() for _ in range(50))
+    finally:
+        stop.set()
+        worker.join()
+    assert seen >= 2
 
 
 
@@ -155,7 +185,8 @@ def _eval_set_up(monkeypatch, cpus=3):
 def test_an_evaluation_takes_the_fastest_count_that_computes_the_same_logits(monkeypatch):
     clock = _eval_set_up(monkeypatch)
     forward, head = _count_sensitive(clock, same_up_to=2)  # 3 threads would be faster but move the logits
-    assert threads.evaluation_count(forward, head, head.clone(), 2, images=10_000, clock=clock) == 2
+    assert threads.evaluation_plan(forward, head, head.clone(), 2, images=10_000, clock=clock) == \
+        threads.EvaluationPlan(2)
     assert torch.get_num_threads() == 2
     # 4 batches of 2 at each count; the first warms up, the other 3 (6 images) take 3 x 0.5 s at 2 threads
     assert threads.history == [{"stage": "evaluation", "threads": 2, "how": "measured (same logits as at 1)",
@@ -165,7 +196,7 @@ def test_an_evaluation_takes_the_fastest_count_that_computes_the_same_logits(mon
 def test_an_evaluation_whose_logits_differ_at_every_count_keeps_the_current_one(monkeypatch):
     clock = _eval_set_up(monkeypatch)
     forward, head = _count_sensitive(clock, same_up_to=2)
-    assert threads.evaluation_count(forward, head, head + 1.0, 2, images=10_000, clock=clock) is None
+    assert threads.evaluation_plan(forward, head, head + 1.0, 2, images=10_000, clock=clock) is None
     assert torch.get_num_threads() == 1
     assert threads.history[0]["how"].startswith("kept (no other evaluation gives the same logits")
 
@@ -177,7 +208,8 @@ def test_fixed_counts_small_evaluations_and_one_cpu_try_the_current_count_only(m
         monkeypatch.setenv(threads.ENV, "1")
     forward, head = _count_sensitive(clock, same_up_to=3)
     images = threads.MIN_EVAL_IMAGES - 1 if why == "small" else 10_000
-    assert threads.evaluation_count(forward, head, head.clone(), 2, images=images, clock=clock) == 1
+    assert threads.evaluation_plan(forward, head, head.clone(), 2, images=images, clock=clock) == \
+        threads.EvaluationPlan(1)
     assert clock.now == pytest.approx(3.6) and threads.history == []  # the first images once, at 1 thread
 
 
@@ -203,3 +235,77 @@ def test_evaluate_gives_the_plain_loop_s_accuracy_and_leaves_the_thread_count_as
     assert evaluate(model, data, 10) == {"top1": round(plain, 4)}
     assert torch.get_num_threads() == 1 and not model.training
     assert [h["stage"] for h in threads.history] == ["evaluation"]
+
+
+def _sleepy(offset_in_workers: float = 0.0):
+    """A forward that waits 40 ms per batch at any thread count (as intra-op threads that do not
+    help), and, with ``offset_in_workers``, returns other numbers when run off the main thread."""
+    import threading
+    import time
+
+    def forward(x):
+        time.sleep(0.04)
+        moved = threading.current_thread() is not threading.main_thread()
+        return x + (offset_in_workers if moved else 0.0)
+
+    return forward
+
+
+def test_an_evaluation_shares_its_batches_among_workers_where_threads_do_not_help(monkeypatch):
+    monkeypatch.setattr(threads, "cpus", lambda: 2)
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    torch.set_num_threads(2)
+    head = torch.arange(8.0)[:, None]  # 4 batches of 2: one count times 3 x 40 ms, two workers 2 x 40 ms
+    assert threads.evaluation_plan(_sleepy(), head, head.clone(), 2, images=10_000) == \
+        threads.EvaluationPlan(1, workers=2)
+    assert torch.get_num_threads() == 1
+    (entry,) = threads.history
+    assert entry["threads"] == 1 and entry["workers"] == 2 and entry["how"] == "measured (same logits as at 2)"
+    assert 60 < entry["img_per_s"] <= 100  # 8 images in two rounds of 40 ms (one count: 6 in 3 x 40 ms)
+
+
+def test_workers_whose_logits_differ_are_not_taken(monkeypatch):
+    monkeypatch.setattr(threads, "cpus", lambda: 2)
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    head = torch.arange(8.0)[:, None]
+    plan = threads.evaluation_plan(_sleepy(offset_in_workers=1e-7), head, head.clone(), 2, images=10_000)
+    assert plan is not None and plan.workers == 1 and "workers" not in threads.history[0]
+
+
+def test_no_workers_with_a_fixed_count_or_one_free_core(monkeypatch):
+    monkeypatch.setattr(threads, "cpus", lambda: 2)
+    head = torch.arange(8.0)[:, None]
+    monkeypatch.setattr(threads, "others_running", lambda: 1)  # another run computes on the other core
+    assert threads.evaluation_plan(_sleepy(), head, head.clone(), 2, images=10_000) == threads.EvaluationPlan(1)
+    monkeypatch.setattr(threads, "others_running", lambda: 0)
+    monkeypatch.setenv(threads.ENV, "2")
+    torch.set_num_threads(2)
+    assert threads.evaluation_plan(_sleepy(), head, head.clone(), 2, images=10_000) == threads.EvaluationPlan(2)
+
+
+def test_in_workers_keeps_the_order_and_the_callers_grad_mode():
+    import threading
+
+    def where(i):
+        return i, torch.is_grad_enabled(), threading.current_thread() is threading.main_thread()
+
+    with torch.no_grad():
+        out = threads.in_workers(where, range(6), 3)
+    assert [o[0] for o in out] == list(range(6)) and not any(o[1] for o in out) and not any(o[2] for o in out)
+    assert threads.in_workers(where, range(3), 1) == [(0, True, True), (1, True, True), (2, True, True)]
+
+
+def test_accuracy_in_workers_counts_what_one_thread_counts():
+    from prunebench import registry
+    from prunebench.pipeline.metrics import accuracy
+
+    torch.manual_seed(0)
+    model = registry.architectures.get("resnet20").build(num_classes=10, in_channels=1).eval()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 10, (300,), generator=g)
+    torch.set_num_threads(1)
+    one = accuracy(model, x, y, batch_size=64, topk=(1, 5))
+    assert accuracy(model, x, y, batch_size=64, topk=(1, 5), workers=3) == one
+    counted = accuracy(model, x[:100], y[:100], batch_size=64, topk=(1, 5))
+    hits = {k: round(v * 100 / 100) for k, v in counted.items()}  # percent of 100 images = hits
+    assert accuracy(model, x, y, batch_size=64, topk=(1, 5), start=100, counted=hits, workers=2) == one

@@ -113,18 +113,19 @@ def evaluate(model: nn.Module, data: DeviceData | StreamData, num_classes: int) 
 @torch.no_grad()
 def _evaluate_on_cpu(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
                      ) -> dict[int, float]:
-    """:func:`accuracy` in batches of :data:`CPU_BATCH` at the fastest thread count, wherever they
-    give the first batch of :data:`BATCH` the same logits to the bit (``threads.evaluation_count``);
-    else as before. The threads are the caller's again afterwards."""
+    """:func:`accuracy` in batches of :data:`CPU_BATCH`, the fastest way that gives the first
+    batch of :data:`BATCH` the same logits to the bit (a thread count, or the batches shared among
+    workers of one thread each: ``threads.evaluation_plan``); else as before. The threads are the
+    caller's again afterwards."""
     was_training = model.training
     model.eval()
     head = images[:BATCH]
     reference = model(head)
     current = torch.get_num_threads()
-    count = threads.evaluation_count(model, head, reference, CPU_BATCH, images.shape[0])
+    plan = threads.evaluation_plan(model, head, reference, CPU_BATCH, images.shape[0])
     try:
-        return accuracy(model, images, labels, batch_size=CPU_BATCH if count else BATCH, topk=ks, start=BATCH,
-                        counted=topk_hits(reference, labels[:BATCH], ks))
+        return accuracy(model, images, labels, batch_size=CPU_BATCH if plan else BATCH, topk=ks, start=BATCH,
+                        counted=topk_hits(reference, labels[:BATCH], ks), workers=plan.workers if plan else 1)
     finally:
         torch.set_num_threads(current)
         model.train(was_training)

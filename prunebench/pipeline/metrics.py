@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from prunebench.results.records import cpu_name
+from prunebench.training import threads
 
 
 def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[str, tuple[int, int]]:
@@ -74,17 +75,21 @@ def topk_hits(logits: Tensor, labels: Tensor, topk: tuple[int, ...] = (1,)) -> d
 @torch.no_grad()
 def accuracy(
     model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512, topk: tuple[int, ...] = (1,),
-    start: int = 0, counted: dict[int, int] | None = None,
+    start: int = 0, counted: dict[int, int] | None = None, workers: int = 1,
 ) -> dict[int, float]:
     """Top-k accuracy in percent over already-normalised ``images``; with ``counted``, the hits
-    of ``images[:start]``, counted already."""
+    of ``images[:start]``, counted already; with ``workers`` > 1, the batches are shared among that
+    many threads (``threads.in_workers``; the caller sets one intra-op thread)."""
     was_training = model.training
     model.eval()
     correct = dict(counted) if counted is not None else {k: 0 for k in topk}
-    for first in range(start, images.shape[0], batch_size):
-        hits = topk_hits(model(images[first : first + batch_size]), labels[first : first + batch_size], topk)
+
+    def hits(first: int) -> dict[int, int]:
+        return topk_hits(model(images[first : first + batch_size]), labels[first : first + batch_size], topk)
+
+    for found in threads.in_workers(hits, range(start, images.shape[0], batch_size), workers):
         for k in topk:
-            correct[k] += hits[k]
+            correct[k] += found[k]
     model.train(was_training)
     n = max(images.shape[0], 1)
     return {k: 100.0 * c / n for k, c in correct.items()}

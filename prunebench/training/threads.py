@@ -8,10 +8,12 @@ the CPUs this process may use, less the cores that other processes are running o
 moment) and keeps the fastest; the measurement itself also sees busy cores. During the stage, a fall of the step rate below half of the
 measured one (another run started, say) measures again.
 
-An evaluation of the test split (:func:`evaluation_count`) measures its own count the same
-way, among the counts that compute the very logits the current count computes (checked on its
-first batches): inference splits no sum across threads on the CPUs measured, so a training
-stage's count need not slow the evaluations that follow it, and the numbers do not move.
+An evaluation of the test split (:func:`evaluation_plan`) measures its own way the same way,
+among those that compute the very logits the current count computes (checked on its first
+batches): each thread count, and the batches shared among workers of one intra-op thread each
+(:func:`in_workers`), which keeps every core busy on the small convolutions of CIFAR networks
+where intra-op threads do not. Inference splits no sum across threads on the CPUs measured, so a
+training stage's count need not slow the evaluations that follow it, and the numbers do not move.
 
 ``--threads N`` or ``PRUNEBENCH_THREADS=N`` fixes the count (no measurement); so does a
 sweep's per-process split. What each stage used is kept in :data:`history` for the record
@@ -23,7 +25,9 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,15 +99,48 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
-def others_running() -> int:
-    """Processes (threads) of others that are running or runnable right now, from the kernel's
-    count in ``/proc/loadavg`` less this one; 0 where it cannot be read."""
+def others_running(samples: int = 10, interval: float = 0.01) -> int:
+    """Threads of other processes that are running or runnable now: the kernel's count in
+    ``/proc/loadavg`` less this process's own running threads (an OpenMP pool still spinning
+    after a parallel region counts there too), the least of a few samples a few milliseconds
+    apart (a process that computes shows in each; a short-lived one does not); 0 where it
+    cannot be read."""
+    seen = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        running = runnable()
+        if running is None:
+            return 0
+        seen.append(max(0, running - own_running()))
+    return min(seen)
+
+
+def runnable() -> int | None:
+    """The kernel's count of running or runnable threads (``/proc/loadavg``), None unreadable."""
     try:
         with open("/proc/loadavg", encoding="ascii") as f:
-            running = int(f.read().split()[3].split("/")[0])
+            return int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, running - 1)
+        return None
+
+
+def own_running() -> int:
+    """This process's threads that are running or runnable (state ``R`` in ``/proc/self/task``);
+    at least 1, the caller's."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat", encoding="ascii", errors="replace") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]  # the name in parentheses may hold spaces
+        except (OSError, IndexError):
+            continue
+        count += state == "R"
+    return max(1, count)
 
 
 def thread_counts() -> list[int]:
@@ -192,29 +229,74 @@ class StageThreads:
 
 
 
-def evaluation_count(forward: Callable[[Tensor], Tensor], head: Tensor, reference: Tensor, batch: int, images: int,
-                     clock: Callable[[], float] = time.perf_counter) -> int | None:
-    """The thread count at which ``forward`` over ``head`` (an evaluation's first images, in
-    batches of ``batch``) returns ``reference`` (``head`` as evaluated so far) bit for bit
-    fastest, set; None, with the current count kept, when no count does. At each count the
-    first batch warms the threads up and the others are timed. Only the current count is
-    tried with a fixed count, one CPU, or fewer than :data:`MIN_EVAL_IMAGES` images."""
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """How an evaluation on a CPU computes: ``threads`` intra-op threads, and its batches shared
+    among ``workers`` Python threads (each computing one batch at a time; 1: the caller's)."""
+
+    threads: int
+    workers: int = 1
+
+
+def in_workers(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> list[Any]:
+    """``[fn(item) for item in items]``, computed by ``workers`` threads at once (in order).
+
+    PyTorch releases the GIL inside its kernels, so with one intra-op thread each worker
+    computes on its own core; the batches of an evaluation never share a sum, so every output
+    is the one a single thread computes. Each worker runs in the caller's grad mode."""
+    if workers <= 1:
+        return [fn(item) for item in items]
+    grad = torch.is_grad_enabled()  # a thread-local mode: each worker takes the caller's
+
+    def call(item: Any) -> Any:
+        with torch.set_grad_enabled(grad):
+            return fn(item)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prunebench-eval") as pool:
+        return list(pool.map(call, items))
+
+
+def evaluation_plan(forward: Callable[[Tensor], Tensor], head: Tensor, reference: Tensor, batch: int, images: int,
+                    clock: Callable[[], float] = time.perf_counter) -> EvaluationPlan | None:
+    """The fastest way to evaluate in batches of ``batch`` that returns ``reference`` (``head``,
+    an evaluation's first images, as evaluated so far) bit for bit; its thread count is set.
+    None, with the current count kept, when no way does.
+
+    The candidates are each thread count (:func:`thread_counts`; at each, the first batch warms
+    the threads up and the others are timed) and, with more than one free core, the batches
+    shared among that many workers of one intra-op thread each (:func:`in_workers`; timed over
+    all of ``head``, after the one-thread count warmed up). Only the current count is tried
+    with a fixed count, one CPU, or fewer than :data:`MIN_EVAL_IMAGES` images."""
     current = torch.get_num_threads()
     measure = fixed() is None and cpus() > 1 and images >= MIN_EVAL_IMAGES
-    best: tuple[int, float] | None = None
-    for n in thread_counts() if measure else [current]:
-        torch.set_num_threads(n)
-        outs = [forward(head[:batch])]
-        t0 = clock()
-        outs += [forward(head[i : i + batch]) for i in range(batch, head.shape[0], batch)]
-        seconds = clock() - t0
-        if torch.equal(torch.cat(outs), reference) and (best is None or seconds < best[1]):
-            best = (n, seconds)
-    torch.set_num_threads(best[0] if best else current)
+    counts = thread_counts() if measure else [current]
+    candidates = [EvaluationPlan(n) for n in counts]
+    if measure and max(counts) > 1 and head.shape[0] >= 2 * batch:
+        candidates.append(EvaluationPlan(1, workers=max(counts)))
+    batches = [head[i : i + batch] for i in range(0, head.shape[0], batch)]
+    best: tuple[EvaluationPlan, float] | None = None
+    for plan in candidates:
+        torch.set_num_threads(plan.threads)
+        if plan.workers > 1:
+            timed = batches
+            t0 = clock()
+            outs = in_workers(forward, batches, plan.workers)
+        else:
+            timed = batches[1:]
+            outs = [forward(batches[0])]
+            t0 = clock()
+            outs += [forward(b) for b in timed]
+        rate = sum(b.shape[0] for b in timed) / max(clock() - t0, 1e-9)
+        if torch.equal(torch.cat(outs), reference) and (best is None or rate > best[1]):
+            best = (plan, rate)
+    torch.set_num_threads(best[0].threads if best else current)
     if measure:
-        timed = head.shape[0] - min(batch, head.shape[0])
-        history.append({"stage": "evaluation", "threads": best[0] if best else current,
-                        "how": f"measured (same logits as at {current})" if best else
-                               f"kept (no other evaluation gives the same logits as at {current})",
-                        **({"img_per_s": round(timed / max(best[1], 1e-9), 1)} if best else {})})
+        entry: dict[str, Any] = {"stage": "evaluation", "threads": best[0].threads if best else current}
+        if best and best[0].workers > 1:
+            entry["workers"] = best[0].workers
+        entry["how"] = (f"measured (same logits as at {current})" if best else
+                        f"kept (no other evaluation gives the same logits as at {current})")
+        if best:
+            entry["img_per_s"] = round(best[1], 1)
+        history.append(entry)
     return best[0] if best else None
