@@ -2,11 +2,14 @@
 
 ResNet-56 from ``torch.manual_seed(0)``, random normal 3x32x32 images from
 ``torch.Generator().manual_seed(1)``, calibration batches of 128, MACs target 0.5, one
-thread; the exact MACs checks as in ``benchmarks/hbgs_search.py``. Saves the moves, every
+thread (or THREADS, fixed as ``--threads`` fixes them; ``auto``: the process's own choice,
+PyTorch's default count, and workers on free cores where the implementation has them); the
+exact MACs checks as in ``benchmarks/hbgs_search.py``. Saves the moves, every
 scored candidate's error, the kept filters and the compensated state dict, so that two
 implementations (run this file from each checkout) can be compared:
 
     OMP_NUM_THREADS=1 python benchmarks/hbgts_lazy_check.py run 1024 new.pt
+    python benchmarks/hbgts_lazy_check.py run 1024 new-auto.pt auto
     python benchmarks/hbgts_lazy_check.py compare old.pt new.pt
 """
 
@@ -14,14 +17,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import time
 
 import torch
 
 
-def run(images: int, out: str) -> None:
-    torch.set_num_threads(1)
+def run(images: int, out: str, threads: str = "1") -> None:
+    if threads != "auto":
+        torch.set_num_threads(int(threads))
+        os.environ["PRUNEBENCH_THREADS"] = threads
     from prunebench.architectures import cifar_resnet
     from prunebench.criteria import hbgs as hbgs_pkg
     from prunebench.protocols import Calibration, CompressionContext, EpochLedger, Target
@@ -75,11 +81,12 @@ def run(images: int, out: str) -> None:
     seconds = time.perf_counter() - t0
     torch.save({"moves": moves, "errors": errors, "kept": {k: v.tolist() for k, v in kept.items()},
                 "state": model.state_dict(), "seconds": seconds}, out)
-    print(json.dumps({"seconds": round(seconds, 1), "moves": len(moves), "evaluations": len(errors)}))
+    print(json.dumps({"seconds": round(seconds, 1), "moves": len(moves), "evaluations": len(errors),
+                      "threads": threads}))
 
 
 def compare(a_path: str, b_path: str) -> None:
-    a, b = torch.load(a_path), torch.load(b_path)
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
     differ = [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])]
     print(json.dumps({
         "same_moves": a["moves"] == b["moves"], "moves": len(a["moves"]),
@@ -92,7 +99,7 @@ def compare(a_path: str, b_path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["run"]:
-        run(int(sys.argv[2]), sys.argv[3])
+        run(int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])
     elif sys.argv[1:2] == ["compare"]:
         compare(sys.argv[2], sys.argv[3])
     else:

@@ -373,6 +373,40 @@ def test_all_zero_logits_score_every_move_zero_and_the_search_still_lands():
     assert abs(ctx.reduction_of(kept) - 0.4) <= 0.03
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_hbgts_forwarded_by_workers_makes_the_same_moves_with_the_same_errors(lazy, monkeypatch):
+    """Free cores let HBGTS forward its chunks in workers of one thread each: every chunk is
+    computed alone, so the errors, the moves and the kept filters are those of one thread."""
+    from prunebench.criteria.hbgs import search as search_module
+    from prunebench.training import threads
+
+    torch.manual_seed(21)
+    model = SmallCNN(width=16).eval()
+    randomise_bn(model, 21)
+    ctx = make_ctx(model, 0.5, n_images=96, tolerance=0.02)  # 3 calibration batches: 3 forward chunks
+    errors: dict[int, list[float]] = {1: [], 2: []}
+    used: list[int] = []
+    real_err, real_workers = search_module.Search._err, threads.in_workers
+
+    def run(workers: int):
+        monkeypatch.setattr(threads, "free_workers", lambda items: workers)
+        monkeypatch.setattr(search_module.Search, "_err",
+                            lambda self, out: errors[workers].append(real_err(self, out)) or errors[workers][-1])
+        monkeypatch.setattr(threads, "in_workers", lambda fn, items, k: used.append(k) or real_workers(fn, items, k))
+        torch.set_num_threads(2)
+        kept = HBGTS.from_kwargs(lazy=lazy).allocate(copy.deepcopy(model), ctx)
+        assert torch.get_num_threads() == 2  # the caller's count again
+        return {n: k.tolist() for n, k in kept.items()}
+
+    before = torch.get_num_threads()
+    try:
+        assert run(2) == run(1)
+    finally:
+        torch.set_num_threads(before)
+    assert errors[2] == errors[1] and len(errors[1]) >= 8
+    assert set(used) == {1, 2}
+
+
 def test_lazy_is_ignored_by_hbgs():
     torch.manual_seed(16)
     model = SmallCNN(width=8).eval()

@@ -33,6 +33,7 @@ from prunebench.graph import build_graph
 from prunebench.pipeline.compensation import fold_into_consumers
 from prunebench.pipeline.surgery import pruning_units
 from prunebench.protocols import CompressionContext, TrainingHooks
+from prunebench.training import threads
 
 from .compensation import WorkingCopy, bn_scale, consumer_coefficients, silencer
 from .layer import UnitState
@@ -184,6 +185,8 @@ class Search:
         chunks = self.chunks if self.objective == "layer" else self.forward_chunks
         self.runner = SuffixRunner(self.work.model, chunks, starts)
         self.start = self.runner.start
+        # HBGTS's logits of the forward chunks, forwarded by workers of one thread each where cores are free
+        self.workers = threads.free_workers(len(chunks)) if self.objective == "output" else 1
         self.pending = None
         if self.objective == "layer":
             self.reference = SuffixRunner(copy.deepcopy(self.original), self.chunks, starts)
@@ -297,11 +300,16 @@ class Search:
         dict per chunk, receives the values the run would record (see :meth:`apply`).
         """
         chunks = range(len(self.runner.chunks))
-        if self.capture is None:
-            return [
-                logits_of(self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci]))
-                for ci in chunks
-            ]
+        if self.capture is None:  # chunks apart: each computes alone, so workers change no number
+            current = torch.get_num_threads()
+            if self.workers > 1:
+                torch.set_num_threads(1)
+            try:
+                return threads.in_workers(
+                    lambda ci: logits_of(self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci])),
+                    chunks, self.workers)
+            finally:
+                torch.set_num_threads(current)
         got: list[Tensor | None] = []
         h = self.work.model.get_submodule(self.capture).register_forward_hook(
             lambda mod, inp, out: got.__setitem__(-1, out.detach().clone().float()))

@@ -229,6 +229,15 @@ class StageThreads:
 
 
 
+def free_workers(items: int) -> int:
+    """Workers for ``items`` independent pieces of inference (:func:`in_workers`, one intra-op
+    thread each): the cores free now (:func:`thread_counts`), at most ``items``; 1 with a fixed
+    count (a sweep's split, ``--threads``) or one CPU, which keep their single thread."""
+    if fixed() is not None or cpus() <= 1:
+        return 1
+    return max(1, min(items, max(thread_counts())))
+
+
 @dataclass(frozen=True)
 class EvaluationPlan:
     """How an evaluation on a CPU computes: ``threads`` intra-op threads, and its batches shared
