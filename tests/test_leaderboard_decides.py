@@ -145,6 +145,19 @@ def test_the_page_has_the_ranking_section_with_tau(tmp_path):
     assert "l1 (`smoke` yes, `demo` no)" in section
 
 
+def test_a_budget_without_its_random_control_changes_no_verdict(tmp_path):
+    for seed in (0, 1, 2):
+        for crit, short in (("l1", 80.0), ("random", 70.0), ("coring", 75.0), ("qsfm", 72.0)):
+            put(tmp_path, f"{crit}{seed}", rec(crit, seed=seed, final=short + seed, oneshot_bn={"top1": 50.0 + seed}))
+            if crit != "random":  # the longer budget has not run its control yet
+                put(tmp_path, f"{crit}{seed}l", rec(crit, seed=seed, final=short + 5 + seed, budget=DEMO))
+    page = build(tmp_path)["digits-resnet20.md"]
+    section = page.split("## Does the ranking hold? macs -50%")[1]
+    assert "no random control" in page and "Verdicts against `random` that change" not in section
+    assert "- No row's verdict against `random` changes with the budget (`demo`: no row tested against `random` yet)." \
+        in section
+
+
 # --- verdicts and tables on a page --------------------------------------------------------------------
 
 

@@ -161,18 +161,28 @@ def holding_lines(df: pd.DataFrame, labels_of: Callable[[pd.DataFrame], tuple[di
     return lines
 
 
+def _tested(verdict: str) -> str:
+    """``yes`` or ``no`` for a tested verdict (``yes (p=…)``, ``no (p=…)``), else ``—``."""
+    word, _, rest = verdict.partition(" ")
+    return word if word in ("yes", "no") and rest.startswith("(p=") else "—"
+
+
 def _verdict_changes(h: Any, labels: dict[str, str], verdicts: dict[tuple[str, str, float, str], str],
                      metric: str, ratio: float) -> list[str]:
-    """Rows whose verdict against ``random`` (yes / no after Holm) differs between budgets."""
+    """Rows whose verdict against ``random`` (yes / no after Holm) differs between budgets; a
+    budget where the row was not tested (no control, a single seed) changes nothing."""
     budgets = list(dict.fromkeys(s.budget for s in h.stages if s.column == "final"))
-    changed = []
+    changed, tested = [], set()
     for c in h.configs:
-        got = [verdicts.get((b, metric, ratio, c), "—").split(" ")[0] for b in budgets]
+        got = [_tested(verdicts.get((b, metric, ratio, c), "—")) for b in budgets]
+        tested |= {b for b, v in zip(budgets, got, strict=True) if v != "—"}
         if "yes" in got and "no" in got:
             changed.append(f"{md(labels[c])} ({', '.join(f'`{b}` {v}' for b, v in zip(budgets, got, strict=True))})")
+    untested = [f"`{b}`" for b in budgets if b not in tested]
+    note = f" ({', '.join(untested)}: no row tested against `random` yet)" if untested else ""
     if changed:
-        return [f"- Verdicts against `random` that change with the budget: {'; '.join(changed)}."]
-    return ["- No row's verdict against `random` changes with the budget."]
+        return [f"- Verdicts against `random` that change with the budget: {'; '.join(changed)}{note}."]
+    return [f"- No row's verdict against `random` changes with the budget{note}."]
 
 
 def _changes(h: Any, labels: dict[str, str], rank_of: dict[str, list[int]]) -> list[str]:
