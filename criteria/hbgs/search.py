@@ -301,15 +301,9 @@ class Search:
         """
         chunks = range(len(self.runner.chunks))
         if self.capture is None:  # chunks apart: each computes alone, so workers change no number
-            current = torch.get_num_threads()
-            if self.workers > 1:
-                torch.set_num_threads(1)
-            try:
-                return threads.in_workers(
-                    lambda ci: logits_of(self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci])),
-                    chunks, self.workers)
-            finally:
-                torch.set_num_threads(current)
+            return threads.in_workers(
+                lambda ci: logits_of(self.runner.run_chunk(ci, start, record, None if keep is None else keep[ci])),
+                chunks, self.workers)
         got: list[Tensor | None] = []
         h = self.work.model.get_submodule(self.capture).register_forward_hook(
             lambda mod, inp, out: got.__setitem__(-1, out.detach().clone().float()))

@@ -79,7 +79,7 @@ def accuracy(
 ) -> dict[int, float]:
     """Top-k accuracy in percent over already-normalised ``images``; with ``counted``, the hits
     of ``images[:start]``, counted already; with ``workers`` > 1, the batches are shared among that
-    many threads (``threads.in_workers``; the caller sets one intra-op thread)."""
+    many threads of one intra-op thread each (``threads.in_workers``)."""
     was_training = model.training
     model.eval()
     correct = dict(counted) if counted is not None else {k: 0 for k in topk}

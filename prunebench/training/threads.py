@@ -252,7 +252,8 @@ def in_workers(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> 
 
     PyTorch releases the GIL inside its kernels, so with one intra-op thread each worker
     computes on its own core; the batches of an evaluation never share a sum, so every output
-    is the one a single thread computes. Each worker runs in the caller's grad mode."""
+    is the one a single thread computes. The workers compute with one intra-op thread (the
+    caller's count is restored afterwards) and in the caller's grad mode."""
     if workers <= 1:
         return [fn(item) for item in items]
     grad = torch.is_grad_enabled()  # a thread-local mode: each worker takes the caller's
@@ -261,8 +262,13 @@ def in_workers(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> 
         with torch.set_grad_enabled(grad):
             return fn(item)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prunebench-eval") as pool:
-        return list(pool.map(call, items))
+    current = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prunebench-eval") as pool:
+            return list(pool.map(call, items))
+    finally:
+        torch.set_num_threads(current)
 
 
 def evaluation_plan(forward: Callable[[Tensor], Tensor], head: Tensor, reference: Tensor, batch: int, images: int,
